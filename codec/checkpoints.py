@@ -1,0 +1,224 @@
+"""Weights on disk: facetier's own safetensors bundle and real StyleGAN2 / pSp / e4e checkpoints.
+
+Nothing here unpickles code: ``.pt`` files are read with ``torch.load(weights_only=True)``
+(argparse ``Namespace`` objects, which rosinality's training script stores under ``args``, are
+allowed as plain data), and facetier's own weights are safetensors with the configuration in
+the file's metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from facetier.codec.align import AlignmentConfig
+from facetier.codec.encoder import EncoderConfig, StyleEncoder
+from facetier.codec.layers import LayerPlan
+from facetier.codec.stylegan import Generator, GeneratorConfig
+from facetier.errors import CheckpointFormatError, ModelError
+
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    codec_id: str
+    generator: GeneratorConfig
+    encoder: EncoderConfig
+    alignment: AlignmentConfig
+    plan: LayerPlan
+    residual_quality: int = 80
+
+    def to_json(self) -> str:
+        gen = asdict(self.generator)
+        gen["channels"] = {str(k): v for k, v in gen["channels"].items()}
+        return json.dumps(
+            {
+                "codec_id": self.codec_id,
+                "generator": gen,
+                "encoder": asdict(self.encoder),
+                "alignment": asdict(self.alignment),
+                "plan": self.plan.to_json(),
+                "residual_quality": self.residual_quality,
+            }
+        )
+
+    @staticmethod
+    def from_json(text: str) -> "ModelConfig":
+        d = json.loads(text)
+        gen = dict(d["generator"])
+        gen["channels"] = {int(k): int(v) for k, v in gen["channels"].items()}
+        enc = dict(d["encoder"])
+        enc["stage_channels"] = tuple(enc["stage_channels"])
+        enc["stage_units"] = tuple(enc["stage_units"])
+        return ModelConfig(
+            codec_id=d["codec_id"],
+            generator=GeneratorConfig(**gen),
+            encoder=EncoderConfig(**enc),
+            alignment=AlignmentConfig(**d["alignment"]),
+            plan=LayerPlan.from_json(d["plan"]),
+            residual_quality=int(d.get("residual_quality", 80)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """Everything a :class:`FaceCodec` is built from."""
+
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    weights_hash: str  # 32 hex digits
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def save_bundle(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> str:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    digest = tensors_hash(tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"facetier_config": config.to_json(), "weights_hash": digest})
+    tmp.replace(path)
+    return digest
+
+
+def load_bundle(path: Path) -> ModelBundle:
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        raise ModelError(f"no weights at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError / OSError
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    if "facetier_config" not in meta:
+        raise CheckpointFormatError(f"{path} is not a facetier bundle (no facetier_config metadata)")
+    digest = tensors_hash(tensors)
+    if meta.get("weights_hash") and meta["weights_hash"] != digest:
+        raise ModelError(f"{path}: tensors do not match the recorded weights hash (file damaged)")
+    return ModelBundle(ModelConfig.from_json(meta["facetier_config"]), tensors, digest)
+
+
+# --- real checkpoints --------------------------------------------------------------------------
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointFormatError(f"{path}: not a weights-only PyTorch checkpoint ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def _infer_generator_config(sd: dict[str, torch.Tensor]) -> GeneratorConfig:
+    try:
+        style_dim = sd["style.1.weight"].shape[1]
+        n_mlp = len({k.split(".")[1] for k in sd if k.startswith("style.") and k.endswith(".weight")})
+        n_convs = len({k.split(".")[1] for k in sd if k.startswith("convs.") and k.endswith("conv.weight")})
+        size = 2 ** (n_convs // 2 + 2)
+        channels = {4: sd["input.input"].shape[1]}
+        for i in range(n_convs // 2):
+            channels[2 ** (i + 3)] = sd[f"convs.{2 * i}.conv.weight"].shape[1]
+    except KeyError as exc:
+        raise CheckpointFormatError(f"generator state dict lacks {exc}") from exc
+    return GeneratorConfig(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels)
+
+
+def build_generator(sd: dict[str, torch.Tensor]) -> Generator:
+    gen = Generator(_infer_generator_config(sd))
+    missing, unexpected = gen.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.startswith("noises.")]
+    if missing or unexpected:
+        raise CheckpointFormatError(f"generator weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return gen
+
+
+def _latent_avg(obj: dict[str, Any], n_latent: int) -> torch.Tensor | None:
+    avg = obj.get("latent_avg")
+    if avg is None:
+        return None
+    avg = torch.as_tensor(avg).float()
+    return avg.expand(n_latent, avg.shape[-1]).clone() if avg.dim() == 1 or avg.shape[0] == 1 else avg.reshape(n_latent, -1)
+
+
+def load_stylegan2(path: Path) -> tuple[Generator, torch.Tensor | None]:
+    """A rosinality-format StyleGAN2 checkpoint: ``g_ema`` state dict and optional ``latent_avg``."""
+    obj = _torch_load(path)
+    if "g_ema" not in obj:
+        raise CheckpointFormatError(f"{path}: no 'g_ema' key (found {sorted(obj)[:8]})")
+    gen = build_generator(obj["g_ema"])
+    return gen.eval(), _latent_avg(obj, gen.n_latent)
+
+
+def _infer_encoder_config(enc: dict[str, torch.Tensor], mode: str, style_dim: int) -> EncoderConfig:
+    """pSp's IR-SE50 widths by default, read from the tensors so variants load too."""
+    try:
+        n_styles = len({k.split(".")[1] for k in enc if k.startswith("styles.")})
+        stem = enc["input_layer.0.weight"].shape[0]
+        units = sorted({int(k.split(".")[1]) for k in enc if k.startswith("body.")})
+        depths = [enc[f"body.{u}.res_layer.1.weight"].shape[0] for u in units]
+        # Stages have distinct widths (64/128/256/512 in IR-SE50); each starts with a stride-2 unit.
+        stage_channels: list[int] = []
+        stage_units: list[int] = []
+        for d in depths:
+            if stage_channels and d == stage_channels[-1]:
+                stage_units[-1] += 1
+            else:
+                stage_channels.append(d)
+                stage_units.append(1)
+        block = enc["styles.0.convs.0.weight"].shape[0]
+        def n_convs(i: int) -> int:
+            return len([k for k in enc if k.startswith(f"styles.{i}.convs.") and k.endswith("weight")])
+
+        coarse_end = next(i for i in range(n_styles) if n_convs(i) != n_convs(0))
+        middle_end = next(i for i in range(coarse_end, n_styles) if n_convs(i) != n_convs(coarse_end))
+        deepest = 2 ** n_convs(0)
+    except (KeyError, StopIteration) as exc:
+        raise CheckpointFormatError(f"encoder state dict does not have the pSp layout ({exc!r})") from exc
+    return EncoderConfig(input_size=deepest * 2 ** len(stage_channels), n_styles=n_styles, style_dim=style_dim, stem_channels=stem,
+                         stage_channels=tuple(stage_channels), stage_units=tuple(stage_units), block_channels=block,
+                         coarse_end=coarse_end, middle_end=middle_end, mode=mode)  # type: ignore[arg-type]
+
+
+def load_psp(path: Path) -> tuple[StyleEncoder, Generator, torch.Tensor | None, dict[str, Any]]:
+    """A pSp or e4e checkpoint: ``state_dict`` with ``encoder.`` / ``decoder.`` prefixes, ``latent_avg``, ``opts``."""
+    obj = _torch_load(path)
+    if "state_dict" not in obj:
+        raise CheckpointFormatError(f"{path}: no 'state_dict' key (found {sorted(obj)[:8]})")
+    sd = obj["state_dict"]
+    opts = obj.get("opts") or {}
+    opts = vars(opts) if isinstance(opts, argparse.Namespace) else dict(opts)
+    dec = {k[len("decoder.") :]: v for k, v in sd.items() if k.startswith("decoder.")}
+    enc = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if not dec or not enc:
+        raise CheckpointFormatError(f"{path}: state_dict needs encoder.* and decoder.* weights")
+    gen = build_generator(dec)
+    mode = "e4e" if str(opts.get("encoder_type", "")) == "Encoder4Editing" else "psp"
+    cfg = _infer_encoder_config(enc, mode, gen.config.style_dim)
+    encoder = StyleEncoder(cfg)
+    missing, unexpected = encoder.load_state_dict(enc, strict=False)
+    missing = [m for m in missing if "num_batches_tracked" not in m]
+    if missing or unexpected:
+        raise CheckpointFormatError(f"encoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if cfg.n_styles != gen.n_latent:
+        raise CheckpointFormatError(f"encoder has {cfg.n_styles} styles, generator needs {gen.n_latent}")
+    return encoder.eval(), gen.eval(), _latent_avg(obj, gen.n_latent), opts

@@ -1,0 +1,231 @@
+"""``FaceCodec``: the Python API the pipelines use (image bytes in, layered codes out, and back)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from facetier.codec import image_layers
+from facetier.codec.align import AlignedFace, FaceDetector, align_faces
+from facetier.codec.checkpoints import ModelBundle, load_bundle
+from facetier.codec.encoder import StyleEncoder
+from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
+from facetier.codec.layers import ORIGINAL, RESIDUAL, LayerCode, LayeredCode, all_layer_names
+from facetier.codec.stylegan import Generator
+from facetier.errors import ConfigError, MissingLayerError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WEIGHTS = "facetier-prior-128.safetensors"
+
+
+def embedded_weights_path() -> Path:
+    return Path(str(resources.files("facetier.codec").joinpath("assets", EMBEDDED_WEIGHTS)))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class EncodedFace:
+    face: AlignedFace
+    code: LayeredCode
+
+
+@dataclass(frozen=True)
+class DecodedFace:
+    image: np.ndarray = field(repr=False)  # (S, S, 3) uint8 RGB
+    layers_used: tuple[str, ...]
+    generated: bool  # True unless the pixels are the source's own (never evidence when True)
+
+
+def frozen_layers_from_bundle(bundle: ModelBundle) -> tuple[list[FrozenLayerModel], np.ndarray]:
+    models = []
+    for spec in bundle.config.plan.layers:
+        t = bundle.prefixed(f"entropy.{spec.name}.")
+        f32 = {k: t[k].numpy().astype(np.float32) for k in ("mu", "analysis", "synthesis")}
+        i64 = {k: t[k].numpy().astype(np.int64) for k in ("w1", "b1", "wm", "bm", "ws", "bs")}
+        models.append(FrozenLayerModel(spec.name, spec.rows, **f32, **i64))
+    return models, bundle.tensors["entropy_tables"].numpy().astype(np.int64)
+
+
+class FaceCodec:
+    """Align, encode to nested layers, and decode any prefix of them."""
+
+    def __init__(self, bundle: ModelBundle, device: str = "auto") -> None:
+        cfg = bundle.config
+        self.config = cfg
+        self.bundle = bundle
+        self.device = pick_device(device)
+        self.weights_hash = bundle.weights_hash
+        self.codec_id = cfg.codec_id
+        self.plan = cfg.plan
+        self.generator = Generator(cfg.generator)
+        self.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
+        self.encoder = StyleEncoder(cfg.encoder)
+        self.encoder.load_state_dict(bundle.prefixed("encoder."))
+        self.latent_avg = bundle.tensors["latent_avg"].float()
+        self.generator.to(self.device).eval()
+        self.encoder.to(self.device).eval()
+        models, tables = frozen_layers_from_bundle(bundle)
+        self.coders = [LayerEntropyCoder(m, tables) for m in models]
+        self.detector = FaceDetector(cfg.alignment)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> "FaceCodec":
+        return cls(load_bundle(Path(path) if path else embedded_weights_path()), device=device)
+
+    @property
+    def size(self) -> int:
+        return self.config.generator.size
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return all_layer_names(self.plan)
+
+    # --- W+ --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_wplus(self, crops: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) uint8 crops -> (n, n_latent, style_dim) float32 W+."""
+        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        if x.shape[-1] != self.config.encoder.input_size:
+            x = torch.nn.functional.interpolate(x, size=self.config.encoder.input_size, mode="area")
+        w = self.encoder(x) + self.latent_avg.to(self.device)[None]
+        return w.float().cpu().numpy()
+
+    @torch.no_grad()
+    def synthesise(self, wplus: np.ndarray) -> np.ndarray:
+        """(n, n_latent, style_dim) W+ -> (n, S, S, 3) uint8 images."""
+        y = self.generator(torch.from_numpy(np.asarray(wplus, np.float32)).to(self.device))
+        return y.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def _symbols(self, wplus: np.ndarray) -> list[np.ndarray]:
+        context = np.zeros(0, np.int64)
+        out = []
+        for coder in self.coders:
+            latents = coder.model.analyse(wplus[list(coder.model.rows)])
+            sym = coder.quantise(latents, context)
+            out.append(sym)
+            context = np.concatenate([context, sym])
+        return out
+
+    def _wplus_from_symbols(self, symbols: Sequence[np.ndarray]) -> np.ndarray:
+        """W+ from the decoded layers; missing upper layers take their conditional mean."""
+        cfg = self.config.generator
+        w = np.repeat(self.latent_avg.numpy()[:1], cfg.n_latent, axis=0).astype(np.float32)
+        w[:] = self.latent_avg.numpy()
+        context = np.zeros(0, np.int64)
+        for i, coder in enumerate(self.coders):
+            latents = symbols[i].astype(np.float64) if i < len(symbols) else coder.predict(context)
+            w[list(coder.model.rows)] = coder.model.synthesise(latents)
+            context = np.concatenate([context, symbols[i] if i < len(symbols) else np.rint(latents).astype(np.int64)])
+        return w
+
+    # --- encode ------------------------------------------------------------------------------------
+    def align(self, rgb: np.ndarray) -> list[AlignedFace]:
+        return align_faces(rgb, self.detector)
+
+    def encode_crops(
+        self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None
+    ) -> list[LayeredCode]:
+        """Layered codes for aligned crops (without the ``original`` layer, which needs the source file)."""
+        wanted = self._wanted(layers)
+        wplus = self.encode_wplus(crops)
+        codes_layers: list[list[LayerCode]] = []
+        quantised = []
+        for w in wplus:
+            symbols = self._symbols(w)
+            context = np.zeros(0, np.int64)
+            layer_codes = []
+            for coder, sym in zip(self.coders, symbols):
+                if coder.model.name in wanted:
+                    layer_codes.append(LayerCode(coder.model.name, coder.encode(sym, context)))
+                context = np.concatenate([context, sym])
+            codes_layers.append(layer_codes)
+            quantised.append(self._wplus_from_symbols(symbols))
+        if RESIDUAL in wanted:
+            generated = self.synthesise(np.stack(quantised))
+            q = residual_quality or self.config.residual_quality
+            for layer_codes, crop, gen in zip(codes_layers, crops, generated):
+                layer_codes.append(LayerCode(RESIDUAL, image_layers.encode_residual(crop, gen, q)))
+        return [LayeredCode(self.codec_id, self.weights_hash, tuple(lc)) for lc in codes_layers]
+
+    def encode(self, image: np.ndarray, *, source_bytes: bytes | None = None, source_is_jpeg: bool = False, layers: Sequence[str] | None = None) -> list[EncodedFace]:
+        """Detect, align and encode every face of an RGB photo. ``source_bytes`` feeds the original layer."""
+        faces = self.align(image)
+        codes = self.encode_crops(np.stack([f.crop for f in faces]), layers=layers)
+        wanted = self._wanted(layers)
+        if ORIGINAL in wanted and source_bytes is not None:
+            original = LayerCode(ORIGINAL, image_layers.encode_original(source_bytes, is_jpeg=source_is_jpeg))
+            codes = [LayeredCode(c.codec_id, c.weights_hash, c.layers + (original,)) for c in codes]
+        return [EncodedFace(f, c) for f, c in zip(faces, codes)]
+
+    def _wanted(self, layers: Sequence[str] | None) -> set[str]:
+        names = self.layer_names
+        wanted = set(names if layers is None else layers)
+        unknown = wanted - set(names)
+        if unknown:
+            raise ConfigError(f"unknown layers {sorted(unknown)}; this codec has {names}")
+        gen = [n for n in self.plan.names if n in wanted]
+        if gen != list(self.plan.names[: len(gen)]):
+            raise ConfigError(f"generative layers must be a prefix of {self.plan.names}, got {gen}")
+        return wanted
+
+    # --- decode ------------------------------------------------------------------------------------
+    def check_identity(self, code: LayeredCode) -> None:
+        if code.weights_hash[:32] != self.weights_hash[:32] or code.codec_id != self.codec_id:
+            raise ModelMismatchError(
+                f"stream was written by {code.codec_id} weights {code.weights_hash[:12]}, "
+                f"this codec is {self.codec_id} weights {self.weights_hash[:12]}"
+            )
+
+    def decode_symbols(self, code: LayeredCode, upto: str) -> list[np.ndarray]:
+        self.check_identity(code)
+        if upto not in self.plan.names:
+            raise ConfigError(f"{upto!r} is not a generative layer of {self.plan.names}")
+        k = self.plan.index(upto) + 1
+        context = np.zeros(0, np.int64)
+        symbols = []
+        for coder in self.coders[:k]:
+            layer = code.layer(coder.model.name)
+            if layer is None:
+                raise MissingLayerError(f"layer {coder.model.name!r} needed for upto={upto!r} is not in the stream (has {code.names})")
+            sym = coder.decode(layer.payload, context)
+            symbols.append(sym)
+            context = np.concatenate([context, sym])
+        return symbols
+
+    def decode_many(self, codes: Sequence[LayeredCode], upto: str) -> list[DecodedFace]:
+        """Decode faces at a prefix: a generative layer name or ``residual``."""
+        top = self.plan.names[-1] if upto == RESIDUAL else upto
+        wplus = np.stack([self._wplus_from_symbols(self.decode_symbols(c, top)) for c in codes])
+        images = self.synthesise(wplus)
+        used = self.plan.names[: self.plan.index(top) + 1]
+        out = []
+        for code, img in zip(codes, images):
+            if upto == RESIDUAL:
+                layer = code.layer(RESIDUAL)
+                if layer is None:
+                    raise MissingLayerError(f"no residual layer in this stream (has {code.names})")
+                img = image_layers.apply_residual(img, layer.payload)
+                out.append(DecodedFace(img, used + (RESIDUAL,), generated=True))
+            else:
+                out.append(DecodedFace(img, used, generated=True))
+        return out
+
+    def decode(self, code: LayeredCode, upto: str | None = None) -> DecodedFace:
+        return self.decode_many([code], upto or self.plan.names[-1])[0]
+
+    def original_bytes(self, code: LayeredCode) -> bytes:
+        layer = code.layer(ORIGINAL)
+        if layer is None:
+            raise MissingLayerError(f"no original layer in this stream (has {code.names})")
+        return image_layers.decode_original(layer.payload)

@@ -1,0 +1,5 @@
+import sys
+
+from facetier.cli import main
+
+sys.exit(main())

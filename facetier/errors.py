@@ -1,0 +1,111 @@
+"""One typed error hierarchy for facetier.
+
+Every error a user or a pipeline can meet derives from :class:`FacetierError` and carries a
+stable ``error_class`` name; pipelines turn per-record errors into reject rows with that name
+instead of crashing the job.
+"""
+from __future__ import annotations
+
+
+class FacetierError(Exception):
+    """Base of every error facetier raises on purpose."""
+
+    @property
+    def error_class(self) -> str:
+        return type(self).__name__
+
+
+# --- input records (become reject rows at the pipeline edge) ---------------------------------
+class InputError(FacetierError):
+    """A source record cannot be turned into faces."""
+
+
+class EmptyFileError(InputError):
+    """The file has zero bytes."""
+
+
+class NotAnImageError(InputError):
+    """The bytes are not an image format facetier reads."""
+
+
+class CorruptImageError(InputError):
+    """The image is truncated or otherwise undecodable."""
+
+
+class ImageTooLargeError(InputError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class UnsafeMemberError(InputError):
+    """An archive member name tries to escape its archive (absolute or ``..`` path)."""
+
+
+class NoFaceError(InputError):
+    """No face was detected in the photo."""
+
+
+class FaceTooSmallError(InputError):
+    """Every detected face is smaller than the minimum eye distance."""
+
+
+class SourceReadError(InputError):
+    """The source could not be read from its storage."""
+
+
+# --- bitstreams --------------------------------------------------------------------------------
+class StreamError(FacetierError):
+    """A layered bitstream cannot be decoded."""
+
+
+class BadMagicError(StreamError):
+    """The bytes do not start with the facetier magic."""
+
+
+class UnsupportedVersionError(StreamError):
+    """The stream was written by a newer, unknown format version."""
+
+
+class TruncatedStreamError(StreamError):
+    """The stream ends before the layers its header announces."""
+
+
+class ChecksumError(StreamError):
+    """A layer's payload does not match its checksum (corrupted bytes)."""
+
+
+class ModelMismatchError(StreamError):
+    """The stream was written with other weights than the codec decoding it."""
+
+
+class MissingLayerError(StreamError):
+    """A decode asked for a layer above what the stream holds."""
+
+
+# --- models and configuration ------------------------------------------------------------------
+class ModelError(FacetierError):
+    """Weights or model configuration cannot be loaded."""
+
+
+class CheckpointFormatError(ModelError):
+    """A checkpoint file does not have the keys or shapes of the format it claims."""
+
+
+class ConfigError(FacetierError):
+    """A user-supplied option is invalid."""
+
+
+# --- tables ------------------------------------------------------------------------------------
+class TableError(FacetierError):
+    """A facetier table is missing, damaged or in use."""
+
+
+class TableNotFoundError(TableError):
+    """No committed manifest exists at the table location."""
+
+
+class ConcurrentCommitError(TableError):
+    """Another run committed the table first; this run's staged shards were not published."""
+
+
+class QueryError(TableError):
+    """A query over the table failed."""

@@ -1,0 +1,134 @@
+"""Listing and reading source photos through fsspec: folders, globs, tar/zip archives, URI lists.
+
+Local paths, ``gs://`` (gcsfs) and ``s3://`` (s3fs) all go through the same calls. Archive
+members are addressed as ``ARCHIVE_URI!member/name.jpg``; a member whose name is absolute or
+contains ``..`` is listed (so it is counted) but reading it raises :class:`UnsafeMemberError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from typing import Iterable
+
+import fsspec
+
+from facetier.errors import ConfigError, SourceReadError, UnsafeMemberError
+
+MEMBER_SEP = "!"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+LIST_SUFFIXES = (".txt", ".lst")
+MAX_SOURCE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, order=True)
+class SourceRef:
+    """One input photo: a file URI, or a member of an archive."""
+
+    uri: str
+    member: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.uri if self.member is None else f"{self.uri}{MEMBER_SEP}{self.member}"
+
+    @staticmethod
+    def parse(key: str) -> "SourceRef":
+        if MEMBER_SEP in key and key.split(MEMBER_SEP, 1)[0].lower().endswith(ARCHIVE_SUFFIXES):
+            uri, member = key.split(MEMBER_SEP, 1)
+            return SourceRef(uri, member)
+        return SourceRef(key)
+
+
+def content_id(data: bytes) -> str:
+    """Stable photo id: the first 32 hex digits of the SHA-256 of the file's bytes."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def is_unsafe_member(name: str) -> bool:
+    parts = name.replace("\\", "/")
+    return parts.startswith("/") or (len(parts) > 1 and parts[1] == ":") or ".." in parts.split("/")
+
+
+def _is_archive(path: str) -> bool:
+    return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _archive_members(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    with fs.open(path, "rb") as fh:
+        if path.lower().endswith(".zip"):
+            with zipfile.ZipFile(fh) as zf:
+                return [i.filename for i in zf.infolist() if not i.is_dir()]
+        with tarfile.open(fileobj=fh, mode="r:*") as tf:
+            return [m.name for m in tf.getmembers() if m.isfile()]
+
+
+def _protocol_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if proto in ("file", "local") else f"{proto}://{path}"
+
+
+def list_sources(src: str) -> list[SourceRef]:
+    """Every input under ``src`` (sorted, so shards are deterministic)."""
+    fs, path = fsspec.core.url_to_fs(src)
+    refs: list[SourceRef] = []
+    if any(ch in path for ch in "*?["):
+        files = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        files = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
+    elif fs.isfile(path):
+        if path.lower().endswith(LIST_SUFFIXES):
+            with fs.open(path, "rt") as fh:
+                lines = [ln.strip() for ln in fh]
+            return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(ln)})
+        files = [path]
+    else:
+        raise ConfigError(f"no such source: {src}")
+    for p in files:
+        uri = _protocol_uri(fs, p)
+        if _is_archive(p):
+            refs += [SourceRef(uri, m) for m in _archive_members(fs, p)]
+        else:
+            refs.append(SourceRef(uri))
+    return sorted(set(refs))
+
+
+def _expand(line: str) -> Iterable[SourceRef]:
+    ref = SourceRef.parse(line)
+    if ref.member is None and _is_archive(ref.uri):
+        return list_sources(ref.uri)
+    return [ref]
+
+
+def read_source(ref: SourceRef, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """The bytes of one input; storage failures become :class:`SourceReadError`."""
+    if ref.member is not None and is_unsafe_member(ref.member):
+        raise UnsafeMemberError(f"archive member {ref.member!r} escapes its archive")
+    try:
+        fs, path = fsspec.core.url_to_fs(ref.uri)
+        if ref.member is None:
+            size = fs.size(path)
+            if size is not None and size > max_bytes:
+                raise SourceReadError(f"{size} bytes exceeds the {max_bytes} byte source limit")
+            return fs.cat_file(path)
+        with fs.open(path, "rb") as fh:
+            if path.lower().endswith(".zip"):
+                with zipfile.ZipFile(fh) as zf:
+                    info = zf.getinfo(ref.member)
+                    if info.file_size > max_bytes:
+                        raise SourceReadError(f"member of {info.file_size} bytes exceeds the source limit")
+                    return zf.read(info)
+            with tarfile.open(fileobj=fh, mode="r:*") as tf:
+                member = tf.getmember(ref.member)
+                if member.size > max_bytes:
+                    raise SourceReadError(f"member of {member.size} bytes exceeds the source limit")
+                extracted = tf.extractfile(member)
+                if extracted is None:
+                    raise SourceReadError(f"{ref.member} is not a regular file")
+                return extracted.read()
+    except (SourceReadError, UnsafeMemberError):
+        raise
+    except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile, ValueError) as exc:
+        raise SourceReadError(f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,226 @@
+"""The facetier table: one Parquet dataset per column family, shards published by a manifest.
+
+Layout under the table root (local path, ``gs://`` or ``s3://``)::
+
+    faces/<shard>.parquet      index: ids, source, box, landmarks, transform, codec identity
+    basic/ middle/ enhanced/   one family per generative layer (payload bytes + crc32)
+    residual/ original/        the pixel layers (original: one row per photo)
+    rejects/<shard>.parquet    inputs that produced no face: error class and message
+    _staging/<shard>.json      a shard's stats, written last: the shard's done marker
+    _manifest/v00000001.json   committed versions; the highest one is the table
+
+Shard files are written at their final paths but are invisible until a manifest lists them,
+so a killed run leaves the committed table exactly as it was.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facetier.errors import ConcurrentCommitError, TableError, TableNotFoundError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_DIR = "_manifest"
+STAGING_DIR = "_staging"
+LAYER_FAMILIES = ("basic", "middle", "enhanced", "residual")
+INDEX_FAMILY = "faces"
+ORIGINAL_FAMILY = "original"
+REJECT_FAMILY = "rejects"
+ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY)
+# Heavy families get small row groups so a point lookup for one face reads little.
+ROW_GROUP_ROWS = {"residual": 64, ORIGINAL_FAMILY: 16}
+
+FACES_SCHEMA = pa.schema(
+    [
+        ("face_id", pa.string()),
+        ("photo_id", pa.string()),
+        ("face_index", pa.int32()),
+        ("source_uri", pa.string()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("landmarks", pa.list_(pa.float32(), 10)),
+        ("transform", pa.list_(pa.float32(), 6)),
+        ("source_width", pa.int32()),
+        ("source_height", pa.int32()),
+        ("detector_score", pa.float32()),
+        ("codec_id", pa.string()),
+        ("weights_hash", pa.string()),
+        ("status", pa.string()),
+    ]
+)
+LAYER_SCHEMA = pa.schema([("face_id", pa.string()), ("photo_id", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("crc32", pa.uint32())])
+ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
+REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("photo_id", pa.string()), ("error_class", pa.string()), ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
+
+
+def family_schema(family: str) -> pa.Schema:
+    if family == INDEX_FAMILY:
+        return FACES_SCHEMA
+    if family == ORIGINAL_FAMILY:
+        return ORIGINAL_SCHEMA
+    if family == REJECT_FAMILY:
+        return REJECT_SCHEMA
+    return LAYER_SCHEMA
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    shard_id: str
+    codec_id: str
+    weights_hash: str
+    files: dict[str, str]  # family -> path relative to the table root
+    rows: dict[str, int]
+    nbytes: dict[str, int]
+    photo_ids: tuple[str, ...] = field(default=(), repr=False)
+    stats: dict[str, Any] = field(default_factory=dict)
+    unread_sources: tuple[str, ...] = field(default=(), repr=False)  # rejected before any byte was hashed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shard_id": self.shard_id, "codec_id": self.codec_id, "weights_hash": self.weights_hash, "files": self.files,
+                "rows": self.rows, "nbytes": self.nbytes, "photo_ids": list(self.photo_ids), "stats": self.stats,
+                "unread_sources": list(self.unread_sources)}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "ShardEntry":
+        return ShardEntry(d["shard_id"], d["codec_id"], d["weights_hash"], dict(d["files"]), dict(d["rows"]), dict(d["nbytes"]), tuple(d.get("photo_ids", ())), dict(d.get("stats", {})), tuple(d.get("unread_sources", ())))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    shards: tuple[ShardEntry, ...]
+
+    def files(self, family: str) -> list[str]:
+        return [s.files[family] for s in self.shards if family in s.files]
+
+    def photo_ids(self, weights_hash: str | None = None) -> set[str]:
+        return {p for s in self.shards if weights_hash is None or s.weights_hash == weights_hash for p in s.photo_ids}
+
+    def unread_sources(self, weights_hash: str) -> set[str]:
+        return {u for s in self.shards if s.weights_hash == weights_hash for u in s.unread_sources}
+
+
+class Table:
+    """A table root on any fsspec filesystem."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def uri(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    # --- manifest -------------------------------------------------------------------------------
+    def versions(self) -> list[int]:
+        try:
+            names = self.fs.ls(self._p(MANIFEST_DIR), detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            base = posixpath.basename(n)
+            if base.startswith("v") and base.endswith(".json"):
+                out.append(int(base[1:-5]))
+        return sorted(out)
+
+    def exists(self) -> bool:
+        return bool(self.versions())
+
+    def manifest(self, version: int | None = None) -> Manifest:
+        versions = self.versions()
+        if not versions:
+            raise TableNotFoundError(f"no committed facetier table at {self.root}")
+        v = versions[-1] if version is None else version
+        with self.fs.open(self._p(MANIFEST_DIR, f"v{v:08d}.json"), "rb") as fh:
+            d = json.load(fh)
+        return Manifest(int(d["version"]), tuple(ShardEntry.from_json(s) for s in d["shards"]))
+
+    def manifest_or_empty(self) -> Manifest:
+        return self.manifest() if self.exists() else Manifest(0, ())
+
+    def commit(self, base_version: int, shards: list[ShardEntry]) -> Manifest:
+        """Publish ``shards`` as version ``base_version + 1``; fails if someone else committed first."""
+        new = Manifest(base_version + 1, tuple(sorted(shards, key=lambda s: s.shard_id)))
+        body = json.dumps({"version": new.version, "schema_version": SCHEMA_VERSION, "shards": [s.to_json() for s in new.shards]}, indent=1).encode()
+        target = self._p(MANIFEST_DIR, f"v{new.version:08d}.json")
+        self.fs.makedirs(self._p(MANIFEST_DIR), exist_ok=True)
+        if _is_local(self.fs):
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise ConcurrentCommitError(f"version {new.version} of {self.root} was committed by another run; rerun to add what is missing") from None
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:
+            # Object stores: check, write, then read back; the loser of a race sees another body.
+            if self.fs.exists(target):
+                raise ConcurrentCommitError(f"version {new.version} of {self.root} was committed by another run; rerun to add what is missing")
+            self.fs.pipe_file(target, body)
+            self.fs.invalidate_cache()
+            if self.fs.cat_file(target) != body:
+                raise ConcurrentCommitError(f"version {new.version} of {self.root} was overwritten by a concurrent run")
+        return new
+
+    # --- shards ---------------------------------------------------------------------------------
+    def write_family(self, family: str, shard_id: str, table: pa.Table, codec_id: str, weights_hash: str) -> tuple[str, int]:
+        rel = f"{family}/{shard_id}.parquet"
+        meta = {b"facetier_schema_version": str(SCHEMA_VERSION).encode(), b"facetier_family": family.encode(),
+                b"facetier_codec_id": codec_id.encode(), b"facetier_weights_hash": weights_hash.encode()}
+        table = table.replace_schema_metadata(meta)
+        self.fs.makedirs(self._p(family), exist_ok=True)
+        with self.fs.open(self._p(rel), "wb") as fh:
+            pq.write_table(table, fh, compression="zstd", row_group_size=ROW_GROUP_ROWS.get(family, 65536))
+        return rel, int(self.fs.size(self._p(rel)))
+
+    def done_marker(self, shard_id: str) -> dict[str, Any] | None:
+        p = self._p(STAGING_DIR, f"{shard_id}.json")
+        try:
+            with self.fs.open(p, "rb") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+
+    def write_done_marker(self, entry: ShardEntry) -> None:
+        self.fs.makedirs(self._p(STAGING_DIR), exist_ok=True)
+        self.fs.pipe_file(self._p(STAGING_DIR, f"{entry.shard_id}.json"), json.dumps(entry.to_json()).encode())
+
+    def read_family(self, family: str, columns: list[str] | None = None, manifest: Manifest | None = None, filesystem: Any = None) -> pa.Table:
+        m = manifest or self.manifest()
+        paths = [self._p(rel) for rel in m.files(family)]
+        if not paths:
+            return family_schema(family).empty_table() if columns is None else family_schema(family).empty_table().select(columns)
+        fs = filesystem or self.fs
+        tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
+        return pa.concat_tables(tables)
+
+    def family_bytes(self, manifest: Manifest | None = None) -> dict[str, int]:
+        m = manifest or self.manifest()
+        out: dict[str, int] = {}
+        for s in m.shards:
+            for fam, n in s.nbytes.items():
+                out[fam] = out.get(fam, 0) + n
+        return out
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def check_table_root(root: str) -> None:
+    if not root:
+        raise TableError("empty table path")

@@ -1,0 +1,191 @@
+"""The encode job: plan shards, run an engine, commit a new table version, summarise.
+
+Incremental and resumable by construction:
+  * inputs whose content hash the table already holds under this model are skipped;
+  * a shard's id is a hash of (model, its inputs, the skip set), so a restarted run finds the
+    shards an interrupted run finished (their done markers) and does only the rest;
+  * nothing is visible until the manifest commit; a racing commit fails with a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from tqdm import tqdm
+
+from facetier.codec.checkpoints import load_bundle
+from facetier.codec.layers import all_layer_names
+from facetier.codec.model import embedded_weights_path
+from facetier.errors import ConfigError, TableError
+from facetier.io.sources import list_sources
+from facetier.io.table import ShardEntry, Table
+from facetier.pipelines.records import JobContext, ShardSpec, ShardWorker
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["local", "beam", "ray"]
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    engine: Engine = "local"
+    workers: int = 1
+    shard_size: int = 64
+    batch_size: int = 16
+    layers: tuple[str, ...] | None = None  # None: every layer of the codec
+    weights: str | None = None  # None: the embedded model
+    device: str = "auto"
+    ray_address: str | None = None
+    beam_args: tuple[str, ...] = ()
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EncodeSummary:
+    table: str
+    version: int
+    inputs: int
+    encoded_inputs: int
+    faces: int
+    rejected: int
+    skipped: int
+    rejects_by_class: dict[str, int]
+    bytes_by_family: dict[str, int]
+    seconds: float
+    shards_run: int
+    shards_reused: int
+    stale_shards_kept: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def faces_per_second(self) -> float:
+        return self.faces / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def balanced(self) -> bool:
+        return self.inputs == self.encoded_inputs + self.rejected + self.skipped
+
+    def render(self) -> str:
+        lines = [
+            f"table {self.table} committed at version {self.version}",
+            f"inputs {self.inputs} = encoded {self.encoded_inputs} + rejected {self.rejected} + already in table {self.skipped}"
+            + ("" if self.balanced else "  [MISMATCH]"),
+            f"faces encoded {self.faces} in {self.seconds:.1f}s ({self.faces_per_second:.2f} faces/s); shards run {self.shards_run}, reused {self.shards_reused}",
+        ]
+        if self.rejects_by_class:
+            lines.append("rejects by class: " + ", ".join(f"{k} {v}" for k, v in sorted(self.rejects_by_class.items())))
+        lines.append("bytes by column family (whole table): " + ", ".join(f"{k} {v}" for k, v in sorted(self.bytes_by_family.items())))
+        lines += list(self.notes)
+        return "\n".join(lines)
+
+
+def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int) -> list[ShardSpec]:
+    skip_digest = hashlib.sha256("\n".join(sorted(skip_ids)).encode()).hexdigest()
+    shards = []
+    for i in range(0, len(sources), shard_size):
+        chunk = tuple(sources[i : i + shard_size])
+        h = hashlib.sha256("\n".join((weights_hash, skip_digest, *chunk)).encode()).hexdigest()[:20]
+        shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk))
+    return shards
+
+
+def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, enabled: bool) -> None:
+    pending = {s.shard_id for s in shards}
+    faces = 0
+    with tqdm(total=len(shards), desc="encode", unit="shard", disable=not enabled) as bar:
+        while pending and not stop.is_set():
+            for sid in list(pending):
+                marker = table.done_marker(sid)
+                if marker is not None:
+                    pending.discard(sid)
+                    faces += marker["stats"].get("faces", 0)
+                    bar.update(1)
+                    bar.set_postfix(faces=faces)
+            stop.wait(1.0)
+
+
+def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions()) -> EncodeSummary:
+    start = time.monotonic()
+    weights = opts.weights or str(embedded_weights_path())
+    bundle = load_bundle(Path(weights))
+    cfg = bundle.config
+    names = all_layer_names(cfg.plan)
+    layers = tuple(opts.layers) if opts.layers else names
+    if unknown := set(layers) - set(names):
+        raise ConfigError(f"unknown layers {sorted(unknown)}; the model has {names}")
+    table = Table(table_root)
+    manifest = table.manifest_or_empty()
+    current = [s for s in manifest.shards if s.weights_hash == bundle.weights_hash]
+    stale = [s for s in manifest.shards if s.weights_hash != bundle.weights_hash]
+    skip_ids = frozenset(manifest.photo_ids(bundle.weights_hash))
+    skip_sources = frozenset(manifest.unread_sources(bundle.weights_hash))
+    sources = [r.key for r in list_sources(src)]
+    shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size)
+    done = {s.shard_id for s in shards if table.done_marker(s.shard_id) is not None}
+    todo = [s for s in shards if s.shard_id not in done]
+    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size)
+    log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)
+    watcher.start()
+    try:
+        if todo:
+            if opts.engine == "local":
+                worker = ShardWorker(ctx)
+                for shard in todo:
+                    worker.run(shard)
+            elif opts.engine == "beam":
+                from facetier.pipelines.engine_beam import run_beam
+
+                run_beam(ctx, todo, opts.workers, opts.beam_args)
+            elif opts.engine == "ray":
+                from facetier.pipelines.engine_ray import run_ray
+
+                run_ray(ctx, todo, opts.workers, opts.ray_address)
+            else:
+                raise ConfigError(f"unknown engine {opts.engine!r}")
+    finally:
+        stop.set()
+        watcher.join()
+    entries: list[ShardEntry] = []
+    for s in shards:
+        marker = table.done_marker(s.shard_id)
+        if marker is None:
+            raise TableError(f"shard {s.shard_id} finished without its done marker; nothing was committed")
+        entries.append(ShardEntry.from_json(marker))
+    new_ids = {p for e in entries for p in e.photo_ids} | skip_ids
+    stale_kept = [s for s in stale if not set(s.photo_ids) <= new_ids]
+    notes = []
+    if stale_kept:
+        notes.append(f"{len(stale_kept)} shard(s) encoded with older weights were kept: their sources were not all in this run")
+    fresh = [e for e in entries if e.files]
+    if fresh or len(stale_kept) != len(stale) or not table.exists():
+        committed = table.commit(manifest.version, current + stale_kept + fresh)
+    else:
+        committed = manifest  # nothing new: the table stays at its version
+    stats = [e.stats for e in entries]
+    rejects: Counter[str] = Counter()
+    for st in stats:
+        rejects.update(st.get("rejects_by_class", {}))
+    return EncodeSummary(
+        table=table_root,
+        version=committed.version,
+        inputs=sum(st["inputs"] for st in stats),
+        encoded_inputs=sum(st["encoded_inputs"] for st in stats),
+        faces=sum(st["faces"] for st in stats),
+        rejected=sum(st["rejected"] for st in stats),
+        skipped=sum(st["skipped"] for st in stats),
+        rejects_by_class=dict(rejects),
+        bytes_by_family=table.family_bytes(committed),
+        seconds=time.monotonic() - start,
+        shards_run=len(todo),
+        shards_reused=len(done),
+        stale_shards_kept=len(stale_kept),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,165 @@
+"""Per-record logic of the encode job, written once and called by every engine adapter.
+
+Items flowing between stages are plain dicts (picklable, Arrow-friendly), one per face, per
+rejected input or per input skipped because the table already holds it with this model:
+
+    kind: "face" | "reject" | "skip";  shard_id; source_uri; photo_id
+    face:   face_index, crop (S,S,3 uint8), meta (json), original (bytes | None)
+    reject: error_class, message
+after encoding, faces also carry ``layers``: {layer name: payload bytes}.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
+from facetier.codec.image_layers import encode_original
+from facetier.codec.layers import ORIGINAL, RESIDUAL
+from facetier.errors import FacetierError, InputError
+from facetier.io.images import decode_image
+from facetier.io.sources import SourceRef, content_id, read_source
+from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY, ShardEntry, Table, family_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A deterministic slice of the inputs; its id fixes which inputs and which model."""
+
+    shard_id: str
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every worker needs; small and picklable."""
+
+    table_root: str
+    weights_path: str
+    codec_id: str
+    weights_hash: str
+    alignment: AlignmentConfig
+    layers: tuple[str, ...]
+    skip_photo_ids: frozenset[str]
+    skip_sources: frozenset[str] = frozenset()
+    device: str = "auto"
+    batch_size: int = 16
+
+
+def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str) -> dict[str, Any]:
+    return {"kind": "reject", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "error_class": error_class, "message": message[:2000]}
+
+
+def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDetector) -> list[dict[str, Any]]:
+    """Read, hash, decode and align one input; never raises for a bad input."""
+    photo_id = None
+    if source in ctx.skip_sources:
+        return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": None}]
+    try:
+        data = read_source(SourceRef.parse(source))
+        photo_id = content_id(data)
+        if photo_id in ctx.skip_photo_ids:
+            return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id}]
+        image = decode_image(data, draft_size=None)
+        faces = align_faces(image.rgb, detector)
+        original = encode_original(data, is_jpeg=image.format == "JPEG") if ORIGINAL in ctx.layers else None
+    except InputError as exc:
+        return [_reject(shard_id, source, photo_id, exc.error_class, str(exc))]
+    except Exception as exc:  # a bug or an unexpected library error must not kill the job or lose the record
+        log.exception("unexpected error preparing %s", source)
+        return [_reject(shard_id, source, photo_id, f"Unexpected{type(exc).__name__}", str(exc))]
+    items = []
+    for f in faces:
+        meta = {"box": list(f.detection.box), "landmarks": f.detection.landmarks.reshape(-1).tolist(), "transform": f.transform.reshape(-1).tolist(),
+                "source_size": list(f.source_size), "score": f.detection.score}
+        items.append({"kind": "face", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "face_index": f.face_index,
+                      "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None})
+    return items
+
+
+def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str]) -> list[dict[str, Any]]:
+    """Encode the face items of a batch; other items pass through unchanged."""
+    faces = [i for i in items if i["kind"] == "face"]
+    if faces:
+        wanted = [n for n in layers if n != ORIGINAL]
+        try:
+            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted)
+        except FacetierError as exc:
+            return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
+        for item, code in zip(faces, codes):
+            item["layers"] = {layer.name: layer.payload for layer in code.layers}
+    return list(items)
+
+
+def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]]) -> ShardEntry:
+    """Write one shard's families, then its done marker (last, so a marker means complete)."""
+    results = sorted(results, key=lambda r: (r["source_uri"], r.get("face_index", -1), r["kind"]))
+    table = Table(ctx.table_root)
+    faces = [r for r in results if r["kind"] == "face"]
+    rejects = [r for r in results if r["kind"] == "reject"]
+    skipped = [r for r in results if r["kind"] == "skip"]
+    cols: dict[str, dict[str, list]] = {}
+
+    def add(family: str, **row: Any) -> None:
+        fam = cols.setdefault(family, {name: [] for name in family_schema(family).names})
+        for k, v in row.items():
+            fam[k].append(v)
+
+    for r in faces:
+        meta = json.loads(r["meta"])
+        face_id = f"{r['photo_id']}-{r['face_index']}"
+        add(INDEX_FAMILY, face_id=face_id, photo_id=r["photo_id"], face_index=r["face_index"], source_uri=r["source_uri"], box=meta["box"],
+            landmarks=meta["landmarks"], transform=meta["transform"], source_width=meta["source_size"][0], source_height=meta["source_size"][1],
+            detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded")
+        for name, payload in r["layers"].items():
+            if name in LAYER_FAMILIES:
+                add(name, face_id=face_id, photo_id=r["photo_id"], payload=payload, nbytes=len(payload), crc32=zlib.crc32(payload))
+        if r.get("original") is not None:
+            add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=r["source_uri"], payload=r["original"], nbytes=len(r["original"]), source_bytes=None)
+    for r in rejects:
+        add(REJECT_FAMILY, source_uri=r["source_uri"], photo_id=r["photo_id"], error_class=r["error_class"], message=r["message"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
+    files, rows, nbytes = {}, {}, {}
+    for family, data in cols.items():
+        arrow = pa.Table.from_pydict(data, schema=family_schema(family))
+        files[family], nbytes[family] = table.write_family(family, shard_id, arrow, ctx.codec_id, ctx.weights_hash)
+        rows[family] = arrow.num_rows
+    sources = {r["source_uri"] for r in results}
+    stats = {
+        "inputs": len(sources),
+        "encoded_inputs": len({r["source_uri"] for r in faces}),
+        "faces": len(faces),
+        "rejected": len(rejects),
+        "skipped": len(skipped),
+        "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
+    }
+    entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes, tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats,
+                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"])))
+    table.write_done_marker(entry)
+    return entry
+
+
+class ShardWorker:
+    """Holds the detector and the codec for one worker process; used by the local engine."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        from facetier.codec.model import FaceCodec
+
+        self.ctx = ctx
+        self.detector = FaceDetector(ctx.alignment)
+        self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
+
+    def run(self, shard: ShardSpec) -> ShardEntry:
+        items = [it for src in shard.sources for it in prepare_source(shard.shard_id, src, self.ctx, self.detector)]
+        results = []
+        for i in range(0, len(items), self.ctx.batch_size):
+            results += encode_items(self.codec, items[i : i + self.ctx.batch_size], self.ctx.layers)
+        return write_shard(self.ctx, shard.shard_id, results)

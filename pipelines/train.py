@@ -1,0 +1,87 @@
+"""``facetier train``: stages that build a model bundle from face images.
+
+* ``prior``   - generator + encoder (``train_prior``), resumable, checkpointed;
+* ``entropy`` - per-layer transforms and entropy models fitted on the prior's W+ codes, then
+                exported with the prior as one safetensors bundle (the shipped format).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facetier.codec.align import AlignmentConfig
+from facetier.codec.checkpoints import ModelConfig, save_bundle
+from facetier.codec.encoder import EncoderConfig
+from facetier.codec.layers import LayerPlan, LayerSpec
+from facetier.codec.stylegan import GeneratorConfig
+from facetier.pipelines.train_entropy import EntropyTrainConfig, export_layers, train_entropy
+from facetier.pipelines.train_prior import PriorModel, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+def load_prior(ckpt: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig, use_ema: bool = True) -> PriorModel:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = PriorModel(gen_cfg, enc_cfg)
+    model.load_state_dict(state["ema" if use_ema else "model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def encode_all(model: PriorModel, faces: np.ndarray, batch: int = 64) -> np.ndarray:
+    out = []
+    for i in range(0, len(faces), batch):
+        out.append(model.encode(to_tensor(faces[i : i + batch], torch.device("cpu"))).numpy())
+    return np.concatenate(out)
+
+
+def export_bundle(
+    model: PriorModel,
+    faces: np.ndarray,
+    out_path: Path,
+    *,
+    codec_id: str,
+    alignment: AlignmentConfig,
+    plan: LayerPlan | None = None,
+    entropy_cfg: EntropyTrainConfig | None = None,
+    residual_quality: int = 80,
+) -> str:
+    """Fit the entropy stage on ``faces`` and write the bundle; returns its weights hash."""
+    gen_cfg, enc_cfg = model.generator.config, model.encoder.config
+    plan = plan or LayerPlan.default(gen_cfg.n_latent)
+    wplus = encode_all(model, faces)
+    layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig())
+    tensors = {f"generator.{k}": v for k, v in model.generator.state_dict().items() if not k.startswith("noises.")}
+    tensors |= {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+    tensors["latent_avg"] = model.latent_avg.detach()
+    tensors |= export_layers(layers, plan)
+    config = ModelConfig(codec_id=codec_id, generator=gen_cfg, encoder=enc_cfg, alignment=alignment, plan=plan, residual_quality=residual_quality)
+    return save_bundle(out_path, config, tensors)
+
+
+def tiny_configs(size: int = 32) -> tuple[GeneratorConfig, EncoderConfig, LayerPlan]:
+    """A few-thousand-parameter model with the embedded model's structure, for tests."""
+    channels = {4: 16, 8: 16, 16: 8, 32: 8, 64: 8, 128: 8}
+    gen = GeneratorConfig(size=size, style_dim=16, n_mlp=2, channels={k: v for k, v in channels.items() if k <= size})
+    enc = EncoderConfig(input_size=size, n_styles=gen.n_latent, style_dim=16, stem_channels=8, stage_channels=(8, 8, 8, 8), stage_units=(1, 1, 1, 1), block_channels=8)
+    n = gen.n_latent
+    plan = LayerPlan((LayerSpec("basic", (0, 1, 2), 6), LayerSpec("middle", tuple(range(3, min(7, n))), 8), LayerSpec("enhanced", tuple(range(min(7, n), n)), 8)))
+    return gen, enc, plan
+
+
+def make_random_bundle(out_path: Path, *, size: int = 32, seed: int = 0, entropy_steps: int = 30) -> str:
+    """A bundle with random prior weights and a briefly fitted entropy stage (tests and smoke runs)."""
+    torch.manual_seed(seed)
+    gen, enc, plan = tiny_configs(size)
+    model = PriorModel(gen, enc).eval()
+    with torch.no_grad():
+        model.latent_avg.normal_(0, 0.5)
+    rng = np.random.default_rng(seed)
+    faces = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    cfg = EntropyTrainConfig(steps=entropy_steps, batch_size=32, hidden=16, lambdas=(200.0, 200.0, 200.0), seed=seed)
+    alignment = replace(AlignmentConfig(), size=size, crop_scale=0.8, min_eye_distance=4.0)
+    return export_bundle(model, faces, out_path, codec_id=f"facetier-tiny-{size}", alignment=alignment, plan=plan, entropy_cfg=cfg)

@@ -1,0 +1,138 @@
+"""Codec round trips, determinism, typed stream errors and the lossless original layer (tiny random model)."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facetier.codec import container
+from facetier.codec.layers import LayerCode, LayeredCode
+from facetier.errors import BadMagicError, ChecksumError, MissingLayerError, ModelMismatchError, TruncatedStreamError
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+
+
+def test_every_prefix_round_trips(tiny_codec, crops):
+    codes = tiny_codec.encode_crops(crops)
+    full = tiny_codec.decode_many(codes, "enhanced")
+    for i, name in enumerate(tiny_codec.plan.names):
+        for code, ref in zip(codes, full):
+            prefix_bytes = container.to_bytes(code.prefix(name))
+            parsed = container.from_bytes(prefix_bytes)
+            assert parsed.names == tiny_codec.plan.names[: i + 1]
+            decoded = tiny_codec.decode(parsed, upto=name)
+            assert decoded.layers_used == tiny_codec.plan.names[: i + 1]
+            assert decoded.image.shape == (32, 32, 3) and decoded.image.dtype == np.uint8
+            if name == "enhanced":
+                assert np.array_equal(decoded.image, ref.image)
+    with_residual = tiny_codec.decode(codes[0], upto="residual")
+    gen_err = np.abs(full[0].image.astype(int) - crops[0]).mean()
+    res_err = np.abs(with_residual.image.astype(int) - crops[0]).mean()
+    assert res_err < gen_err, "the residual layer must bring the decode closer to the source"
+
+
+def test_symbols_survive_the_bitstream(tiny_codec, crops):
+    wplus = tiny_codec.encode_wplus(crops[:1])[0]
+    symbols = tiny_codec._symbols(wplus)
+    code = tiny_codec.encode_crops(crops[:1], layers=list(tiny_codec.plan.names))[0]
+    decoded = tiny_codec.decode_symbols(container.from_bytes(container.to_bytes(code)), "enhanced")
+    for a, b in zip(symbols, decoded):
+        assert np.array_equal(a, b)
+
+
+def test_same_input_gives_identical_bytes(tiny_codec, crops):
+    a = [container.to_bytes(c) for c in tiny_codec.encode_crops(crops)]
+    b = [container.to_bytes(c) for c in tiny_codec.encode_crops(crops)]
+    assert a == b
+
+
+def test_decode_is_identical_with_one_and_two_threads(tiny_bundle, crops, tmp_path, tiny_codec):
+    stream = tmp_path / "face.ftl"
+    stream.write_bytes(container.to_bytes(tiny_codec.encode_crops(crops[:1])[0]))
+    prog = (
+        "import sys, torch, numpy as np; torch.set_num_threads(int(sys.argv[1]));"
+        "from facetier.codec.model import FaceCodec; from facetier.codec import container;"
+        f"c = FaceCodec.load({str(tiny_bundle)!r}, device='cpu');"
+        f"img = c.decode(container.from_bytes(open({str(stream)!r}, 'rb').read()), 'enhanced').image;"
+        "sys.stdout.buffer.write(img.tobytes())"
+    )
+    outs = [subprocess.run([sys.executable, "-c", prog, str(n)], check=True, capture_output=True).stdout for n in (1, 2)]
+    assert outs[0] == outs[1] and len(outs[0]) == 32 * 32 * 3
+
+
+def test_truncated_stream_raises(tiny_codec, crops):
+    data = container.to_bytes(tiny_codec.encode_crops(crops[:1])[0])
+    for cut in (3, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises((TruncatedStreamError, BadMagicError, ChecksumError)):
+            container.from_bytes(data[:cut])
+
+
+def test_flipped_byte_raises(tiny_codec, crops):
+    data = bytearray(container.to_bytes(tiny_codec.encode_crops(crops[:1])[0]))
+    for pos in (5, 20, len(data) - 3):
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        with pytest.raises((ChecksumError, TruncatedStreamError, BadMagicError)):
+            container.from_bytes(bytes(bad))
+
+
+def test_not_a_stream_raises(tiny_codec):
+    with pytest.raises(BadMagicError):
+        container.from_bytes(b"\xff\xd8\xff\xe0 a jpeg, not a stream")
+
+
+def test_wrong_weights_raise(tiny_codec, crops, tmp_path):
+    from facetier.codec.model import FaceCodec
+    from facetier.pipelines.train import make_random_bundle
+
+    other_path = tmp_path / "other.safetensors"
+    make_random_bundle(other_path, size=32, seed=7, entropy_steps=5)
+    other = FaceCodec.load(other_path, device="cpu")
+    code = tiny_codec.encode_crops(crops[:1])[0]
+    with pytest.raises(ModelMismatchError):
+        other.decode(container.from_bytes(container.to_bytes(code)))
+
+
+def test_missing_layer_raises(tiny_codec, crops):
+    code = tiny_codec.encode_crops(crops[:1])[0].prefix("basic")
+    with pytest.raises(MissingLayerError):
+        tiny_codec.decode(code, upto="middle")
+    with pytest.raises(MissingLayerError):
+        tiny_codec.decode(code, upto="residual")
+
+
+def test_original_layer_gives_back_the_jpeg_bit_for_bit(tiny_codec):
+    rng = np.random.default_rng(0)
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=83, progressive=progressive)
+        src = buf.getvalue()
+        from facetier.codec import image_layers
+
+        payload = image_layers.encode_original(src, is_jpeg=True)
+        code = LayeredCode(tiny_codec.codec_id, tiny_codec.weights_hash, (LayerCode("original", payload),))
+        assert tiny_codec.original_bytes(container.from_bytes(container.to_bytes(code))) == src
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(png, format="PNG")
+    from facetier.codec import image_layers
+
+    assert image_layers.decode_original(image_layers.encode_original(png.getvalue(), is_jpeg=False)) == png.getvalue()
+
+
+def test_integer_entropy_params_are_exact(tiny_codec):
+    """The conditioning network is int64 arithmetic: same context, same table row, on any machine."""
+    coder = tiny_codec.coders[1]
+    ctx = np.arange(coder.model.context_dim, dtype=np.int64) - 2
+    m1, s1 = coder.model.params(ctx)
+    m2, s2 = coder.model.params(ctx.copy())
+    assert m1.dtype == np.int64 and s1.dtype == np.int64
+    assert np.array_equal(m1, m2) and np.array_equal(s1, s2)
+    tables = tiny_codec.bundle.tensors["entropy_tables"].numpy()
+    assert tables.dtype == np.int32 and tables.min() >= 1
