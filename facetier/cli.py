@@ -90,6 +90,14 @@ def _cmd_measure(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from facetier.pipelines.bench import render, run_bench
+
+    configs = [(e, int(w)) for e in a.engines.split(",") for w in a.workers.split(",")]
+    print(render(run_bench(a.src, limit=a.limit, configs=configs, out=a.report)))
+    return 0
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from facetier.pipelines.train_cli import run_train
 
@@ -166,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gallery", help="write a PNG: original next to each layer prefix (16 faces)")
     m.add_argument("--report", help="write the report as JSON")
     m.set_defaults(func=_cmd_measure)
+
+    b = sub.add_parser("bench", help="encode throughput of each engine next to the JPEG-decode ceiling, as ratios")
+    b.add_argument("src")
+    b.add_argument("--limit", type=int, default=300)
+    b.add_argument("--engines", default="beam,ray")
+    b.add_argument("--workers", default="1,2")
+    b.add_argument("--report", default="bench-report.json")
+    b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("train", help="train the face prior and the entropy models (resumable)")
     t.add_argument("stage", choices=["align", "prior", "entropy"])

@@ -65,12 +65,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (ImageTooLargeError,):
+    except ImageTooLargeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(str(exc)) from exc
     except UnidentifiedImageError as exc:
-        raise NotAnImageError(str(exc)) from exc
+        # the magic bytes said it is an image; the rest does not parse
+        raise CorruptImageError(f"{fmt} with a damaged header: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"{fmt}: {exc}") from exc
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

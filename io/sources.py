@@ -82,7 +82,8 @@ def list_sources(src: str) -> list[SourceRef]:
         if path.lower().endswith(LIST_SUFFIXES):
             with fs.open(path, "rt") as fh:
                 lines = [ln.strip() for ln in fh]
-            return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(ln)})
+            base = _protocol_uri(fs, posixpath.dirname(path))
+            return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(_resolve(ln, base, fs))})
         files = [path]
     else:
         raise ConfigError(f"no such source: {src}")
@@ -93,6 +94,17 @@ def list_sources(src: str) -> list[SourceRef]:
         else:
             refs.append(SourceRef(uri))
     return sorted(set(refs))
+
+
+def _resolve(line: str, base: str, fs: fsspec.AbstractFileSystem) -> str:
+    """Lines of a list file are URIs, absolute paths, or paths relative to the list's folder
+    (or to its ``images/`` subfolder, the layout of the LFW and UTKFace split lists)."""
+    if "://" in line or line.startswith("/"):
+        return line
+    direct = posixpath.join(base, line)
+    if fs.exists(direct.split(MEMBER_SEP)[0]):
+        return direct
+    return posixpath.join(base, "images", line)
 
 
 def _expand(line: str) -> Iterable[SourceRef]:

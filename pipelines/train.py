@@ -53,10 +53,18 @@ def export_bundle(
     """Fit the entropy stage on ``faces`` and write the bundle; returns its weights hash."""
     gen_cfg, enc_cfg = model.generator.config, model.encoder.config
     plan = plan or LayerPlan.default(gen_cfg.n_latent)
+    # Weights ship as float16 (half the repo size); fit the entropy stage to exactly what ships.
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.half().float())
     wplus = encode_all(model, faces)
     layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig())
-    tensors = {f"generator.{k}": v for k, v in model.generator.state_dict().items() if not k.startswith("noises.")}
-    tensors |= {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+    def half(v: torch.Tensor) -> torch.Tensor:
+        return v.half() if v.is_floating_point() else v
+
+    tensors = {f"generator.{k}": half(v) for k, v in model.generator.state_dict().items() if not k.startswith("noises.")}
+    tensors |= {f"encoder.{k}": half(v) for k, v in model.encoder.state_dict().items()}
     tensors["latent_avg"] = model.latent_avg.detach()
     tensors |= export_layers(layers, plan)
     config = ModelConfig(codec_id=codec_id, generator=gen_cfg, encoder=enc_cfg, alignment=alignment, plan=plan, residual_quality=residual_quality)

@@ -1,0 +1,82 @@
+"""``facetier bench``: encode throughput of Beam and Ray against the JPEG-decode ceiling, same files, same run.
+
+Each engine configuration runs in its own process (so peak memory is that run's), on the same
+list of inputs, into a fresh table. Machines are shared and noisy: compare the ratios.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from facetier.errors import InputError
+from facetier.io.images import decode_image
+from facetier.io.sources import SourceRef, list_sources, read_source
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    seconds: float
+    inputs: int
+    faces: int
+    faces_per_second: float
+    ratio_to_decode_ceiling: float
+    peak_rss_mb: float
+
+
+def _decode_rate(keys: list[str]) -> float:
+    start = time.perf_counter()
+    for k in keys:
+        try:
+            decode_image(read_source(SourceRef.parse(k)))
+        except InputError:
+            pass  # bad inputs cost the same read in every run
+    return len(keys) / (time.perf_counter() - start)
+
+
+def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str | None) -> dict:
+    keys = [r.key for r in list_sources(src)][:limit]
+    work = Path(tempfile.mkdtemp(prefix="facetier-bench-"))
+    listing = work / "inputs.txt"
+    listing.write_text("\n".join(keys) + "\n")
+    ceiling = _decode_rate(keys)
+    rows = [BenchRow("jpeg-decode-only", len(keys) / ceiling, len(keys), len(keys), ceiling, 1.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
+    query = None
+    for engine, workers in configs:
+        table = work / f"table-{engine}-{workers}"
+        code = (
+            "import json,resource,sys;from facetier.pipelines.encode_job import run_encode, EncodeOptions;"
+            f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions(engine={engine!r}, workers={workers}, progress=False));"
+            "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds}))"
+        )
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        fps = res["faces"] / res["seconds"]
+        rows.append(BenchRow(f"{engine} x{workers}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak))
+        if query is None:
+            from facetier.pipelines.decode_job import run_query
+
+            q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
+            query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
+    report = {"inputs": len(keys), "rows": [asdict(r) for r in rows], "base_only_query": query}
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def render(report: dict) -> str:
+    lines = [f"{'run':<18}{'seconds':>9}{'faces':>7}{'faces/s':>9}{'x ceiling':>10}{'peak MB':>9}"]
+    for r in report["rows"]:
+        lines.append(f"{r['name']:<18}{r['seconds']:>9.1f}{r['faces']:>7}{r['faces_per_second']:>9.2f}{r['ratio_to_decode_ceiling']:>10.4f}{r['peak_rss_mb']:>9.0f}")
+    q = report["base_only_query"]
+    if q:
+        lines.append(f"base-only query read {q['bytes_read']} of {q['table_bytes']} table bytes ({100 * q['fraction']:.2f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Robust input handling: every kind of bad file is a typed error; odd but valid images decode upright."""
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facetier.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NotAnImageError, SourceReadError, UnsafeMemberError
+from facetier.io.images import decode_image
+from facetier.io.sources import SourceRef, content_id, is_unsafe_member, list_sources, read_source
+
+
+def _jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+RGB = np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(RGB)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    out = decode_image(buf.getvalue())
+    assert (out.height, out.width) == (20, 30)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
+def test_other_modes_become_rgb(mode):
+    img = Image.fromarray(RGB).convert(mode) if mode != "I;16" else Image.fromarray((RGB[..., 0].astype(np.uint16) * 256))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode in ("L", "CMYK") else "PNG")
+    out = decode_image(buf.getvalue())
+    assert out.rgb.shape == (30, 20, 3) and out.rgb.dtype == np.uint8
+
+
+def test_progressive_jpeg_decodes():
+    out = decode_image(_jpeg(RGB, progressive=True, quality=90))
+    assert out.format == "JPEG" and out.rgb.shape == (30, 20, 3)
+
+
+def test_extension_lies_are_sniffed():
+    png = io.BytesIO()
+    Image.fromarray(RGB).save(png, format="PNG")
+    assert decode_image(png.getvalue()).format == "PNG"  # whatever the file was called
+
+
+@pytest.mark.parametrize(
+    "data,error",
+    [
+        (b"", EmptyFileError),
+        (b"hello, I am text", NotAnImageError),
+        (_jpeg(RGB)[:100], CorruptImageError),
+        (b"\xff\xd8\xff" + b"\x00" * 50, CorruptImageError),
+    ],
+)
+def test_bad_bytes_are_typed_errors(data, error):
+    with pytest.raises(error):
+        decode_image(data)
+
+
+def test_pixel_limit_guards_against_bombs():
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_jpeg(np.zeros((100, 100, 3), np.uint8)), max_pixels=5000)
+    from facetier.pipelines.sample_archive import _png_bomb
+
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_png_bomb())
+
+
+def test_unsafe_member_names():
+    for bad in ("../x.jpg", "a/../../x.jpg", "/etc/passwd", "C:\\x.jpg", "a\\..\\..\\x"):
+        assert is_unsafe_member(bad), bad
+    for ok in ("a/b.jpg", "x..y.jpg", "..hidden/../"[:0] + "dots..jpg"):
+        assert not is_unsafe_member(ok), ok
+
+
+def test_folder_tar_zip_glob_and_list_sources(tmp_path):
+    jpg = _jpeg(RGB)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jpg").write_bytes(jpg)
+    (tmp_path / "d" / ".hidden").write_bytes(b"x")
+    with tarfile.open(tmp_path / "d" / "t.tar", "w") as tf:
+        for name in ("in/b.jpg", "../evil.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(jpg)
+            tf.addfile(info, io.BytesIO(jpg))
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.writestr("c.jpg", jpg)
+    refs = list_sources(str(tmp_path / "d"))
+    assert [r.member for r in refs] == [None, "../evil.jpg", "in/b.jpg"]
+    assert read_source(refs[2]) == jpg
+    with pytest.raises(UnsafeMemberError):
+        read_source(refs[1])
+    zrefs = list_sources(str(tmp_path / "z.zip"))
+    assert read_source(zrefs[0]) == jpg and zrefs[0].key.endswith("z.zip!c.jpg")
+    assert SourceRef.parse(zrefs[0].key) == zrefs[0]
+    assert len(list_sources(str(tmp_path / "d" / "*.jpg"))) == 1
+    (tmp_path / "list.txt").write_text("d/a.jpg\n# comment\n" + zrefs[0].key + "\n")
+    assert len(list_sources(str(tmp_path / "list.txt"))) == 2
+    with pytest.raises(SourceReadError):
+        read_source(SourceRef(str(tmp_path / "missing.jpg")))
+    assert content_id(jpg) == content_id(bytes(jpg)) and len(content_id(jpg)) == 32
