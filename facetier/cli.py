@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from facetier import __version__
-from facetier.errors import FacetierError
+from facetier.errors import ConfigError, FacetierError
 
 log = logging.getLogger("facetier")
 
@@ -16,6 +17,8 @@ log = logging.getLogger("facetier")
 def _cmd_encode(a: argparse.Namespace) -> int:
     from facetier.pipelines.encode_job import EncodeOptions, run_encode
 
+    if not a.src or not a.table:
+        raise ConfigError("encode needs SRC and TABLE (arguments, or $FACETIER_SOURCE and $FACETIER_TABLE)")
     opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
                          layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
                          ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet)
@@ -98,6 +101,21 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_lfw(a: argparse.Namespace) -> int:
+    from facetier.pipelines.eval_lfw import evaluate_lfw, render
+
+    folds = tuple(int(f) for f in a.folds.split(","))
+    print(render(evaluate_lfw(Path(a.lfw), weights=a.weights, folds=folds, max_pairs_per_fold=a.max_pairs_per_fold, report=a.report)))
+    return 0
+
+
+def _cmd_warehouse_ddl(a: argparse.Namespace) -> int:
+    from facetier.pipelines.warehouse import bigquery_ddl
+
+    print(bigquery_ddl(a.table, a.dataset, a.prefix), end="")
+    return 0
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from facetier.pipelines.train_cli import run_train
 
@@ -122,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("encode", help="re-encode an archive into a table (incremental, resumable)")
-    e.add_argument("src", help="folder, glob, .tar/.zip archive or .txt list of URIs (local, gs://, s3://)")
-    e.add_argument("table", help="table root (local, gs://, s3://)")
+    e.add_argument("src", nargs="?", default=os.environ.get("FACETIER_SOURCE"),
+                   help="folder, glob, .tar/.zip archive or .txt list of URIs (local, gs://, s3://); default $FACETIER_SOURCE")
+    e.add_argument("table", nargs="?", default=os.environ.get("FACETIER_TABLE"), help="table root (local, gs://, s3://); default $FACETIER_TABLE")
     e.add_argument("--engine", choices=["local", "beam", "ray"], default="local")
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--shard-size", type=int, default=64, help="inputs per shard (the unit of resume)")
@@ -182,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", default="1,2")
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_cmd_bench)
+
+    ev = sub.add_parser("eval-lfw", help="LFW verification of originals and decodes with dlib's 128-d model (needs .[eval])")
+    ev.add_argument("--lfw", default="../shared/data/lfw")
+    ev.add_argument("--folds", default="5,6,7,8")
+    ev.add_argument("--max-pairs-per-fold", type=int, help="subsample for a quick run (half same, half different)")
+    ev.add_argument("--weights")
+    ev.add_argument("--report")
+    ev.set_defaults(func=_cmd_eval_lfw)
+
+    wh = sub.add_parser("warehouse-ddl", help="BigQuery external tables over the committed faces index and base family")
+    wh.add_argument("table")
+    wh.add_argument("--dataset", required=True)
+    wh.add_argument("--prefix", default="facetier")
+    wh.set_defaults(func=_cmd_warehouse_ddl)
 
     t = sub.add_parser("train", help="train the face prior and the entropy models (resumable)")
     t.add_argument("stage", choices=["align", "prior", "entropy"])

@@ -1,0 +1,167 @@
+"""LFW verification through the codec, judged by a face-recognition model nobody here trained.
+
+dlib's 128-d ResNet (``face-recognition-models``, CC0; install with ``pip install -e '.[eval]'``)
+embeds: the original photos (dlib's own detector), the aligned crops before coding, and the
+decodes at each layer prefix. Protocol: the pairs of folds 5-8 of ``pairs_folds1-8.txt``
+(faces no facetier model trained on); for each fold the distance threshold is chosen on the
+other three folds; the reported accuracy is the mean over the four folds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from facetier.codec.layers import RESIDUAL
+from facetier.codec.model import FaceCodec
+from facetier.errors import ConfigError, InputError
+from facetier.io.images import decode_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pair:
+    fold: int
+    a: str
+    b: str
+    same: bool
+
+
+def read_pairs(pairs_file: Path, folds: tuple[int, ...]) -> list[Pair]:
+    lines = pairs_file.read_text().split("\n")
+    n_folds, per = (int(v) for v in lines[0].split())
+    pairs, i = [], 1
+    for fold in range(1, n_folds + 1):
+        for k in range(2 * per):
+            parts = lines[i].split()
+            i += 1
+            if fold not in folds:
+                continue
+            if k < per:
+                name, x, y = parts
+                pairs.append(Pair(fold, f"{name}/{name}_{int(x):04d}.jpg", f"{name}/{name}_{int(y):04d}.jpg", True))
+            else:
+                n1, x, n2, y = parts
+                pairs.append(Pair(fold, f"{n1}/{n1}_{int(x):04d}.jpg", f"{n2}/{n2}_{int(y):04d}.jpg", False))
+    return pairs
+
+
+class DlibEmbedder:
+    def __init__(self) -> None:
+        try:
+            import dlib
+        except ImportError as exc:
+            raise ConfigError("LFW evaluation needs dlib: pip install -e '.[eval]'") from exc
+        spec = importlib.util.find_spec("face_recognition_models")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("LFW evaluation needs face-recognition-models: pip install -e '.[eval]'")
+        models = Path(list(spec.submodule_search_locations)[0]) / "models"
+        self.dlib = dlib
+        self.detector = dlib.get_frontal_face_detector()
+        self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+        self.net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def photo(self, rgb: np.ndarray) -> np.ndarray | None:
+        dets = self.detector(rgb, 1)
+        if not dets:
+            return None
+        d = max(dets, key=lambda r: r.area())
+        return np.array(self.net.compute_face_descriptor(rgb, self.shape(rgb, d)))
+
+    def crop(self, rgb: np.ndarray) -> np.ndarray:
+        """An aligned crop: upscale to 256 and use the face rectangle the alignment implies."""
+        import cv2
+
+        img = cv2.resize(rgb, (256, 256), interpolation=cv2.INTER_CUBIC)
+        dets = self.detector(img, 0)
+        rect = max(dets, key=lambda r: r.area()) if dets else self.dlib.rectangle(48, 56, 208, 216)
+        return np.array(self.net.compute_face_descriptor(img, self.shape(img, rect)))
+
+
+def fold_accuracy(pairs: list[Pair], dist: dict[tuple[str, str], float]) -> float:
+    """Mean over folds of the accuracy at the threshold that is best on the other folds."""
+    folds = sorted({p.fold for p in pairs})
+    accs = []
+    for f in folds:
+        train = [(dist[(p.a, p.b)], p.same) for p in pairs if p.fold != f and (p.a, p.b) in dist]
+        test = [(dist[(p.a, p.b)], p.same) for p in pairs if p.fold == f]
+        cands = sorted({d for d, _ in train})
+        best = max(cands, key=lambda t: sum((d <= t) == s for d, s in train)) if cands else 0.6
+        accs.append(np.mean([(d <= best) == s for d, s in test]))
+    return float(np.mean(accs))
+
+
+@dataclass(frozen=True)
+class LfwReport:
+    pairs: int
+    folds: tuple[int, ...]
+    accuracy: dict[str, float]
+    mean_bytes: dict[str, float]
+    source_bytes_mean: float
+
+
+def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int, ...] = (5, 6, 7, 8), max_pairs_per_fold: int | None = None, report: str | None = None) -> LfwReport:
+    pairs = read_pairs(lfw_dir / "pairs_folds1-8.txt", folds)
+    if max_pairs_per_fold:
+        keep = []
+        for f in folds:
+            fp = [p for p in pairs if p.fold == f]
+            same = [p for p in fp if p.same][: max_pairs_per_fold // 2]
+            diff = [p for p in fp if not p.same][: max_pairs_per_fold // 2]
+            keep += same + diff
+        pairs = keep
+    codec = FaceCodec.load(weights, device="cpu")
+    emb = DlibEmbedder()
+    images = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    variants = ["original photo", "aligned crop", *codec.plan.names, RESIDUAL]
+    vecs: dict[str, dict[str, np.ndarray]] = {v: {} for v in variants}
+    sizes: dict[str, list[int]] = {v: [] for v in [*codec.plan.names, RESIDUAL]}
+    src_sizes = []
+    for name in tqdm(images, desc="lfw", unit="img", mininterval=10):
+        data = (lfw_dir / "images" / name).read_bytes()
+        rgb = decode_image(data).rgb
+        src_sizes.append(len(data))
+        v = emb.photo(rgb)
+        if v is not None:
+            vecs["original photo"][name] = v
+        try:
+            face = codec.align(rgb)[0]
+        except InputError:
+            continue
+        vecs["aligned crop"][name] = emb.crop(face.crop)
+        code = codec.encode_crops(face.crop[None])[0]
+        for layer, n in code.sizes().items():
+            sizes[layer].append(n)
+        for upto in [*codec.plan.names, RESIDUAL]:
+            vecs[upto][name] = emb.crop(codec.decode(code, upto).image)
+    acc = {}
+    for v in variants:
+        dist = {}
+        for p in pairs:
+            va, vb = vecs[v].get(p.a), vecs[v].get(p.b)
+            # a face the variant could not embed counts as a maximal distance (a miss, not a skip)
+            dist[(p.a, p.b)] = float(np.linalg.norm(va - vb)) if va is not None and vb is not None else 9.0
+        acc[v] = fold_accuracy(pairs, dist)
+    cum, mean_bytes = 0.0, {}
+    for layer in [*codec.plan.names, RESIDUAL]:
+        cum += float(np.mean(sizes[layer])) if sizes[layer] else 0.0
+        mean_bytes[layer] = cum
+    out = LfwReport(len(pairs), folds, acc, mean_bytes, float(np.mean(src_sizes)))
+    if report:
+        Path(report).write_text(json.dumps(asdict(out), indent=1))
+    return out
+
+
+def render(r: LfwReport) -> str:
+    lines = [f"LFW verification, folds {r.folds}, {r.pairs} pairs (threshold per fold from the other folds)", f"{'faces compared':<18}{'accuracy':>9}{'bytes/face':>12}"]
+    for k, a in r.accuracy.items():
+        b = r.mean_bytes.get(k)
+        lines.append(f"{k:<18}{100 * a:>8.2f}%{'' if b is None else f'{b:>12.1f}'}")
+    lines.append(f"source JPEG mean {r.source_bytes_mean:.0f} bytes")
+    return "\n".join(lines)

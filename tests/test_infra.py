@@ -1,0 +1,157 @@
+"""infra/: manifests parse, pins agree with the project, the Dataflow graph builds, and the RayJob
+entrypoint runs for real through `ray job submit` against a local head on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+
+
+def _yaml(rel: str) -> dict:
+    return yaml.safe_load((INFRA / rel).read_text())
+
+
+def test_images_pin_the_project_versions():
+    import apache_beam
+    import ray
+
+    for name in ("Dockerfile.gpu", "Dockerfile.cpu"):
+        text = (INFRA / "docker" / name).read_text()
+        assert "torch==2.13.0" in text
+        assert f"apache-beam[gcp]=={apache_beam.__version__}" in text
+        assert f"apache/beam_python3.11_sdk:{apache_beam.__version__}" in text
+        assert f"ray[default,data]=={ray.__version__}" in text
+        assert "/opt/apache/beam/boot" in text
+    assert _yaml("ray/rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+
+
+def test_rayjob_and_cronjob_run_the_same_cli_entrypoint():
+    from facetier.cli import build_parser
+
+    job = _yaml("ray/rayjob.yaml")
+    cron = _yaml("k8s/cronjob.yaml")
+    entry = job["spec"]["entrypoint"]
+    cmd = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--") + 1 :] == shlex.split(entry)
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    cron_env = json.loads(next(c for c in cmd if c.startswith("--runtime-env-json=")).split("=", 1)[1])["env_vars"]
+    assert cron_env == env
+    args = shlex.split(entry)
+    assert args[0] == "facetier"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # SRC and TABLE come from the job's runtime env
+    try:
+        parsed = build_parser().parse_args(args[1:])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert parsed.command == "encode" and parsed.engine == "ray" and parsed.ray_address == "auto"
+    assert parsed.src == env["FACETIER_SOURCE"] and parsed.table == env["FACETIER_TABLE"]
+
+
+def test_resources_and_gpus_are_requested():
+    job = _yaml("ray/rayjob.yaml")["spec"]["rayClusterSpec"]
+    head = job["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert head["requests"]["cpu"] and head["limits"]["memory"]
+    gpu_group = next(g for g in job["workerGroupSpecs"] if g["groupName"] == "gpu")
+    res = gpu_group["template"]["spec"]["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == 1 and gpu_group["rayStartParams"]["num-gpus"] == "1"
+    cron = _yaml("k8s/cronjob.yaml")["spec"]
+    assert cron["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_cronjob_forbids_concurrent_runs():
+    assert _yaml("k8s/cronjob.yaml")["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, WorkerOptions
+
+    from facetier.codec.align import AlignmentConfig
+    from facetier.pipelines.dataflow import dataflow_pipeline_args, read_env
+    from facetier.pipelines.engine_beam import build_pipeline
+    from facetier.pipelines.records import JobContext, ShardSpec
+
+    env = read_env(INFRA / "dataflow" / "encode.env")
+    args = dataflow_pipeline_args(env)
+    opts = PipelineOptions(args)
+    gcp = opts.view_as(GoogleCloudOptions)
+    assert gcp.project == env["PROJECT"] and gcp.region == env["REGION"]
+    assert any(o.startswith("worker_accelerator=type:nvidia-l4") for o in gcp.dataflow_service_options)
+    assert opts.view_as(WorkerOptions).sdk_container_image == env["IMAGE"]
+    assert opts.view_as(WorkerOptions).max_num_workers == int(env["MAX_WORKERS"])
+    ctx = JobContext(env["TABLE"], str(tiny_bundle), "c", "h" * 32, AlignmentConfig(), ("basic",), frozenset())
+    p = beam.Pipeline(options=opts)  # built, never run: no submission
+    build_pipeline(p, ctx, [ShardSpec("s00000-x", ("gs://b/a.jpg",))])
+    proto = p.to_runner_api()
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    assert any("Encode" in n for n in names) and any("ByShard" in n for n in names)
+    launch = (INFRA / "dataflow" / "launch.sh").read_text()
+    assert "facetier.pipelines.dataflow" in launch and "--engine beam" in launch
+
+
+def test_warehouse_ddl_lists_exactly_the_committed_base_files(tmp_path, sample_archive):
+    from facetier.io.table import Table
+    from facetier.pipelines.encode_job import EncodeOptions, run_encode
+    from facetier.pipelines.warehouse import bigquery_ddl
+
+    root = str(tmp_path / "t")
+    run_encode(str(sample_archive), root, EncodeOptions(shard_size=4, progress=False))
+    (tmp_path / "t" / "basic" / "uncommitted.parquet").write_bytes(b"junk from a failed run")
+    ddl = bigquery_ddl(root, "analytics")
+    m = Table(root).manifest()
+    for rel in m.files("basic") + m.files("faces"):
+        assert f"{root}/{rel}" in ddl
+    assert "uncommitted" not in ddl and "analytics.facetier_basic" in ddl
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists(), reason="ray CLI not installed")
+def test_ray_job_submit_runs_the_rayjob_entrypoint(tmp_path, sample_archive):
+    pytest.importorskip("ray.dashboard", reason="ray job submit needs ray[default] (in the test extras)")
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    job = _yaml("ray/rayjob.yaml")
+    entry = job["spec"]["entrypoint"]
+    gcs_port, dash_port = _free_port(), _free_port()
+    import secrets
+    import tempfile
+
+    # token auth, with a token of the test's own, whatever ~/.ray holds on this machine
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the image has facetier on PATH; so must the local head
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay under 107 characters
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash_port}", "--num-cpus=2", "--object-store-memory=300000000", "--include-dashboard=true",
+                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        table = tmp_path / "table"
+        runtime_env = {"env_vars": {"FACETIER_SOURCE": str(sample_archive), "FACETIER_TABLE": str(table)}}
+        proc = subprocess.run([ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash_port}", f"--runtime-env-json={json.dumps(runtime_env)}",
+                               "--", *shlex.split(entry)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "inputs 12 = encoded 6 + rejected 6" in proc.stdout
+        from facetier.io.table import Table
+
+        assert Table(str(table)).manifest().version == 1
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
