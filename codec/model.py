@@ -17,7 +17,7 @@ from facetier.codec.encoder import StyleEncoder
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
 from facetier.codec.layers import ORIGINAL, RESIDUAL, LayerCode, LayeredCode, all_layer_names
 from facetier.codec.stylegan import Generator
-from facetier.errors import ConfigError, MissingLayerError, ModelMismatchError
+from facetier.errors import ConfigError, MissingLayerError, ModelError, ModelMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ class FaceCodec:
         self.codec_id = cfg.codec_id
         self.plan = cfg.plan
         self.generator = Generator(cfg.generator)
-        self.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
+        # noise buffers are regenerated from a fixed seed, so bundles do not store them
+        missing, unexpected = self.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
+        if unexpected or any(not m.startswith("noises.") for m in missing):
+            raise ModelError(f"generator weights do not fit the configuration: missing {missing[:4]}, unexpected {unexpected[:4]}")
         self.encoder = StyleEncoder(cfg.encoder)
         self.encoder.load_state_dict(bundle.prefixed("encoder."))
         self.latent_avg = bundle.tensors["latent_avg"].float()
@@ -119,9 +122,7 @@ class FaceCodec:
 
     def _wplus_from_symbols(self, symbols: Sequence[np.ndarray]) -> np.ndarray:
         """W+ from the decoded layers; missing upper layers take their conditional mean."""
-        cfg = self.config.generator
-        w = np.repeat(self.latent_avg.numpy()[:1], cfg.n_latent, axis=0).astype(np.float32)
-        w[:] = self.latent_avg.numpy()
+        w = self.latent_avg.numpy().astype(np.float32).copy()  # rows outside the plan keep the mean
         context = np.zeros(0, np.int64)
         for i, coder in enumerate(self.coders):
             latents = symbols[i].astype(np.float64) if i < len(symbols) else coder.predict(context)

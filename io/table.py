@@ -25,7 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facetier.errors import ConcurrentCommitError, TableError, TableNotFoundError
+from facetier.errors import ConcurrentCommitError, TableNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,6 @@ class Table:
         self.fs.makedirs(self._p(STAGING_DIR), exist_ok=True)
         self.fs.pipe_file(self._p(STAGING_DIR, f"{entry.shard_id}.json"), json.dumps(entry.to_json()).encode())
 
-    def read_family(self, family: str, columns: list[str] | None = None, manifest: Manifest | None = None, filesystem: Any = None) -> pa.Table:
-        m = manifest or self.manifest()
-        paths = [self._p(rel) for rel in m.files(family)]
-        if not paths:
-            return family_schema(family).empty_table() if columns is None else family_schema(family).empty_table().select(columns)
-        fs = filesystem or self.fs
-        tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
-        return pa.concat_tables(tables)
-
     def family_bytes(self, manifest: Manifest | None = None) -> dict[str, int]:
         m = manifest or self.manifest()
         out: dict[str, int] = {}
@@ -219,8 +210,3 @@ class Table:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return proto in ("file", "local")
-
-
-def check_table_root(root: str) -> None:
-    if not root:
-        raise TableError("empty table path")

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
 from facetier.codec.image_layers import encode_original
-from facetier.codec.layers import ORIGINAL, RESIDUAL
+from facetier.codec.layers import ORIGINAL
 from facetier.errors import FacetierError, InputError
 from facetier.io.images import decode_image
 from facetier.io.sources import SourceRef, content_id, read_source
@@ -82,7 +82,7 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
         meta = {"box": list(f.detection.box), "landmarks": f.detection.landmarks.reshape(-1).tolist(), "transform": f.transform.reshape(-1).tolist(),
                 "source_size": list(f.source_size), "score": f.detection.score}
         items.append({"kind": "face", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "face_index": f.face_index,
-                      "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None})
+                      "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None, "source_bytes": len(data)})
     return items
 
 
@@ -124,7 +124,7 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
             if name in LAYER_FAMILIES:
                 add(name, face_id=face_id, photo_id=r["photo_id"], payload=payload, nbytes=len(payload), crc32=zlib.crc32(payload))
         if r.get("original") is not None:
-            add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=r["source_uri"], payload=r["original"], nbytes=len(r["original"]), source_bytes=None)
+            add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=r["source_uri"], payload=r["original"], nbytes=len(r["original"]), source_bytes=r["source_bytes"])
     for r in rejects:
         add(REJECT_FAMILY, source_uri=r["source_uri"], photo_id=r["photo_id"], error_class=r["error_class"], message=r["message"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
     files, rows, nbytes = {}, {}, {}

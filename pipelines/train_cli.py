@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from facetier.codec.align import AlignmentConfig
 from facetier.codec.encoder import EncoderConfig
@@ -37,7 +36,6 @@ def _faces(a: argparse.Namespace) -> np.ndarray:
 
 
 def run_train(a: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     faces = _faces(a)
     log.info("%d aligned training faces", len(faces))
     if a.stage == "align":

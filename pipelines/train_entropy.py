@@ -31,7 +31,7 @@ class EntropyTrainConfig:
     batch_size: int = 256
     lr: float = 3e-3
     hidden: int = 64
-    lambdas: tuple[float, ...] = (2000.0, 2000.0, 2000.0)  # per layer, bits per unit of normalised MSE
+    lambdas: tuple[float, ...] = (3000.0, 6000.0, 12000.0)  # per layer, bits per unit of normalised MSE
     seed: int = 0
 
 

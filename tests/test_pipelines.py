@@ -112,7 +112,6 @@ def test_new_model_reencodes_older_rows(sample_archive, tmp_path, tiny_bundle):
     run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=4, progress=False))
     old_hash = Table(root).manifest().shards[0].weights_hash
     from facetier.codec.model import embedded_weights_path
-    from facetier.pipelines.train import make_random_bundle
 
     # a "new model version": the embedded weights with a refitted entropy stage would do; a tiny
     # model with the embedded alignment is enough to show the re-encode bookkeeping
