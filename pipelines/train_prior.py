@@ -133,7 +133,8 @@ def train_prior(
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        if "opt" in state:  # absent when an operator restarted from the EMA weights
+            opt.load_state_dict(state["opt"])
         if disc is not None and "disc" in state:
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["opt_d"])
@@ -162,6 +163,14 @@ def train_prior(
             g_adv = F.softplus(-disc(y)).mean()
             losses["g_adv"] = g_adv
             losses["loss"] = losses["loss"] + cfg.adv_weight * g_adv
+        if not torch.isfinite(losses["loss"]) or (use_adv and float(losses["g_adv"]) > 50):
+            # a diverged discriminator (seen once on CPU at step 3500) would drag the prior with it:
+            # skip this update and restart the discriminator from scratch
+            log.warning("step %d: adversarial loss diverged (%.3g); resetting the discriminator", step, float(losses.get("g_adv", losses["loss"])))
+            disc = Discriminator(gen_cfg.size).to(device) if disc is not None else None
+            opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc is not None else None
+            step += 1
+            continue
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
