@@ -98,11 +98,12 @@ def run_query(table_root: str, sql: str) -> QueryResult:
     counter = ByteCounter()
     faces = read_family(table, INDEX_FAMILY, manifest=manifest, counter=counter)
     base = read_family(table, BASE_FAMILY, manifest=manifest, counter=counter)
-    con = duckdb.connect()
-    con.register("faces", faces)
-    con.register(BASE_FAMILY, base)
-    try:
-        result = con.sql(sql).to_arrow_table()
-    except duckdb.Error as exc:
-        raise QueryError(str(exc)) from exc
+    # closed explicitly: a connection left to interpreter teardown can abort the process on exit
+    with duckdb.connect() as con:
+        con.register("faces", faces)
+        con.register(BASE_FAMILY, base)
+        try:
+            result = con.sql(sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(str(exc)) from exc
     return QueryResult(result, counter.total, sum(table.family_bytes(manifest).values()))
