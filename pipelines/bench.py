@@ -53,12 +53,13 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
         code = (
             "import json,resource,sys;from facetier.pipelines.encode_job import run_encode, EncodeOptions;"
             f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions(engine={engine!r}, workers={workers}, progress=False));"
-            "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds}))"
+            "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+            "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss}))"
         )
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
         res = json.loads(proc.stdout.strip().splitlines()[-1])
+        # the largest single process of that run (driver, or a worker it reaped); per run, not cumulative
+        peak = res["rss_kb"] / 1024
         fps = res["faces"] / res["seconds"]
         rows.append(BenchRow(f"{engine} x{workers}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak))
         if query is None:
