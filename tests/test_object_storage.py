@@ -1,6 +1,7 @@
 """Encode, query and decode against local S3 (moto server) and GCS (gcp-storage-emulator) on loopback."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -40,34 +41,28 @@ def _wait(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
 def s3_server():
     pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(port, proc)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.config.conf.pop("s3", None)
-    try:
+    with _serving([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, env):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
 def gcs_server():
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is in the test extras")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(port, proc)
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    with _serving([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], port, env):
+        yield port
+
+
+@contextlib.contextmanager
+def _serving(cmd: list[str], port: int, env: dict[str, str]):
+    """Run an emulator on loopback with ``env`` set for the clients; stop it and restore env after."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
+        _wait(port, proc)
+        os.environ.update(env)
         yield port
     finally:
         proc.terminate()
