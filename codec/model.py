@@ -151,7 +151,8 @@ class FaceCodec:
                     layer_codes.append(LayerCode(coder.model.name, coder.encode(sym, context)))
                 context = np.concatenate([context, sym])
             codes_layers.append(layer_codes)
-            quantised.append(self._wplus_from_symbols(symbols))
+            if RESIDUAL in wanted:  # only the residual needs the generative decode at encode time
+                quantised.append(self._wplus_from_symbols(symbols))
         if RESIDUAL in wanted:
             generated = self.synthesise(np.stack(quantised))
             q = residual_quality or self.config.residual_quality
