@@ -74,7 +74,7 @@ class FaceDetector:
         self._model_path = str(model_path)
         self._local = threading.local()
 
-    def _detector(self) -> "cv2.FaceDetectorYN":
+    def _detector(self) -> cv2.FaceDetectorYN:
         det = getattr(self._local, "det", None)
         if det is None:
             det = cv2.FaceDetectorYN.create(

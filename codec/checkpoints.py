@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from facetier.codec.align import AlignmentConfig
 from facetier.codec.encoder import EncoderConfig, StyleEncoder
 from facetier.codec.layers import LayerPlan
+from facetier.codec.semantic import SemanticConfig
 from facetier.codec.stylegan import Generator, GeneratorConfig
+from safetensors.torch import load_file, save_file
+
 from facetier.errors import CheckpointFormatError, ModelError
 
 torch.serialization.add_safe_globals([argparse.Namespace])
@@ -34,6 +35,7 @@ class ModelConfig:
     alignment: AlignmentConfig
     plan: LayerPlan
     residual_quality: int = 80
+    semantic: SemanticConfig | None = None
 
     def to_json(self) -> str:
         gen = asdict(self.generator)
@@ -46,11 +48,12 @@ class ModelConfig:
                 "alignment": asdict(self.alignment),
                 "plan": self.plan.to_json(),
                 "residual_quality": self.residual_quality,
+                "semantic": self.semantic.to_json() if self.semantic else None,
             }
         )
 
     @staticmethod
-    def from_json(text: str) -> "ModelConfig":
+    def from_json(text: str) -> ModelConfig:
         d = json.loads(text)
         gen = dict(d["generator"])
         gen["channels"] = {int(k): int(v) for k, v in gen["channels"].items()}
@@ -64,6 +67,7 @@ class ModelConfig:
             alignment=AlignmentConfig(**d["alignment"]),
             plan=LayerPlan.from_json(d["plan"]),
             residual_quality=int(d.get("residual_quality", 80)),
+            semantic=SemanticConfig.from_json(d["semantic"]) if d.get("semantic") else None,
         )
 
 

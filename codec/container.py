@@ -20,7 +20,13 @@ import struct
 import zlib
 
 from facetier.codec.layers import LayerCode, LayeredCode
-from facetier.errors import BadMagicError, ChecksumError, TruncatedStreamError, UnsupportedVersionError
+
+from facetier.errors import (
+    BadMagicError,
+    ChecksumError,
+    TruncatedStreamError,
+    UnsupportedVersionError,
+)
 
 MAGIC = b"FTL1"
 FORMAT_VERSION = 1

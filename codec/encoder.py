@@ -13,9 +13,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from facetier.codec.stylegan import EqualLinear
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class EncoderConfig:
     mode: Literal["psp", "e4e"] = "psp"
 
     @staticmethod
-    def psp(stylegan_size: int = 1024, mode: Literal["psp", "e4e"] = "psp") -> "EncoderConfig":
+    def psp(stylegan_size: int = 1024, mode: Literal["psp", "e4e"] = "psp") -> EncoderConfig:
         return EncoderConfig(
             input_size=256,
             n_styles=2 * int(math.log2(stylegan_size)) - 2,

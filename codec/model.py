@@ -2,22 +2,35 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-
 from facetier.codec import image_layers
 from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
 from facetier.codec.encoder import StyleEncoder
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
-from facetier.codec.layers import ORIGINAL, RESIDUAL, LayerCode, LayeredCode, all_layer_names
+from facetier.codec.layers import (
+    ORIGINAL,
+    RESIDUAL,
+    SEMANTIC,
+    LayerCode,
+    LayeredCode,
+    all_layer_names,
+)
+from facetier.codec.semantic import SemanticCodec
 from facetier.codec.stylegan import Generator
-from facetier.errors import ConfigError, MissingLayerError, ModelError, ModelMismatchError
+
+from facetier.errors import (
+    ConfigError,
+    MissingLayerError,
+    ModelError,
+    ModelMismatchError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,9 @@ def frozen_layers_from_bundle(bundle: ModelBundle) -> tuple[list[FrozenLayerMode
     models = []
     for spec in bundle.config.plan.layers:
         t = bundle.prefixed(f"entropy.{spec.name}.")
+        if spec.kind == SEMANTIC:  # the transform is the semantic network, not a matrix pair
+            k = spec.latent_dim
+            t |= {"mu": torch.zeros(0), "analysis": torch.zeros(0, k), "synthesis": torch.zeros(k, 0)}
         f32 = {k: t[k].numpy().astype(np.float32) for k in ("mu", "analysis", "synthesis")}
         i64 = {k: t[k].numpy().astype(np.int64) for k in ("w1", "b1", "wm", "bm", "ws", "bs")}
         models.append(FrozenLayerModel(spec.name, spec.rows, **f32, **i64))
@@ -78,12 +94,17 @@ class FaceCodec:
         self.latent_avg = bundle.tensors["latent_avg"].float()
         self.generator.to(self.device).eval()
         self.encoder.to(self.device).eval()
+        self.semantic: SemanticCodec | None = None
+        if cfg.plan.is_semantic:
+            if cfg.semantic is None:
+                raise ModelError("the layer plan has a semantic base layer but the bundle has no semantic configuration")
+            self.semantic = SemanticCodec(cfg.semantic, bundle.prefixed("semantic."), (cfg.generator.n_latent, cfg.generator.style_dim))
         models, tables = frozen_layers_from_bundle(bundle)
         self.coders = [LayerEntropyCoder(m, tables) for m in models]
         self.detector = FaceDetector(cfg.alignment)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto") -> "FaceCodec":
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> FaceCodec:
         return cls(load_bundle(Path(path) if path else embedded_weights_path()), device=device)
 
     @property
@@ -110,25 +131,59 @@ class FaceCodec:
         y = self.generator(torch.from_numpy(np.asarray(wplus, np.float32)).to(self.device))
         return y.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
-    def _symbols(self, wplus: np.ndarray) -> list[np.ndarray]:
+    def _symbols(self, wplus: np.ndarray, crop: np.ndarray | None = None) -> list[np.ndarray]:
+        """Integer symbols of every generative layer of one face's W+ (n_latent, style_dim)."""
         context = np.zeros(0, np.int64)
+        base = np.zeros_like(wplus)  # what the layers below already explain of each row
         out = []
         for coder in self.coders:
-            latents = coder.model.analyse(wplus[list(coder.model.rows)])
-            sym = coder.quantise(latents, context)
+            if coder.model.name == self.plan.names[0] and self.semantic is not None:
+                sym = coder.quantise(self.semantic.encode(wplus[None], None if crop is None else crop[None])[0], context)
+                base = self.semantic.decode(sym)[0]
+            else:
+                rows = list(coder.model.rows)
+                sym = coder.quantise(coder.model.analyse(wplus[rows] - base[rows]), context)
             out.append(sym)
             context = np.concatenate([context, sym])
         return out
 
-    def _wplus_from_symbols(self, symbols: Sequence[np.ndarray]) -> np.ndarray:
+    def wplus_from_symbols(self, symbols: Sequence[np.ndarray]) -> np.ndarray:
         """W+ from the decoded layers; missing upper layers take their conditional mean."""
         w = self.latent_avg.numpy().astype(np.float32).copy()  # rows outside the plan keep the mean
+        base = np.zeros_like(w)
         context = np.zeros(0, np.int64)
         for i, coder in enumerate(self.coders):
             latents = symbols[i].astype(np.float64) if i < len(symbols) else coder.predict(context)
-            w[list(coder.model.rows)] = coder.model.synthesise(latents)
+            if i == 0 and self.semantic is not None:
+                base = self.semantic.decode(latents)[0]
+                w = base.copy()
+            else:
+                rows = list(coder.model.rows)
+                w[rows] = base[rows] + coder.model.synthesise(latents)
             context = np.concatenate([context, symbols[i] if i < len(symbols) else np.rint(latents).astype(np.int64)])
         return w
+
+    def describe(self, codes: Sequence[LayeredCode]) -> list[dict]:
+        """Analytics columns decoded from each code's basic layer: attributes and identity embedding."""
+        if self.semantic is None:
+            raise ConfigError(f"{self.codec_id} has no semantic base layer: no attribute columns to describe")
+        return self.describe_base(self.base_codes(codes).astype(np.float64))
+
+    def describe_base(self, base: np.ndarray) -> list[dict]:
+        """Attribute columns and identity embedding of (n, code_dim) base codes."""
+        if self.semantic is None:
+            raise ConfigError(f"{self.codec_id} has no semantic base layer")
+        attrs = self.semantic.attributes(base)
+        identity = self.semantic.identity(base)
+        return [{**{k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in attrs.items()}, "identity": identity[i].tolist()} for i in range(len(base))]
+
+    def base_codes(self, codes: Sequence[LayeredCode]) -> np.ndarray:
+        """(n, code_dim) integer symbols of the basic layer."""
+        return np.stack([self.decode_symbols(c, self.plan.names[0])[0] for c in codes])
+
+    def wplus_from_base(self, base: np.ndarray) -> np.ndarray:
+        """W+ (n, n_latent, style_dim) from base codes alone, the upper layers at their conditional mean."""
+        return np.stack([self.wplus_from_symbols([np.rint(b).astype(np.int64)]) for b in np.asarray(base).reshape(len(base), -1)])
 
     # --- encode ------------------------------------------------------------------------------------
     def align(self, rgb: np.ndarray) -> list[AlignedFace]:
@@ -142,8 +197,8 @@ class FaceCodec:
         wplus = self.encode_wplus(crops)
         codes_layers: list[list[LayerCode]] = []
         quantised = []
-        for w in wplus:
-            symbols = self._symbols(w)
+        for w, crop in zip(wplus, crops):
+            symbols = self._symbols(w, crop)
             context = np.zeros(0, np.int64)
             layer_codes = []
             for coder, sym in zip(self.coders, symbols):
@@ -152,7 +207,7 @@ class FaceCodec:
                 context = np.concatenate([context, sym])
             codes_layers.append(layer_codes)
             if RESIDUAL in wanted:  # only the residual needs the generative decode at encode time
-                quantised.append(self._wplus_from_symbols(symbols))
+                quantised.append(self.wplus_from_symbols(symbols))
         if RESIDUAL in wanted:
             generated = self.synthesise(np.stack(quantised))
             q = residual_quality or self.config.residual_quality
@@ -208,7 +263,7 @@ class FaceCodec:
     def decode_many(self, codes: Sequence[LayeredCode], upto: str) -> list[DecodedFace]:
         """Decode faces at a prefix: a generative layer name or ``residual``."""
         top = self.plan.names[-1] if upto == RESIDUAL else upto
-        wplus = np.stack([self._wplus_from_symbols(self.decode_symbols(c, top)) for c in codes])
+        wplus = np.stack([self.wplus_from_symbols(self.decode_symbols(c, top)) for c in codes])
         images = self.synthesise(wplus)
         used = self.plan.names[: self.plan.index(top) + 1]
         out = []

@@ -34,7 +34,7 @@ class GeneratorConfig:
         return self.log_size * 2 - 2
 
     @staticmethod
-    def ffhq(size: int = 1024, channel_multiplier: int = 2) -> "GeneratorConfig":
+    def ffhq(size: int = 1024, channel_multiplier: int = 2) -> GeneratorConfig:
         cm = channel_multiplier
         ch = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm, 512: 32 * cm, 1024: 16 * cm}
         return GeneratorConfig(size=size, style_dim=512, n_mlp=8, channels={k: v for k, v in ch.items() if k <= size})

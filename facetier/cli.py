@@ -49,6 +49,27 @@ def _cmd_query(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(a: argparse.Namespace) -> int:
+    from facetier.pipelines.analytics import search
+
+    res = search(a.table, a.like, a.k, weights=a.weights, device=a.device)
+    print(res.table.to_pandas().to_string(index=False))
+    print(f"-- read {res.bytes_read} bytes (base family only)", file=sys.stderr)
+    return 0
+
+
+def _cmd_edit(a: argparse.Namespace) -> int:
+    from facetier.codec.semantic import parse_edits
+    from facetier.pipelines.analytics import edit
+
+    res = edit(a.table, a.where, parse_edits(a.set), a.out, upto=a.upto, as_table=a.as_table, weights=a.weights, device=a.device, limit=a.limit)
+    where = f"table {a.out} version {res.table_version}" if res.table_version is not None else a.out
+    print(f"edited {res.edited} faces -> {where}")
+    for o in res.outputs[:20]:
+        print(f"  {o}")
+    return 0
+
+
 def _cmd_sample(a: argparse.Namespace) -> int:
     from facetier.codec.model import FaceCodec
     from facetier.pipelines.sample_archive import build_sample_archive
@@ -72,7 +93,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     print(f"== 2. facetier encode {archive} {table} --engine {a.engine}")
     summary = run_encode(str(archive), table, EncodeOptions(engine=a.engine, workers=a.workers))
     print(summary.render())
-    sql = "select f.face_id, f.source_uri, b.nbytes as basic_bytes from faces f join basic b using (face_id) order by f.source_uri"
+    sql = ("select f.face_id, f.source_uri, b.nbytes as basic_bytes, round(b.age) as age, b.gender, b.race, round(b.smile, 2) as smile "
+           "from faces f join basic b using (face_id) order by f.source_uri")
     print(f'== 3. facetier query {table} "{sql}"')
     res = run_query(table, sql)
     print(res.table.to_pandas().to_string(index=False))
@@ -82,6 +104,13 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     for upto in ("basic", "enhanced", "residual", "original"):
         for f in run_decode(table, ids if upto != "original" else [i.rsplit("-", 1)[0] for i in ids], upto, str(decoded)):
             print(f"{f.path}\t{'GENERATED from' if f.generated else 'source file,'} {'+'.join(f.layers_used)}")
+    from facetier.pipelines.analytics import edit, search
+
+    print(f"== 5. facetier search {table} --like {ids[0]} -k 3   (identity embeddings of the base family)")
+    print(search(table, ids[0], k=3).table.to_pandas().to_string(index=False))
+    print(f"== 6. facetier edit {table} --where \"face_id = '{ids[0]}'\" --set age=+20 --out {decoded}")
+    for p in edit(table, f"face_id = '{ids[0]}'", {"age": "+20"}, str(decoded)).outputs:
+        print(f"{p}\tGENERATED, basic code edited")
     return 0 if summary.balanced else 3
 
 
@@ -109,6 +138,17 @@ def _cmd_eval_lfw(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_semantic(a: argparse.Namespace) -> int:
+    from facetier.pipelines.eval_semantic import evaluate_semantic, render, write_report
+
+    r = evaluate_semantic(Path(a.data), Path(a.work), weights=a.weights, utk_limit=a.utk_limit, lfw_pairs_per_fold=a.max_pairs_per_fold,
+                          edit_faces=a.edit_faces, query_faces=a.query_faces, peer_sample=a.peer_sample)
+    print(render(r))
+    if a.report:
+        write_report(r, a.report)
+    return 0
+
+
 def _cmd_warehouse_ddl(a: argparse.Namespace) -> int:
     from facetier.pipelines.warehouse import bigquery_ddl
 
@@ -129,7 +169,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
     b = load_bundle(Path(a.weights) if a.weights else embedded_weights_path())
     params = sum(t.numel() for t in b.tensors.values())
     print(json.dumps({"codec_id": b.config.codec_id, "weights_hash": b.weights_hash, "size": b.config.generator.size,
-                      "n_latent": b.config.generator.n_latent, "layers": b.config.plan.to_json(), "tensor_elements": params}, indent=1))
+                      "n_latent": b.config.generator.n_latent, "layers": b.config.plan.to_json(), "tensor_elements": params,
+                      "semantic": b.config.semantic.to_json() if b.config.semantic else None}, indent=1))
     return 0
 
 
@@ -172,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-rows", type=int, default=50)
     q.set_defaults(func=_cmd_query)
 
+    se = sub.add_parser("search", help="nearest faces by identity embedding, reading only the base family")
+    se.add_argument("table")
+    se.add_argument("--like", required=True, help="an image (path or URI) or a face id / photo id of the table")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--weights")
+    se.add_argument("--device", default="auto")
+    se.set_defaults(func=_cmd_search)
+
+    ed = sub.add_parser("edit", help="move attributes of the basic code and decode, without the encoder")
+    ed.add_argument("table")
+    ed.add_argument("--where", required=True, help="SQL condition over the base family, e.g. \"gender = 'male' AND age < 30\"")
+    ed.add_argument("--set", action="append", required=True, metavar="NAME=VALUE",
+                    help="age=+10 (relative), smile=1.0 (absolute), gender=female, race=asian; repeatable")
+    ed.add_argument("--out", required=True, help="a folder for PNGs, or a facetier table (existing, or new with --as-table) for new rows")
+    ed.add_argument("--as-table", action="store_true", help="write the edited faces as rows of the table at --out")
+    ed.add_argument("--upto", default="enhanced", help="the face's own layers kept on top of the edited base")
+    ed.add_argument("--limit", type=int)
+    ed.add_argument("--weights")
+    ed.add_argument("--device", default="auto")
+    ed.set_defaults(func=_cmd_edit)
+
     s = sub.add_parser("sample", help="build the self-made sample archive (generated faces + broken files)")
     s.add_argument("out")
     s.add_argument("--faces", type=int, default=12)
@@ -210,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report")
     ev.set_defaults(func=_cmd_eval_lfw)
 
+    es = sub.add_parser("eval-semantic", help="attributes, identity, edits and the 100k-face query of the semantic base layer (needs .[eval])")
+    es.add_argument("--data", default="../shared/data", help="folder holding utkface/ and lfw/")
+    es.add_argument("--work", default="runs/eval-semantic", help="scratch space (the 100k-row base table)")
+    es.add_argument("--utk-limit", type=int, help="first N faces of UTKFace's eval list (default all 1,000)")
+    es.add_argument("--max-pairs-per-fold", type=int, help="LFW pairs per fold (default all 600)")
+    es.add_argument("--edit-faces", type=int, default=100)
+    es.add_argument("--query-faces", type=int, default=100_000)
+    es.add_argument("--peer-sample", type=int, default=200, help="photos the peer runs on; its time is scaled to --query-faces")
+    es.add_argument("--weights")
+    es.add_argument("--report", help="write the figures as JSON")
+    es.set_defaults(func=_cmd_eval_semantic)
+
     wh = sub.add_parser("warehouse-ddl", help="BigQuery external tables over the committed faces index and base family")
     wh.add_argument("table")
     wh.add_argument("--dataset", required=True)
@@ -217,13 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     wh.set_defaults(func=_cmd_warehouse_ddl)
 
     t = sub.add_parser("train", help="train the face prior and the entropy models (resumable)")
-    t.add_argument("stage", choices=["align", "prior", "entropy"])
+    t.add_argument("stage", choices=["align", "prior", "entropy", "semantic"])
     t.add_argument("--lists", nargs="+", default=["../shared/data/utkface/train_images.txt", "../shared/data/lfw/train_images.txt"], help="training image lists")
     t.add_argument("--work", default="runs/prior128", help="checkpoints, logs and the face cache")
-    t.add_argument("--steps", type=int, default=30000)
+    t.add_argument("--steps", type=int, help="training steps (default: prior 30000, semantic 6000)")
     t.add_argument("--minutes", type=float, help="stop (and checkpoint) after this many minutes; rerun to resume")
     t.add_argument("--adv-weight", type=float, default=0.02)
     t.add_argument("--out", default="codec/assets/facetier-prior-128.safetensors", help="entropy stage: where to write the bundle")
+    t.add_argument("--from-bundle", help="semantic stage: the bundle whose prior it builds on (default: the embedded model)")
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_train)

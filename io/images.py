@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from facetier.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NotAnImageError
+from facetier.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    ImageTooLargeError,
+    NotAnImageError,
+)
 
 DEFAULT_MAX_PIXELS = 64_000_000
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"})

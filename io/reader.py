@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from facetier.io.table import Manifest, Table, family_schema
 
 
 class _CountingFile:
     """A read-only file wrapper that counts bytes returned by ``read`` (what Parquet fetched)."""
 
-    def __init__(self, fh: Any, counter: "ByteCounter") -> None:
+    def __init__(self, fh: Any, counter: ByteCounter) -> None:
         self._fh, self._counter = fh, counter
         self.closed = False
 
@@ -68,7 +68,8 @@ def read_family(
     for rel in m.files(family):
         with table.fs.open(table._p(rel), "rb", **open_kw) as fh:
             source = pa.PythonFile(_CountingFile(fh, counter), mode="r")
-            parts.append(pq.read_table(source, columns=list(columns) if columns else None, filters=filters))
+            # no pre-buffering: it coalesces neighbouring column chunks into one read, columns not asked for included
+            parts.append(pq.read_table(source, columns=list(columns) if columns else None, filters=filters, pre_buffer=columns is None))
     if not parts:
         schema = family_schema(family)
         empty = schema.empty_table()

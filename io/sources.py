@@ -10,8 +10,8 @@ import hashlib
 import posixpath
 import tarfile
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import fsspec
 
@@ -35,7 +35,7 @@ class SourceRef:
         return self.uri if self.member is None else f"{self.uri}{MEMBER_SEP}{self.member}"
 
     @staticmethod
-    def parse(key: str) -> "SourceRef":
+    def parse(key: str) -> SourceRef:
         if MEMBER_SEP in key and key.split(MEMBER_SEP, 1)[0].lower().endswith(ARCHIVE_SUFFIXES):
             uri, member = key.split(MEMBER_SEP, 1)
             return SourceRef(uri, member)

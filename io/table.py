@@ -34,6 +34,7 @@ MANIFEST_DIR = "_manifest"
 STAGING_DIR = "_staging"
 LAYER_FAMILIES = ("basic", "middle", "enhanced", "residual")
 INDEX_FAMILY = "faces"
+BASE_FAMILY = "basic"
 ORIGINAL_FAMILY = "original"
 REJECT_FAMILY = "rejects"
 ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY)
@@ -58,6 +59,22 @@ FACES_SCHEMA = pa.schema(
     ]
 )
 LAYER_SCHEMA = pa.schema([("face_id", pa.string()), ("photo_id", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("crc32", pa.uint32())])
+# The base family also carries what the semantic basic layer decodes to, so analytics read
+# typed columns with no model at query time (null when the model has no semantic layer).
+IDENTITY_DIM = 128
+ATTRIBUTE_FIELDS = (
+    pa.field("age", pa.float32()),
+    pa.field("gender", pa.string()),
+    pa.field("p_female", pa.float32()),
+    pa.field("race", pa.string()),
+    pa.field("race_confidence", pa.float32()),
+    pa.field("yaw", pa.float32()),
+    pa.field("pitch", pa.float32()),
+    pa.field("eyes_open", pa.float32()),
+    pa.field("mouth_open", pa.float32()),
+    pa.field("smile", pa.float32()),
+)
+BASE_SCHEMA = pa.schema([*LAYER_SCHEMA, *ATTRIBUTE_FIELDS, pa.field("identity", pa.list_(pa.float32(), IDENTITY_DIM))])
 ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("photo_id", pa.string()), ("error_class", pa.string()), ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
 
@@ -69,6 +86,8 @@ def family_schema(family: str) -> pa.Schema:
         return ORIGINAL_SCHEMA
     if family == REJECT_FAMILY:
         return REJECT_SCHEMA
+    if family == BASE_FAMILY:
+        return BASE_SCHEMA
     return LAYER_SCHEMA
 
 
@@ -90,7 +109,7 @@ class ShardEntry:
                 "unread_sources": list(self.unread_sources)}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "ShardEntry":
+    def from_json(d: dict[str, Any]) -> ShardEntry:
         return ShardEntry(d["shard_id"], d["codec_id"], d["weights_hash"], dict(d["files"]), dict(d["rows"]), dict(d["nbytes"]), tuple(d.get("photo_ids", ())), dict(d.get("stats", {})), tuple(d.get("unread_sources", ())))
 
 

@@ -14,9 +14,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from facetier.errors import InputError
 from facetier.io.images import decode_image
 from facetier.io.sources import SourceRef, list_sources, read_source
+
+from facetier.errors import InputError
 
 
 @dataclass(frozen=True)

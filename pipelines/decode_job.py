@@ -2,25 +2,32 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-from PIL import Image
-
 from facetier.codec.layers import ORIGINAL, LayerCode, LayeredCode
 from facetier.codec.model import FaceCodec
-from facetier.errors import ConfigError, MissingLayerError, QueryError
 from facetier.io.images import sniff_format
 from facetier.io.reader import ByteCounter, read_family
-from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, Table
+from facetier.io.table import (
+    BASE_FAMILY,
+    INDEX_FAMILY,
+    LAYER_FAMILIES,
+    ORIGINAL_FAMILY,
+    Table,
+    family_schema,
+)
+from PIL import Image
+
+from facetier.errors import ConfigError, MissingLayerError, QueryError
 
 log = logging.getLogger(__name__)
 
-BASE_FAMILY = "basic"
 
 
 @dataclass(frozen=True)
@@ -91,17 +98,30 @@ class QueryResult:
     table_bytes: int
 
 
+def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
+    """The family's columns the SQL could touch: a superset (every matching word), so reads stay correct.
+
+    Reading only these keeps an attribute query from pulling payloads and identity embeddings.
+    """
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    if re.search(r"(^|[\s,.])\*", sql):  # SELECT *, t.*, ", *" - but not count(*)
+        return list(schema.names)
+    return [n for n in schema.names if n.lower() in words]
+
+
 def run_query(table_root: str, sql: str) -> QueryResult:
     """SQL (DuckDB) over the faces index (``faces``) and the base family (``basic``) only."""
     table = Table(table_root)
     manifest = table.manifest()
     counter = ByteCounter()
-    faces = read_family(table, INDEX_FAMILY, manifest=manifest, counter=counter)
-    base = read_family(table, BASE_FAMILY, manifest=manifest, counter=counter)
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
     # closed explicitly: a connection left to interpreter teardown can abort the process on exit
     with duckdb.connect() as con:
-        con.register("faces", faces)
-        con.register(BASE_FAMILY, base)
+        for family in (INDEX_FAMILY, BASE_FAMILY):
+            if family not in words:
+                continue
+            cols = referenced_columns(sql, family_schema(family)) or ["face_id"]
+            con.register(family, read_family(table, family, manifest=manifest, columns=cols, counter=counter))
         try:
             result = con.sql(sql).to_arrow_table()
         except duckdb.Error as exc:

@@ -13,19 +13,20 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
-
-from tqdm import tqdm
+from typing import Literal
 
 from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
-from facetier.errors import ConfigError, TableError
 from facetier.io.sources import list_sources
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.records import JobContext, ShardSpec, ShardWorker
+from tqdm import tqdm
+
+from facetier.errors import ConfigError, TableError
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
-
 from facetier.codec.align import FaceDetector
-from facetier.pipelines.records import JobContext, ShardSpec, encode_items, prepare_source, write_shard
+from facetier.pipelines.records import (
+    JobContext,
+    ShardSpec,
+    encode_items,
+    prepare_source,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 

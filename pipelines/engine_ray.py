@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 from facetier.codec.align import FaceDetector
-from facetier.pipelines.records import JobContext, ShardSpec, encode_items, prepare_source, write_shard
+from facetier.pipelines.records import (
+    JobContext,
+    ShardSpec,
+    encode_items,
+    prepare_source,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,19 @@ other three folds; the reported accuracy is the mean over the four folds.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.model import FaceCodec
-from facetier.errors import ConfigError, InputError
 from facetier.io.images import decode_image
+from facetier.pipelines.face_labels import DlibFaceModels
+from tqdm import tqdm
+
+from facetier.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +52,25 @@ def read_pairs(pairs_file: Path, folds: tuple[int, ...]) -> list[Pair]:
     return pairs
 
 
-class DlibEmbedder:
-    def __init__(self) -> None:
-        try:
-            import dlib
-        except ImportError as exc:
-            raise ConfigError("LFW evaluation needs dlib: pip install -e '.[eval]'") from exc
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError("LFW evaluation needs face-recognition-models: pip install -e '.[eval]'")
-        models = Path(list(spec.submodule_search_locations)[0]) / "models"
-        self.dlib = dlib
-        self.detector = dlib.get_frontal_face_detector()
-        self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self.net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+def select_pairs(lfw_dir: Path, folds: tuple[int, ...], max_pairs_per_fold: int | None) -> list[Pair]:
+    """The pairs of ``folds``; with a cap, the first half-same, half-different pairs of each fold."""
+    pairs = read_pairs(lfw_dir / "pairs_folds1-8.txt", folds)
+    if not max_pairs_per_fold:
+        return pairs
+    keep = []
+    for f in folds:
+        fp = [p for p in pairs if p.fold == f]
+        keep += [p for p in fp if p.same][: max_pairs_per_fold // 2] + [p for p in fp if not p.same][: max_pairs_per_fold // 2]
+    return keep
 
-    def photo(self, rgb: np.ndarray) -> np.ndarray | None:
-        dets = self.detector(rgb, 1)
-        if not dets:
-            return None
-        d = max(dets, key=lambda r: r.area())
-        return np.array(self.net.compute_face_descriptor(rgb, self.shape(rgb, d)))
 
-    def crop(self, rgb: np.ndarray) -> np.ndarray:
-        """An aligned crop: upscale to 256 and use the face rectangle the alignment implies."""
-        import cv2
-
-        img = cv2.resize(rgb, (256, 256), interpolation=cv2.INTER_CUBIC)
-        dets = self.detector(img, 0)
-        rect = max(dets, key=lambda r: r.area()) if dets else self.dlib.rectangle(48, 56, 208, 216)
-        return np.array(self.net.compute_face_descriptor(img, self.shape(img, rect)))
+def pair_distances(pairs: list[Pair], vecs: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
+    """L2 distance per pair; a face that could not be embedded counts as maximal distance (a miss, not a skip)."""
+    dist = {}
+    for p in pairs:
+        va, vb = vecs.get(p.a), vecs.get(p.b)
+        dist[(p.a, p.b)] = float(np.linalg.norm(va - vb)) if va is not None and vb is not None else 9.0
+    return dist
 
 
 def fold_accuracy(pairs: list[Pair], dist: dict[tuple[str, str], float]) -> float:
@@ -107,17 +96,9 @@ class LfwReport:
 
 
 def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int, ...] = (5, 6, 7, 8), max_pairs_per_fold: int | None = None, report: str | None = None) -> LfwReport:
-    pairs = read_pairs(lfw_dir / "pairs_folds1-8.txt", folds)
-    if max_pairs_per_fold:
-        keep = []
-        for f in folds:
-            fp = [p for p in pairs if p.fold == f]
-            same = [p for p in fp if p.same][: max_pairs_per_fold // 2]
-            diff = [p for p in fp if not p.same][: max_pairs_per_fold // 2]
-            keep += same + diff
-        pairs = keep
+    pairs = select_pairs(lfw_dir, folds, max_pairs_per_fold)
     codec = FaceCodec.load(weights, device="cpu")
-    emb = DlibEmbedder()
+    emb = DlibFaceModels(with_68=False)
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     variants = ["original photo", "aligned crop", *codec.plan.names, RESIDUAL]
     vecs: dict[str, dict[str, np.ndarray]] = {v: {} for v in variants}
@@ -127,27 +108,22 @@ def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int,
         data = (lfw_dir / "images" / name).read_bytes()
         rgb = decode_image(data).rgb
         src_sizes.append(len(data))
-        v = emb.photo(rgb)
+        v = emb.photo_embedding(rgb)
         if v is not None:
             vecs["original photo"][name] = v
         try:
             face = codec.align(rgb)[0]
         except InputError:
             continue
-        vecs["aligned crop"][name] = emb.crop(face.crop)
+        vecs["aligned crop"][name] = emb.crop_embedding(face.crop)
         code = codec.encode_crops(face.crop[None])[0]
         for layer, n in code.sizes().items():
             sizes[layer].append(n)
         for upto in [*codec.plan.names, RESIDUAL]:
-            vecs[upto][name] = emb.crop(codec.decode(code, upto).image)
+            vecs[upto][name] = emb.crop_embedding(codec.decode(code, upto).image)
     acc = {}
     for v in variants:
-        dist = {}
-        for p in pairs:
-            va, vb = vecs[v].get(p.a), vecs[v].get(p.b)
-            # a face the variant could not embed counts as a maximal distance (a miss, not a skip)
-            dist[(p.a, p.b)] = float(np.linalg.norm(va - vb)) if va is not None and vb is not None else 9.0
-        acc[v] = fold_accuracy(pairs, dist)
+        acc[v] = fold_accuracy(pairs, pair_distances(pairs, vecs[v]))
     cum, mean_bytes = 0.0, {}
     for layer in [*codec.plan.names, RESIDUAL]:
         cum += float(np.mean(sizes[layer])) if sizes[layer] else 0.0

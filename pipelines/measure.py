@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
-
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
-from facetier.errors import InputError
 from facetier.io.images import decode_image
 from facetier.io.sources import SourceRef, list_sources, read_source
+from PIL import Image
+from tqdm import tqdm
+
+from facetier.errors import InputError
 
 log = logging.getLogger(__name__)
 

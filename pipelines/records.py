@@ -14,21 +14,34 @@ import json
 import logging
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
 from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
-from facetier.errors import FacetierError, InputError
 from facetier.io.images import decode_image
 from facetier.io.sources import SourceRef, content_id, read_source
-from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY, ShardEntry, Table, family_schema
+from facetier.io.table import (
+    ATTRIBUTE_FIELDS,
+    BASE_FAMILY,
+    INDEX_FAMILY,
+    LAYER_FAMILIES,
+    ORIGINAL_FAMILY,
+    REJECT_FAMILY,
+    ShardEntry,
+    Table,
+    family_schema,
+)
+
+from facetier.errors import FacetierError, InputError
 
 log = logging.getLogger(__name__)
+
+BASE_COLUMNS = tuple(f.name for f in ATTRIBUTE_FIELDS) + ("identity",)
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,10 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
             codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted)
         except FacetierError as exc:
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
-        for item, code in zip(faces, codes):
+        described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
+        for item, code, columns in zip(faces, codes, described):
             item["layers"] = {layer.name: layer.payload for layer in code.layers}
+            item["semantic"] = columns
     return list(items)
 
 
@@ -122,7 +137,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
             detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded")
         for name, payload in r["layers"].items():
             if name in LAYER_FAMILIES:
-                add(name, face_id=face_id, photo_id=r["photo_id"], payload=payload, nbytes=len(payload), crc32=zlib.crc32(payload))
+                extra = {f: (r.get("semantic") or {}).get(f) for f in BASE_COLUMNS} if name == BASE_FAMILY else {}
+                add(name, face_id=face_id, photo_id=r["photo_id"], payload=payload, nbytes=len(payload), crc32=zlib.crc32(payload), **extra)
         if r.get("original") is not None:
             add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=r["source_uri"], payload=r["original"], nbytes=len(r["original"]), source_bytes=r["source_bytes"])
     for r in rejects:

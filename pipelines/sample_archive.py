@@ -17,10 +17,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from facetier.codec.entropy import scale_table
 from facetier.codec.model import FaceCodec
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def sample_faces(codec: FaceCodec, n: int, seed: int = 0) -> np.ndarray:
             draw = np.rint(mean4 / 4 + rng.standard_normal(mean4.shape) * scales[sidx] * 0.7).astype(np.int64)
             symbols.append(draw)
             context = np.concatenate([context, draw])
-        ws.append(codec._wplus_from_symbols(symbols))
+        ws.append(codec.wplus_from_symbols(symbols))
     return codec.synthesise(np.stack(ws))
 
 

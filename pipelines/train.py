@@ -12,14 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from facetier.codec.align import AlignmentConfig
-from facetier.codec.checkpoints import ModelConfig, save_bundle
+from facetier.codec.checkpoints import ModelBundle, ModelConfig, save_bundle
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.layers import LayerPlan, LayerSpec
+from facetier.codec.semantic import SemanticConfig
 from facetier.codec.stylegan import GeneratorConfig
-from facetier.pipelines.train_entropy import EntropyTrainConfig, export_layers, train_entropy
+from facetier.pipelines.train_entropy import (
+    EntropyTrainConfig,
+    export_layers,
+    train_entropy,
+)
 from facetier.pipelines.train_prior import PriorModel, to_tensor
+from facetier.pipelines.train_semantic import (
+    SemanticLabels,
+    SemanticTrainConfig,
+    export_semantic,
+    small_crops,
+    train_semantic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,44 @@ def export_bundle(
     return save_bundle(out_path, config, tensors)
 
 
+def export_semantic_bundle(
+    bundle: ModelBundle,
+    wplus: np.ndarray,
+    labels: SemanticLabels,
+    out_path: Path,
+    *,
+    codec_id: str,
+    semantic_cfg: SemanticConfig,
+    train_cfg: SemanticTrainConfig,
+    entropy_cfg: EntropyTrainConfig | None = None,
+    upper_dims: tuple[int, int] = (64, 64),
+    crops: np.ndarray | None = None,
+) -> tuple[str, dict[str, float]]:
+    """A bundle with ``bundle``'s prior, a semantic base layer fitted on its W+ codes and refitted upper layers.
+
+    ``wplus`` must be the codes ``bundle``'s encoder gives the training faces. Returns the new
+    weights hash and the semantic stage's held-out figures.
+    """
+    cfg = bundle.config
+    plan = LayerPlan.semantic(cfg.generator.n_latent, semantic_cfg.code_dim, *upper_dims)
+    net, prior, figures = train_semantic(wplus, labels, semantic_cfg, train_cfg, crops=crops)
+    with torch.no_grad():  # the semantic network ships as float16: fit the upper layers to exactly that
+        for t in net.parameters():
+            t.copy_(t.half().float())
+        for name, t in net.named_buffers():
+            t.copy_(t.half().float())
+    images = None
+    if semantic_cfg.image_size:
+        images = torch.from_numpy(small_crops(crops, semantic_cfg.image_size)).float().div(127.5).sub(1)
+    layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig(), semantic=net, semantic_images=images)
+    keep = {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
+    sem = export_semantic(net, prior)
+    tensors = keep | {k: (v.half() if k.startswith("semantic.") else v) for k, v in sem.items()} | export_layers(layers, plan)
+    config = ModelConfig(codec_id=codec_id, generator=cfg.generator, encoder=cfg.encoder, alignment=cfg.alignment, plan=plan,
+                         residual_quality=cfg.residual_quality, semantic=semantic_cfg)
+    return save_bundle(out_path, config, tensors), figures
+
+
 def tiny_configs(size: int = 32) -> tuple[GeneratorConfig, EncoderConfig, LayerPlan]:
     """A few-thousand-parameter model with the embedded model's structure, for tests."""
     channels = {4: 16, 8: 16, 16: 8, 32: 8, 64: 8, 128: 8}
@@ -81,7 +130,7 @@ def tiny_configs(size: int = 32) -> tuple[GeneratorConfig, EncoderConfig, LayerP
     return gen, enc, plan
 
 
-def make_random_bundle(out_path: Path, *, size: int = 32, seed: int = 0, entropy_steps: int = 30) -> str:
+def make_random_bundle(out_path: Path, *, size: int = 32, seed: int = 0, entropy_steps: int = 30, semantic: bool = True) -> str:
     """A bundle with random prior weights and a briefly fitted entropy stage (tests and smoke runs)."""
     torch.manual_seed(seed)
     gen, enc, plan = tiny_configs(size)
@@ -92,4 +141,19 @@ def make_random_bundle(out_path: Path, *, size: int = 32, seed: int = 0, entropy
     faces = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
     cfg = EntropyTrainConfig(steps=entropy_steps, batch_size=32, hidden=16, lambdas=(200.0, 200.0, 200.0), seed=seed)
     alignment = replace(AlignmentConfig(), size=size, crop_scale=0.8, min_eye_distance=4.0)
-    return export_bundle(model, faces, out_path, codec_id=f"facetier-tiny-{size}", alignment=alignment, plan=plan, entropy_cfg=cfg)
+    digest = export_bundle(model, faces, out_path, codec_id=f"facetier-tiny-{size}", alignment=alignment, plan=plan, entropy_cfg=cfg)
+    if not semantic:
+        return digest
+    # the semantic base layer, fitted briefly on random labels: exercises every code path, means nothing
+    from facetier.codec.checkpoints import load_bundle
+
+    linear = load_bundle(out_path)
+    wplus = encode_all(model, faces)
+    n = len(faces)
+    labels = SemanticLabels(age=rng.uniform(1, 90, n).astype(np.float32), gender=rng.integers(0, 2, n), race=rng.integers(0, 5, n),
+                            measured=rng.normal(0, 1, (n, 5)).astype(np.float32), identity=rng.normal(0, 0.1, (n, 128)).astype(np.float32))
+    scfg = SemanticConfig(code_dim=16, pca_dim=8, hidden=16, image_size=16, image_features=8)
+    digest, _ = export_semantic_bundle(linear, wplus, labels, out_path, codec_id=f"facetier-tiny-semantic-{size}", semantic_cfg=scfg,
+                                       train_cfg=SemanticTrainConfig(steps=entropy_steps, batch_size=32, seed=seed), entropy_cfg=cfg,
+                                       upper_dims=(8, 8), crops=faces)
+    return digest

@@ -2,24 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
-
 from facetier.codec.align import AlignmentConfig
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.model import pick_device
 from facetier.codec.stylegan import GeneratorConfig
-from facetier.errors import ConfigError
 from facetier.pipelines.train import export_bundle, load_prior
 from facetier.pipelines.train_data import build_face_cache, read_image_list
 from facetier.pipelines.train_prior import PriorTrainConfig, train_prior
+from tqdm import tqdm
+
+from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)
 EMBEDDED_CODEC_ID = "facetier-prior-128-v1"
+SEMANTIC_CODEC_ID = "facetier-prior-128-v2"
 ENTROPY_FIT_FACES = 6000
 
 
@@ -42,8 +45,10 @@ def run_train(a: argparse.Namespace) -> int:
         return 0
     gen_cfg, enc_cfg = GeneratorConfig(), EncoderConfig()
     work = Path(a.work)
+    if a.stage == "semantic":
+        return _train_semantic(a, faces, work)
     if a.stage == "prior":
-        cfg = PriorTrainConfig(steps=a.steps, adv_weight=a.adv_weight, seed=a.seed)
+        cfg = PriorTrainConfig(steps=a.steps or 30000, adv_weight=a.adv_weight, seed=a.seed)
         train_prior(faces, work, gen_cfg, enc_cfg, cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
     ckpt = work / "prior_ckpt.pt"
@@ -53,5 +58,49 @@ def run_train(a: argparse.Namespace) -> int:
     rng = np.random.default_rng(a.seed)
     subset = np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
     digest = export_bundle(model, faces[subset], Path(a.out), codec_id=EMBEDDED_CODEC_ID, alignment=EMBEDDED_ALIGNMENT)
+    log.info("wrote %s (weights %s)", a.out, digest)
+    return 0
+
+
+def _utk_labels(lists: list[str]) -> Path | None:
+    for p in lists:
+        candidate = Path(p).parent / "labels.csv"
+        if "utkface" in str(p) and candidate.exists():
+            return candidate
+    return None
+
+
+def _train_semantic(a: argparse.Namespace, faces: np.ndarray, work: Path) -> int:
+    """Semantic base layer on top of an existing bundle's prior (``--from-bundle``)."""
+    from facetier.codec.checkpoints import load_bundle
+    from facetier.codec.model import FaceCodec, embedded_weights_path
+    from facetier.codec.semantic import SemanticConfig
+    from facetier.pipelines.face_labels import measure_crops
+    from facetier.pipelines.train import export_semantic_bundle
+    from facetier.pipelines.train_semantic import (
+        SemanticTrainConfig,
+        build_labels,
+        expression_ranges,
+    )
+
+    source = Path(a.from_bundle) if a.from_bundle else embedded_weights_path()
+    bundle = load_bundle(source)
+    wplus_file = work / f"wplus_{bundle.weights_hash[:12]}.npy"
+    if wplus_file.exists() and len(np.load(wplus_file, mmap_mode="r")) == len(faces):
+        wplus = np.load(wplus_file)
+    else:
+        codec = FaceCodec(bundle, device=a.device)
+        wplus = np.concatenate([codec.encode_wplus(np.asarray(faces[i : i + 128])) for i in tqdm(range(0, len(faces), 128), desc="W+ of training faces", unit="batch")])
+        np.save(wplus_file, wplus)
+    raw, embs = measure_crops(faces, work / "face_labels.npz")
+    files = json.loads((work / "faces_128_s080.json").read_text())["files"]
+    ranges = expression_ranges(raw)
+    labels = build_labels(files, raw, embs, _utk_labels(a.lists), ranges)
+    log.info("expression ranges (5th, 95th percentile): %s", ranges)
+    cfg = SemanticTrainConfig(steps=a.steps or 6000, seed=a.seed)
+    digest, figures = export_semantic_bundle(bundle, wplus, labels, Path(a.out), codec_id=SEMANTIC_CODEC_ID, semantic_cfg=SemanticConfig(image_size=64), train_cfg=cfg,
+                                               crops=faces)
+    log.info("held-out training faces: %s", figures)
+    (work / "semantic_report.json").write_text(json.dumps({"figures": figures, "expression_ranges": ranges, "weights_hash": digest, "from": str(source)}, indent=2))
     log.info("wrote %s (weights %s)", a.out, digest)
     return 0

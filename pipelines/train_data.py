@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
+from facetier.io.images import decode_image
 from tqdm import tqdm
 
-from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
 from facetier.errors import InputError
-from facetier.io.images import decode_image
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from facetier.codec import entropy as ent
+from facetier.codec.layers import LINEAR, LayerPlan
+from facetier.codec.semantic import SemanticNet
 from torch import nn
 from tqdm import tqdm
 
-from facetier.codec import entropy as ent
-from facetier.codec.layers import LayerPlan
+from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +72,32 @@ class TrainableLayer(nn.Module):
         return bits, w_hat, y
 
 
-def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig) -> list[TrainableLayer]:
-    """Fit the layers on W+ codes (n, n_latent, style_dim) of training faces."""
+def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig, semantic: SemanticNet | None = None,
+                  semantic_images: torch.Tensor | None = None) -> list[TrainableLayer]:
+    """Fit the linear layers on W+ codes (n, n_latent, style_dim) of training faces.
+
+    With a semantic base layer (already trained), the linear layers code what its rounded code
+    leaves out of their rows, and their entropy models are conditioned on its symbols.
+    """
     torch.manual_seed(cfg.seed)
     w = torch.from_numpy(wplus.astype(np.float32))
-    flat = [w[:, list(spec.rows)].reshape(len(w), -1) for spec in plan.layers]
-    var = torch.stack([f.var(0).mean() for f in flat])
+    specs = [s for s in plan.layers if s.kind == LINEAR]
+    base_ctx = torch.zeros(len(w), 0)
+    # distortion is normalised by the variance of the rows themselves, residual or not
+    var = torch.stack([w[:, list(spec.rows)].reshape(len(w), -1).var(0).mean() for spec in specs])
+    if plan.is_semantic:
+        if semantic is None:
+            raise ConfigError("a semantic layer plan needs the trained semantic network")
+        with torch.no_grad():
+            flat_w = w.reshape(len(w), -1)
+            base_ctx = torch.cat([torch.round(semantic.encode(flat_w[i : i + 1024], None if semantic_images is None else semantic_images[i : i + 1024]))
+                                  for i in range(0, len(w), 1024)])
+            w = w - semantic.decode(base_ctx).reshape(w.shape)
+    flat = [w[:, list(spec.rows)].reshape(len(w), -1) for spec in specs]
+    lambdas = cfg.lambdas[len(plan.layers) - len(specs):]
     layers = []
-    context = 0
-    for spec, f in zip(plan.layers, flat):
+    context = base_ctx.shape[1]
+    for spec, f in zip(specs, flat):
         mu = f.mean(0)
         u, s, vh = torch.linalg.svd(f - mu, full_matrices=False)
         std = s / math.sqrt(len(f) - 1)
@@ -89,9 +108,9 @@ def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig) -
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in tqdm(range(cfg.steps), desc="entropy", unit="step", mininterval=5):
         idx = torch.randint(0, len(w), (cfg.batch_size,), generator=gen)
-        ctx = torch.zeros(cfg.batch_size, 0)
+        ctx = base_ctx[idx]
         loss = 0.0
-        for layer, f, lam, v in zip(layers, flat, cfg.lambdas, var):
+        for layer, f, lam, v in zip(layers, flat, lambdas, var):
             bits, w_hat, y = layer(f[idx], ctx, noisy=True)
             dist = ((w_hat - f[idx]) ** 2).mean(1) / v
             loss = loss + (bits + lam * dist).mean()
@@ -112,7 +131,7 @@ def export_layers(layers: list[TrainableLayer], plan: LayerPlan) -> dict[str, to
     out: dict[str, torch.Tensor] = {"entropy_tables": torch.from_numpy(ent.build_frequency_tables()).to(torch.int32)}
     f = ent.FRAC_BITS
     step = ent.log_scale_step()
-    for spec, layer in zip(plan.layers, layers):
+    for spec, layer in zip([s for s in plan.layers if s.kind == LINEAR], layers):
         p = f"entropy.{spec.name}."
         out[p + "mu"] = layer.mu.detach().float()
         out[p + "analysis"] = layer.analysis.detach().float()

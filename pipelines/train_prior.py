@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
-
 from facetier.codec.encoder import EncoderConfig, StyleEncoder
 from facetier.codec.metrics import ms_ssim
 from facetier.codec.stylegan import Generator, GeneratorConfig
+from torch import nn
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,7 @@ files locally through ``facetier query``.
 """
 from __future__ import annotations
 
-from facetier.io.table import INDEX_FAMILY, Table
-
-BASE_FAMILY = "basic"
+from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, Table
 
 
 def bigquery_ddl(table_root: str, dataset: str, prefix: str = "facetier") -> str:

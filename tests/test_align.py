@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces, alignment_transform, paste_back
-from facetier.errors import FaceTooSmallError, NoFaceError
+from facetier.codec.align import (
+    AlignmentConfig,
+    FaceDetector,
+    align_faces,
+    alignment_transform,
+    paste_back,
+)
 from facetier.io.images import decode_image
+
+from facetier.errors import FaceTooSmallError, NoFaceError
 
 
 def _photo(faces: list[np.ndarray], bg: int = 150) -> np.ndarray:

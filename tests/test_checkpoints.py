@@ -5,10 +5,10 @@ import argparse
 
 import pytest
 import torch
-
 from facetier.codec.checkpoints import load_psp, load_stylegan2
 from facetier.codec.encoder import EncoderConfig, StyleEncoder
 from facetier.codec.stylegan import Generator, GeneratorConfig
+
 from facetier.errors import CheckpointFormatError
 
 

@@ -7,11 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from facetier.codec import container
 from facetier.codec.layers import LayerCode, LayeredCode
-from facetier.errors import BadMagicError, ChecksumError, MissingLayerError, ModelMismatchError, TruncatedStreamError
+from PIL import Image
+
+from facetier.errors import (
+    BadMagicError,
+    ChecksumError,
+    MissingLayerError,
+    ModelMismatchError,
+    TruncatedStreamError,
+)
 
 
 @pytest.fixture(scope="module")

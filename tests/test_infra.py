@@ -77,8 +77,11 @@ def test_cronjob_forbids_concurrent_runs():
 
 def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, WorkerOptions
-
+    from apache_beam.options.pipeline_options import (
+        GoogleCloudOptions,
+        PipelineOptions,
+        WorkerOptions,
+    )
     from facetier.codec.align import AlignmentConfig
     from facetier.pipelines.dataflow import dataflow_pipeline_args, read_env
     from facetier.pipelines.engine_beam import build_pipeline

@@ -7,11 +7,24 @@ import zipfile
 
 import numpy as np
 import pytest
+from facetier.io.images import decode_image
+from facetier.io.sources import (
+    SourceRef,
+    content_id,
+    is_unsafe_member,
+    list_sources,
+    read_source,
+)
 from PIL import Image
 
-from facetier.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NotAnImageError, SourceReadError, UnsafeMemberError
-from facetier.io.images import decode_image
-from facetier.io.sources import SourceRef, content_id, is_unsafe_member, list_sources, read_source
+from facetier.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    ImageTooLargeError,
+    NotAnImageError,
+    SourceReadError,
+    UnsafeMemberError,
+)
 
 
 def _jpeg(arr: np.ndarray, **kw) -> bytes:
@@ -35,7 +48,7 @@ def test_exif_orientation_is_applied():
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
 def test_other_modes_become_rgb(mode):
-    img = Image.fromarray(RGB).convert(mode) if mode != "I;16" else Image.fromarray((RGB[..., 0].astype(np.uint16) * 256))
+    img = Image.fromarray(RGB).convert(mode) if mode != "I;16" else Image.fromarray(RGB[..., 0].astype(np.uint16) * 256)
     buf = io.BytesIO()
     img.save(buf, format="JPEG" if mode in ("L", "CMYK") else "PNG")
     out = decode_image(buf.getvalue())

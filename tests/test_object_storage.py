@@ -11,7 +11,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.table import Table
 from facetier.pipelines.decode_job import run_decode, run_query

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from facetier.errors import ConcurrentCommitError
 from facetier.io.reader import read_family
 from facetier.io.table import Table
 from facetier.pipelines.decode_job import run_decode, run_query
 from facetier.pipelines.encode_job import EncodeOptions, run_encode
+
+from facetier.errors import ConcurrentCommitError
 
 EXPECTED_REJECTS = {"EmptyFileError", "NotAnImageError", "CorruptImageError", "NoFaceError", "ImageTooLargeError", "UnsafeMemberError"}
 
@@ -119,8 +119,8 @@ def test_new_model_reencodes_older_rows(sample_archive, tmp_path, tiny_bundle):
     import shutil
 
     shutil.copy(embedded_weights_path(), newer)
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(newer), "pt") as f:
         meta = f.metadata()

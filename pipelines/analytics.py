@@ -1,0 +1,188 @@
+"""Identity search and compressed-domain edits over the base family.
+
+Search reads the base family's ``identity`` column (a fixed-size float array decoded from the
+basic layer at encode time) and nothing else; a query image is encoded with the model first.
+Edits decode the basic layer's integer code, move attribute coordinates and decode W+ from
+the edited code, with the face's own middle/enhanced layers on top: no pixels go back through
+the encoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from facetier.codec.layers import LayerCode, LayeredCode
+from facetier.codec.model import FaceCodec
+from facetier.io.images import decode_image
+from facetier.io.reader import ByteCounter, read_family
+from facetier.io.sources import SourceRef, read_source
+from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, Table
+from facetier.pipelines.decode_job import run_query
+from facetier.pipelines.records import JobContext, write_shard
+from PIL import Image
+
+from facetier.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+SEARCH_COLUMNS = ["face_id", "photo_id", "age", "gender", "race", "identity"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    table: pa.Table  # rank, face_id, photo_id, distance, age, gender, race
+    bytes_read: int
+    query: str
+
+
+def _query_embedding(like: str, base: pa.Table, weights: str | None, device: str) -> tuple[np.ndarray, str | None]:
+    """(embedding, face id of the query when it is a row of the table)."""
+    ids = base.column("face_id").to_pylist()
+    photos = base.column("photo_id").to_pylist()
+    for i, (fid, pid) in enumerate(zip(ids, photos)):
+        if like in (fid, pid):
+            emb = base.column("identity")[i].as_py()
+            if emb is None:
+                raise ConfigError(f"face {fid} has no identity embedding (encoded by a model without a semantic base layer)")
+            return np.asarray(emb, np.float32), fid
+    try:
+        data = read_source(SourceRef.parse(like))
+    except InputError as exc:
+        raise ConfigError(f"--like {like!r} is neither a face/photo id of the table nor a readable image: {exc}") from exc
+    codec = FaceCodec.load(weights, device=device)
+    faces = codec.encode(decode_image(data).rgb, layers=["basic"])
+    return np.asarray(codec.describe([faces[0].code])[0]["identity"], np.float32), None
+
+
+def search(table_root: str, like: str, k: int = 10, *, weights: str | None = None, device: str = "auto") -> SearchResult:
+    """The ``k`` faces nearest to ``like`` (an image or a face/photo id) by identity embedding."""
+    if k < 1:
+        raise ConfigError("-k must be at least 1")
+    table = Table(table_root)
+    counter = ByteCounter()
+    base = read_family(table, BASE_FAMILY, manifest=table.manifest(), columns=SEARCH_COLUMNS, counter=counter)
+    base = base.filter(pa.compute.is_valid(base.column("identity")))
+    if base.num_rows == 0:
+        raise ConfigError(f"{table_root} has no faces with identity embeddings")
+    query, self_id = _query_embedding(like, base, weights, device)
+    emb = np.asarray(base.column("identity").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(base.num_rows, -1)
+    dist = np.sqrt(((emb - query[None]) ** 2).sum(1))
+    ids = base.column("face_id").to_pylist()
+    if self_id is not None:
+        dist[ids.index(self_id)] = np.inf
+    order = [int(i) for i in np.argsort(dist, kind="stable") if np.isfinite(dist[i])][:k]
+    out = base.take(pa.array(order)).drop_columns(["identity"])
+    out = out.add_column(2, "distance", pa.array(dist[order].astype(np.float32)))
+    out = out.add_column(0, "rank", pa.array(np.arange(1, len(order) + 1, dtype=np.int32)))
+    return SearchResult(out, counter.total, like)
+
+
+@dataclass(frozen=True)
+class EditResult:
+    edited: int
+    outputs: tuple[str, ...]  # image paths, or the new face ids when writing to a table
+    table_version: int | None
+
+
+def _select(table_root: str, where: str) -> list[str]:
+    res = run_query(table_root, f"SELECT face_id FROM basic WHERE {where} ORDER BY face_id")
+    return res.table.column("face_id").to_pylist()
+
+
+def _codes(table: Table, face_ids: list[str], families: Sequence[str]) -> tuple[list[LayeredCode], list[dict]]:
+    manifest = table.manifest()
+    index = {r["face_id"]: r for r in read_family(table, INDEX_FAMILY, manifest=manifest, filters=[("face_id", "in", face_ids)]).to_pylist()}
+    payloads: dict[str, dict[str, bytes]] = {fid: {} for fid in face_ids}
+    for fam in families:
+        for r in read_family(table, fam, manifest=manifest, columns=["face_id", "payload"], filters=[("face_id", "in", face_ids)]).to_pylist():
+            payloads[r["face_id"]][fam] = r["payload"]
+    codes = []
+    for fid in face_ids:
+        row = index[fid]
+        layers = tuple(LayerCode(f, payloads[fid][f]) for f in families if f in payloads[fid])
+        codes.append(LayeredCode(row["codec_id"], row["weights_hash"], layers))
+    return codes, [index[f] for f in face_ids]
+
+
+def edit(
+    table_root: str,
+    where: str,
+    edits: Mapping[str, str],
+    out: str,
+    *,
+    upto: str = "enhanced",
+    as_table: bool = False,
+    weights: str | None = None,
+    device: str = "auto",
+    limit: int | None = None,
+) -> EditResult:
+    """Edit the faces matching ``where`` and write images (``out`` a folder) or new rows (``out`` a table)."""
+    if not edits:
+        raise ConfigError("nothing to edit: give at least one --set NAME=VALUE")
+    codec = FaceCodec.load(weights, device=device)
+    if codec.semantic is None:
+        raise ConfigError(f"{codec.codec_id} has no semantic base layer: nothing to edit")
+    if upto not in codec.plan.names:
+        raise ConfigError(f"--upto must be one of the generative layers {codec.plan.names}")
+    table = Table(table_root)
+    face_ids = _select(table_root, where)[:limit]
+    if not face_ids:
+        return EditResult(0, (), None)
+    families = list(codec.plan.names[: codec.plan.index(upto) + 1])
+    codes, rows = _codes(table, face_ids, families)
+    symbols = [codec.decode_symbols(c, upto) for c in codes]
+    edited = codec.semantic.edit(np.stack([s[0] for s in symbols]).astype(np.float64), edits)
+    coder0 = codec.coders[0]
+    edited_sym = [coder0.quantise(e, np.zeros(0, np.int64)) for e in edited]
+    wplus = np.stack([codec.wplus_from_symbols([e, *s[1:]]) for e, s in zip(edited_sym, symbols)])
+    if as_table or Table(out).exists():
+        return _write_rows(codec, out, rows, edited_sym, symbols, edits)
+    images = codec.synthesise(wplus)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = _edit_tag(edits)
+    paths = []
+    for row, img in zip(rows, images):
+        p = folder / f"{row['face_id']}_{tag}.png"
+        Image.fromarray(np.ascontiguousarray(img)).save(p)
+        paths.append(str(p))
+    return EditResult(len(paths), tuple(paths), None)
+
+
+def _edit_tag(edits: Mapping[str, str]) -> str:
+    return "_".join(f"{k}{v}" for k, v in sorted(edits.items())).replace("=", "").replace("/", "")
+
+
+def _write_rows(codec: FaceCodec, out: str, rows: list[dict], edited_sym: list[np.ndarray], symbols: list[list[np.ndarray]], edits: Mapping[str, str]) -> EditResult:
+    """Append the edited faces to a table as new rows: the base re-coded, upper layers re-coded in its context."""
+    spec = json.dumps(sorted(edits.items()))
+    items = []
+    described = codec.describe_base(np.stack(edited_sym).astype(np.float64))
+    for row, base, syms, columns in zip(rows, edited_sym, symbols, described):
+        context = np.zeros(0, np.int64)
+        layers = {}
+        for coder, sym in zip(codec.coders, [base, *syms[1:]]):
+            sym = coder.quantise(sym.astype(np.float64), context)
+            layers[coder.model.name] = coder.encode(sym, context)
+            context = np.concatenate([context, sym])
+        photo_id = hashlib.sha256(f"{row['photo_id']}|{row['face_index']}|{spec}".encode()).hexdigest()[:32]
+        meta = {"box": row["box"], "landmarks": row["landmarks"], "transform": row["transform"], "source_size": [row["source_width"], row["source_height"]],
+                "score": row["detector_score"]}
+        items.append({"kind": "face", "shard_id": "", "source_uri": f"edit:{row['face_id']}?{'&'.join(f'{k}={v}' for k, v in sorted(edits.items()))}",
+                      "photo_id": photo_id, "face_index": 0, "meta": json.dumps(meta), "layers": layers, "semantic": columns, "original": None})
+    table = Table(out)
+    manifest = table.manifest_or_empty()
+    shard_id = "edit-" + hashlib.sha256((spec + "|" + ",".join(r["face_id"] for r in rows)).encode()).hexdigest()[:16]
+    for it in items:
+        it["shard_id"] = shard_id
+    ctx = JobContext(out, "", codec.codec_id, codec.weights_hash, codec.config.alignment, tuple(codec.plan.names), frozenset())
+    entry = write_shard(ctx, shard_id, items)
+    kept = [s for s in manifest.shards if s.shard_id != shard_id]
+    new = table.commit(manifest.version, kept + [entry])
+    return EditResult(len(items), tuple(f"{it['photo_id']}-0" for it in items), new.version)

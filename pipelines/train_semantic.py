@@ -1,0 +1,220 @@
+"""Stage ``semantic`` of ``facetier train``: the compact attribute code that is the basic layer.
+
+Objective per face (all terms in bits, so the weights say what a unit of each error is worth):
+
+    rate of the uniformly-noised code under a per-coordinate Gaussian
+  + lambda_w  * MSE of the W+ decoded from the code (normalised by the W+ variance)
+  + attribute errors read straight from the tied coordinates: age L1 (years), gender BCE and
+    race CE (UTKFace labels), yaw/pitch L1 (degrees) and expression L1 (measured with dlib)
+  + lambda_id * squared error of the identity head against dlib's 128-d embedding (distillation
+    from a model nobody here trained; no identity labels are needed, so UTKFace faces count too)
+  + lambda_decor * mean squared off-diagonal correlation of the code coordinates (the paper's
+    decorrelation, which keeps an edit of one coordinate from dragging the others).
+
+Labels that a face lacks (LFW has no age/gender/race) are masked out of their terms.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from facetier.codec import entropy as ent
+from facetier.codec.semantic import SemanticConfig, SemanticNet, crops_to_tensor
+from facetier.pipelines.face_labels import MEASURED
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+EXPRESSIONS = ("eyes_open", "mouth_open", "smile")
+
+
+@dataclass(frozen=True)
+class SemanticLabels:
+    age: np.ndarray  # (n,) years, nan where unknown
+    gender: np.ndarray  # (n,) 1 female, 0 male, -1 unknown
+    race: np.ndarray  # (n,) UTKFace class, -1 unknown
+    measured: np.ndarray  # (n, len(MEASURED)) in attribute units (degrees; expressions 0..1)
+    identity: np.ndarray  # (n, 128) dlib embedding
+
+
+@dataclass(frozen=True)
+class SemanticTrainConfig:
+    steps: int = 6000
+    batch_size: int = 256
+    lr: float = 1e-3
+    lambda_w: float = 3000.0
+    lambda_id: float = 400.0
+    lambda_decor: float = 50.0
+    age_bits_per_year: float = 16.0
+    gender_bits: float = 160.0
+    race_bits: float = 40.0
+    pose_bits_per_degree: float = 1.0
+    expression_bits: float = 40.0
+    seed: int = 0
+
+
+def expression_ranges(raw: np.ndarray) -> dict[str, tuple[float, float]]:
+    """5th and 95th percentile of each raw expression measurement: they become 0 and 1."""
+    return {name: (float(np.nanpercentile(raw[:, MEASURED.index(name)], 5)), float(np.nanpercentile(raw[:, MEASURED.index(name)], 95))) for name in EXPRESSIONS}
+
+
+def read_utk_labels(path: Path) -> dict[str, tuple[float, int, int]]:
+    """file name -> (age, gender 1 = female, race) from UTKFace's labels.csv (columns in that order)."""
+    with path.open() as f:
+        rows = csv.reader(f)
+        next(rows)
+        return {r[0]: (float(r[1]), int(r[2]), int(r[3])) for r in rows if len(r) >= 4}
+
+
+def build_labels(files: list[str], raw: np.ndarray, embs: np.ndarray, utk_labels: Path | None, ranges: dict[str, tuple[float, float]]) -> SemanticLabels:
+    n = len(files)
+    age, gender, race = np.full(n, np.nan, np.float32), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    if utk_labels is not None and utk_labels.exists():
+        table = read_utk_labels(utk_labels)
+        for i, path in enumerate(files):
+            row = table.get(Path(path).name)
+            if row is not None:
+                age[i], gender[i], race[i] = row
+    measured = raw.astype(np.float32).copy()
+    for name, (lo, hi) in ranges.items():
+        k = MEASURED.index(name)
+        measured[:, k] = (measured[:, k] - lo) / (hi - lo)
+    return SemanticLabels(age, gender, race, measured, embs.astype(np.float32))
+
+
+class FactorizedPrior(nn.Module):
+    """Per-coordinate Gaussian of the base code: the basic layer has no lower layer to condition on."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(k))
+        self.log_scale = nn.Parameter(torch.full((k,), math.log(4.0)))
+
+    def bits(self, y: torch.Tensor) -> torch.Tensor:
+        scale = self.log_scale.clamp(math.log(ent.SCALE_MIN), math.log(ent.SCALE_MAX)).exp()
+        normal = torch.distributions.Normal(self.mean, scale)
+        p = normal.cdf(y + 0.5) - normal.cdf(y - 0.5)
+        return -torch.log2(p.clamp_min(1e-9)).sum(1)
+
+
+def _attribute_losses(y: torch.Tensor, lab: dict[str, torch.Tensor], scfg: SemanticConfig, cfg: SemanticTrainConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    a = scfg.attribute("age")
+    m = ~torch.isnan(lab["age"])
+    if m.any():
+        out["age"] = cfg.age_bits_per_year * (a.offset + a.scale * y[m, a.coords[0]] - lab["age"][m]).abs().mean() * m.float().mean()
+    g = scfg.attribute("gender")
+    m = lab["gender"] >= 0
+    if m.any():
+        out["gender"] = cfg.gender_bits * F.binary_cross_entropy_with_logits(g.scale * y[m, g.coords[0]], lab["gender"][m].float()) * m.float().mean()
+    r = scfg.attribute("race")
+    m = lab["race"] >= 0
+    if m.any():
+        out["race"] = cfg.race_bits * F.cross_entropy(r.scale * y[m][:, list(r.coords)], lab["race"][m]) * m.float().mean()
+    for k, name in enumerate(MEASURED):
+        spec = scfg.attribute(name)
+        weight = cfg.pose_bits_per_degree if name in ("yaw", "pitch") else cfg.expression_bits
+        target = lab["measured"][:, k]
+        ok = ~torch.isnan(target)
+        out[name] = weight * (spec.offset + spec.scale * y[ok, spec.coords[0]] - target[ok]).abs().mean()
+    return out
+
+
+def small_crops(crops: np.ndarray, size: int, chunk: int = 1024) -> np.ndarray:
+    """uint8 crops downsampled to the semantic CNN's input size (kept uint8 to stay small)."""
+    out = [crops_to_tensor(np.asarray(crops[i : i + chunk]), size).add(1).mul(127.5).round().byte().numpy() for i in range(0, len(crops), chunk)]
+    return np.concatenate(out)
+
+
+def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConfig, cfg: SemanticTrainConfig, holdout: float = 0.05,
+                   crops: np.ndarray | None = None) -> tuple[SemanticNet, FactorizedPrior, dict[str, float]]:
+    """Fit the semantic autoencoder on W+ (n, rows, dim) (and crops when it reads pixels); returns it, its prior and holdout figures."""
+    torch.manual_seed(cfg.seed)
+    flat = torch.from_numpy(wplus.reshape(len(wplus), -1).astype(np.float32))
+    images = None
+    if scfg.image_size:
+        if crops is None:
+            raise ValueError("this semantic configuration reads the crops: pass them")
+        images = torch.from_numpy(small_crops(crops, scfg.image_size))  # (n, 3, s, s) uint8
+
+    def view(idx: torch.Tensor) -> torch.Tensor | None:
+        return None if images is None else images[idx].float().div(127.5).sub(1)
+
+    lab = {"age": torch.from_numpy(labels.age), "gender": torch.from_numpy(labels.gender), "race": torch.from_numpy(labels.race),
+           "measured": torch.from_numpy(labels.measured), "identity": torch.from_numpy(labels.identity)}
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(flat))
+    n_hold = int(len(flat) * holdout)
+    hold, train = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
+    net = SemanticNet(scfg, flat.shape[1])
+    net.fit_pca(flat[train])
+    prior = FactorizedPrior(scfg.code_dim)
+    var = flat[train].var(0).mean()
+    opt = torch.optim.Adam([*net.parameters(), *prior.parameters()], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.steps), desc="semantic", unit="step", mininterval=5)
+    for step in bar:
+        idx = train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)]
+        y = net.encode(flat[idx], view(idx))
+        y_noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+        terms = _attribute_losses(y_noisy, {k: v[idx] for k, v in lab.items()}, scfg, cfg)
+        terms["bits"] = prior.bits(y_noisy).mean()
+        terms["w"] = cfg.lambda_w * ((net.decode(y_noisy) - flat[idx]) ** 2).mean(1).div(var).mean()
+        terms["identity"] = cfg.lambda_id * ((net.identity(y_noisy) - lab["identity"][idx]) ** 2).sum(1).mean()
+        z = (y - y.mean(0)) / y.std(0).clamp_min(1e-3)
+        corr = z.T @ z / len(z)
+        terms["decor"] = cfg.lambda_decor * (corr - torch.diag(torch.diag(corr))).pow(2).sum() / (scfg.code_dim * (scfg.code_dim - 1))
+        loss = sum(terms.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 500 == 0 or step == cfg.steps - 1:
+            bar.set_postfix({k: f"{v.item():.2f}" for k, v in terms.items() if k in ("bits", "w", "identity", "age", "gender")})
+            log.info("semantic step %d: %s", step, {k: round(v.item(), 3) for k, v in terms.items()})
+    net.eval()
+    with torch.no_grad():
+        figures = evaluate_holdout(net, prior, flat[hold], view(hold), {k: v[hold] for k, v in lab.items()}, scfg, var)
+    return net, prior, figures
+
+
+@torch.no_grad()
+def evaluate_holdout(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, images: torch.Tensor | None, lab: dict[str, torch.Tensor],
+                     scfg: SemanticConfig, var: torch.Tensor) -> dict[str, float]:
+    """Figures on held-out training faces with the code rounded as the bitstream rounds it."""
+    y = torch.round(torch.cat([net.encode(flat[i : i + 1024], None if images is None else images[i : i + 1024]) for i in range(0, len(flat), 1024)]))
+    out = {"faces": float(len(flat)), "bits": prior.bits(y).mean().item(), "w_nmse": ((net.decode(y) - flat) ** 2).mean(1).div(var).mean().item()}
+    a, g = scfg.attribute("age"), scfg.attribute("gender")
+    m = ~torch.isnan(lab["age"])
+    if m.any():
+        out["age_mae"] = (a.offset + a.scale * y[m, a.coords[0]] - lab["age"][m]).abs().mean().item()
+    m = lab["gender"] >= 0
+    if m.any():
+        out["gender_acc"] = ((y[m, g.coords[0]] > 0).long() == lab["gender"][m]).float().mean().item()
+    emb = net.identity(y)
+    out["identity_rmse"] = ((emb - lab["identity"]) ** 2).sum(1).sqrt().mean().item()
+    return out
+
+
+def export_semantic(net: SemanticNet, prior: FactorizedPrior) -> dict[str, torch.Tensor]:
+    """Bundle tensors: the network, and the basic layer's integer entropy parameters (no context)."""
+    f = ent.FRAC_BITS
+    k = net.cfg.code_dim
+    log_scale = prior.log_scale.detach().double().clamp(math.log(ent.SCALE_MIN), math.log(ent.SCALE_MAX))
+    out = {f"semantic.{name}": v.detach().float() for name, v in net.state_dict().items()}
+    # a 0-input layer: one hidden unit fixed at 1.0, means and scale indices in the output biases
+    out["entropy.basic.w1"] = torch.zeros(0, 1, dtype=torch.int64)
+    out["entropy.basic.b1"] = torch.tensor([1 << f], dtype=torch.int64)
+    out["entropy.basic.wm"] = torch.zeros(1, k, dtype=torch.int64)
+    out["entropy.basic.bm"] = torch.round(prior.mean.detach().double() * ent.MEAN_STEPS * (1 << (2 * f))).to(torch.int64)
+    out["entropy.basic.ws"] = torch.zeros(1, k, dtype=torch.int64)
+    out["entropy.basic.bs"] = torch.round((log_scale - math.log(ent.SCALE_MIN)) / ent.log_scale_step() * (1 << (2 * f))).to(torch.int64)
+    return out
