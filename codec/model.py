@@ -174,7 +174,9 @@ class FaceCodec:
         if self.semantic is None:
             raise ConfigError(f"{self.codec_id} has no semantic base layer")
         attrs = self.semantic.attributes(base)
-        identity = self.semantic.identity(base)
+        # one face at a time: a batched matmul may round differently with the batch's size, and a
+        # face's columns must not depend on which faces an engine happened to batch it with
+        identity = np.concatenate([self.semantic.identity(b[None]) for b in base]) if len(base) else np.zeros((0, self.semantic.cfg.identity_dim))
         return [{**{k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in attrs.items()}, "identity": identity[i].tolist()} for i in range(len(base))]
 
     def base_codes(self, codes: Sequence[LayeredCode]) -> np.ndarray:

@@ -142,7 +142,7 @@ def _cmd_eval_semantic(a: argparse.Namespace) -> int:
     from facetier.pipelines.eval_semantic import evaluate_semantic, render, write_report
 
     r = evaluate_semantic(Path(a.data), Path(a.work), weights=a.weights, utk_limit=a.utk_limit, lfw_pairs_per_fold=a.max_pairs_per_fold,
-                          edit_faces=a.edit_faces, query_faces=a.query_faces, peer_sample=a.peer_sample)
+                          edit_faces=a.edit_faces, query_faces=a.query_faces, peer_sample=a.peer_sample, parts=tuple(a.parts.split(",")))
     print(render(r))
     if a.report:
         write_report(r, a.report)
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--edit-faces", type=int, default=100)
     es.add_argument("--query-faces", type=int, default=100_000)
     es.add_argument("--peer-sample", type=int, default=200, help="photos the peer runs on; its time is scaled to --query-faces")
+    es.add_argument("--parts", default="utk,lfw,edits,query", help="which measurements to run (comma-separated)")
     es.add_argument("--weights")
     es.add_argument("--report", help="write the figures as JSON")
     es.set_defaults(func=_cmd_eval_semantic)

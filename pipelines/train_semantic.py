@@ -57,6 +57,7 @@ class SemanticTrainConfig:
     race_bits: float = 40.0
     pose_bits_per_degree: float = 1.0
     expression_bits: float = 40.0
+    eval_every: int = 250
     seed: int = 0
 
 
@@ -160,30 +161,49 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
     opt = torch.optim.Adam([*net.parameters(), *prior.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    hold_lab = {k: v[hold] for k, v in lab.items()}
+    best: tuple[float, dict, dict] | None = None
     bar = tqdm(range(cfg.steps), desc="semantic", unit="step", mininterval=5)
     for step in bar:
+        net.train()
         idx = train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)]
-        y = net.encode(flat[idx], view(idx))
-        y_noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-        terms = _attribute_losses(y_noisy, {k: v[idx] for k, v in lab.items()}, scfg, cfg)
-        terms["bits"] = prior.bits(y_noisy).mean()
-        terms["w"] = cfg.lambda_w * ((net.decode(y_noisy) - flat[idx]) ** 2).mean(1).div(var).mean()
-        terms["identity"] = cfg.lambda_id * ((net.identity(y_noisy) - lab["identity"][idx]) ** 2).sum(1).mean()
-        z = (y - y.mean(0)) / y.std(0).clamp_min(1e-3)
-        corr = z.T @ z / len(z)
-        terms["decor"] = cfg.lambda_decor * (corr - torch.diag(torch.diag(corr))).pow(2).sum() / (scfg.code_dim * (scfg.code_dim - 1))
-        loss = sum(terms.values())
+        terms = _objective(net, prior, flat[idx], view(idx), {k: v[idx] for k, v in lab.items()}, scfg, cfg, var, noisy=True)
         opt.zero_grad()
-        loss.backward()
+        sum(terms.values()).backward()
         opt.step()
         sched.step()
-        if step % 500 == 0 or step == cfg.steps - 1:
+        if step % cfg.eval_every == 0 or step == cfg.steps - 1:
+            net.eval()
+            with torch.no_grad():  # early stopping on the same objective over held-out training faces, code rounded
+                held = _objective(net, prior, flat[hold], view(hold), hold_lab, scfg, cfg, var, noisy=False)
+            total = float(sum(held.values()))
+            if best is None or total < best[0]:
+                best = (total, {k: v.clone() for k, v in net.state_dict().items()}, {k: v.clone() for k, v in prior.state_dict().items()})
             bar.set_postfix({k: f"{v.item():.2f}" for k, v in terms.items() if k in ("bits", "w", "identity", "age", "gender")})
-            log.info("semantic step %d: %s", step, {k: round(v.item(), 3) for k, v in terms.items()})
+            log.info("semantic step %d: train %s; held-out total %.1f", step, {k: round(v.item(), 3) for k, v in terms.items()}, total)
+    assert best is not None
+    net.load_state_dict(best[1])
+    prior.load_state_dict(best[2])
     net.eval()
     with torch.no_grad():
-        figures = evaluate_holdout(net, prior, flat[hold], view(hold), {k: v[hold] for k, v in lab.items()}, scfg, var)
+        figures = evaluate_holdout(net, prior, flat[hold], view(hold), hold_lab, scfg, var)
+    figures["held_out_objective"] = best[0]
     return net, prior, figures
+
+
+def _objective(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, images: torch.Tensor | None, lab: dict[str, torch.Tensor],
+               scfg: SemanticConfig, cfg: SemanticTrainConfig, var: torch.Tensor, noisy: bool) -> dict[str, torch.Tensor]:
+    """The training objective's terms, in bits a face (see the module docstring)."""
+    y = net.encode(flat, images)
+    y_q = y + torch.empty_like(y).uniform_(-0.5, 0.5) if noisy else torch.round(y)
+    terms = _attribute_losses(y_q, lab, scfg, cfg)
+    terms["bits"] = prior.bits(y_q).mean()
+    terms["w"] = cfg.lambda_w * ((net.decode(y_q) - flat) ** 2).mean(1).div(var).mean()
+    terms["identity"] = cfg.lambda_id * ((net.identity(y_q) - lab["identity"]) ** 2).sum(1).mean()
+    z = (y - y.mean(0)) / y.std(0).clamp_min(1e-3)
+    corr = z.T @ z / len(z)
+    terms["decor"] = cfg.lambda_decor * (corr - torch.diag(torch.diag(corr))).pow(2).sum() / (scfg.code_dim * (scfg.code_dim - 1))
+    return terms
 
 
 @torch.no_grad()

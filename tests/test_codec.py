@@ -37,7 +37,10 @@ def test_every_prefix_round_trips(tiny_codec, crops):
             assert decoded.layers_used == tiny_codec.plan.names[: i + 1]
             assert decoded.image.shape == (32, 32, 3) and decoded.image.dtype == np.uint8
             if name == "enhanced":
-                assert np.array_equal(decoded.image, ref.image)
+                # symbols are bit-exact; pixels may differ by one level between batch sizes (float reductions)
+                for a, b in zip(tiny_codec.decode_symbols(parsed, name), tiny_codec.decode_symbols(code, name)):
+                    assert np.array_equal(a, b)
+                assert np.abs(decoded.image.astype(int) - ref.image.astype(int)).max() <= 1
     with_residual = tiny_codec.decode(codes[0], upto="residual")
     gen_err = np.abs(full[0].image.astype(int) - crops[0]).mean()
     res_err = np.abs(with_residual.image.astype(int) - crops[0]).mean()
@@ -46,7 +49,7 @@ def test_every_prefix_round_trips(tiny_codec, crops):
 
 def test_symbols_survive_the_bitstream(tiny_codec, crops):
     wplus = tiny_codec.encode_wplus(crops[:1])[0]
-    symbols = tiny_codec._symbols(wplus)
+    symbols = tiny_codec._symbols(wplus, crops[0])
     code = tiny_codec.encode_crops(crops[:1], layers=list(tiny_codec.plan.names))[0]
     decoded = tiny_codec.decode_symbols(container.from_bytes(container.to_bytes(code)), "enhanced")
     for a, b in zip(symbols, decoded):

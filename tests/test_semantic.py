@@ -126,3 +126,17 @@ def test_edit_writes_images_and_rows(table, tmp_path):
     for r in rows:
         src = r["source_uri"].split("edit:")[1].split("?")[0]
         assert r["age"] == pytest.approx(before[src] + 10, abs=1.01)  # one quantisation step of age is 2 years
+
+
+def test_a_base_family_written_without_attribute_columns_reads_as_nulls(tmp_path):
+    import pyarrow as pa
+    from facetier.io.table import LAYER_SCHEMA, ShardEntry
+
+    t = Table(str(tmp_path / "old"))
+    old = pa.Table.from_pydict({"face_id": ["a-0"], "photo_id": ["a"], "payload": [b"x"], "nbytes": [1], "crc32": [0]}, schema=LAYER_SCHEMA)
+    path, nbytes = t.write_family("basic", "s1", old, "old", "old")
+    t.commit(0, [ShardEntry("s1", "old", "old", {"basic": path}, {"basic": 1}, {"basic": nbytes}, ("a",), {}, ())])
+    rows = read_family(t, "basic", columns=["face_id", "age", "identity"]).to_pylist()
+    assert rows == [{"face_id": "a-0", "age": None, "identity": None}]
+    with pytest.raises(pa.ArrowInvalid):
+        read_family(t, "basic", columns=["no_such_column"])
