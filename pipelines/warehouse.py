@@ -21,7 +21,7 @@ def bigquery_ddl(table_root: str, dataset: str, prefix: str = "facetier") -> str
             f"OPTIONS (\n  format = 'PARQUET',\n  uris = [\n    {uris}\n  ]\n);"
         )
     stmts.append(
-        f"-- the same join as `facetier query`:\n-- SELECT f.face_id, f.source_uri, b.nbytes FROM `{dataset}.{prefix}_faces` f "
+        f"-- the same join as `facetier query`:\n-- SELECT f.face_id, f.source_uri, b.age, b.gender, b.race, b.nbytes FROM `{dataset}.{prefix}_faces` f "
         f"JOIN `{dataset}.{prefix}_basic` b USING (face_id);"
     )
     return "\n\n".join(stmts) + "\n"
