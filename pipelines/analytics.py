@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from facetier.codec.layers import LayerCode, LayeredCode
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
@@ -67,7 +68,7 @@ def search(table_root: str, like: str, k: int = 10, *, weights: str | None = Non
     table = Table(table_root)
     counter = ByteCounter()
     base = read_family(table, BASE_FAMILY, manifest=table.manifest(), columns=SEARCH_COLUMNS, counter=counter)
-    base = base.filter(pa.compute.is_valid(base.column("identity")))
+    base = base.filter(pc.is_valid(base.column("identity")))
     if base.num_rows == 0:
         raise ConfigError(f"{table_root} has no faces with identity embeddings")
     query, self_id = _query_embedding(like, base, weights, device)
