@@ -93,15 +93,16 @@ def eval_utk(codec: FaceCodec, utk_dir: Path, limit: int | None) -> tuple[dict, 
         age, female, _race = labels[path.name]
         data = path.read_bytes()
         t0 = time.perf_counter()
+        rgb = decode_image(data).rgb
         try:
-            faces = codec.encode(decode_image(data).rgb, layers=["basic"])
+            faces = codec.encode(rgb, layers=["basic"])
             d = codec.describe([faces[0].code])[0]
             ours.append((age, female, d["age"], d["p_female"]))
             rows.append({"path": str(path), "code": faces[0].code, "crop": faces[0].face.crop, **d})
         except InputError:
             ours.append((age, female, None, None))
         t1 = time.perf_counter()
-        p = peer_predict(peer, decode_image(data).rgb)
+        p = peer_predict(peer, rgb)
         t_peer += time.perf_counter() - t1
         t_ours += t1 - t0
         theirs.append((age, female, *(p if p else (None, None))))
