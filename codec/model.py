@@ -136,8 +136,8 @@ class FaceCodec:
         context = np.zeros(0, np.int64)
         base = np.zeros_like(wplus)  # what the layers below already explain of each row
         out = []
-        for coder in self.coders:
-            if coder.model.name == self.plan.names[0] and self.semantic is not None:
+        for i, coder in enumerate(self.coders):
+            if i == 0 and self.semantic is not None:
                 sym = coder.quantise(self.semantic.encode(wplus[None], None if crop is None else crop[None])[0], context)
                 base = self.semantic.decode(sym)[0]
             else:

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from facetier.codec.layers import LayerCode, LayeredCode
+from facetier.codec.layers import LayeredCode
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.sources import SourceRef, read_source
 from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, Table
-from facetier.pipelines.decode_job import run_query
+from facetier.pipelines.decode_job import layered_codes, run_query
 from facetier.pipelines.records import JobContext, write_shard
 from PIL import Image
 
@@ -99,16 +99,8 @@ def _select(table_root: str, where: str) -> list[str]:
 def _codes(table: Table, face_ids: list[str], families: Sequence[str]) -> tuple[list[LayeredCode], list[dict]]:
     manifest = table.manifest()
     index = {r["face_id"]: r for r in read_family(table, INDEX_FAMILY, manifest=manifest, filters=[("face_id", "in", face_ids)]).to_pylist()}
-    payloads: dict[str, dict[str, bytes]] = {fid: {} for fid in face_ids}
-    for fam in families:
-        for r in read_family(table, fam, manifest=manifest, columns=["face_id", "payload"], filters=[("face_id", "in", face_ids)]).to_pylist():
-            payloads[r["face_id"]][fam] = r["payload"]
-    codes = []
-    for fid in face_ids:
-        row = index[fid]
-        layers = tuple(LayerCode(f, payloads[fid][f]) for f in families if f in payloads[fid])
-        codes.append(LayeredCode(row["codec_id"], row["weights_hash"], layers))
-    return codes, [index[f] for f in face_ids]
+    rows = [index[f] for f in face_ids]
+    return layered_codes(table, rows, families, manifest=manifest), rows
 
 
 def edit(

@@ -19,6 +19,7 @@ from facetier.io.table import (
     INDEX_FAMILY,
     LAYER_FAMILIES,
     ORIGINAL_FAMILY,
+    Manifest,
     Table,
     family_schema,
 )
@@ -67,21 +68,7 @@ def run_decode(table_root: str, ids: Sequence[str], upto: str, out_dir: str, *, 
     if upto not in codec.layer_names or upto == ORIGINAL:
         raise ConfigError(f"--upto must be one of {codec.layer_names}")
     needed = list(codec.plan.names[: codec.plan.index(upto) + 1]) if upto in codec.plan.names else list(codec.plan.names) + [upto]
-    face_ids = [r["face_id"] for r in rows]
-    payloads: dict[str, dict[str, bytes]] = {fid: {} for fid in face_ids}
-    for fam in needed:
-        if fam not in LAYER_FAMILIES:
-            continue
-        for r in read_family(table, fam, manifest=manifest, columns=["face_id", "payload"], filters=[("face_id", "in", face_ids)]).to_pylist():
-            payloads[r["face_id"]][fam] = r["payload"]
-    codes = []
-    for r in rows:
-        layers = []
-        for fam in needed:
-            if fam not in payloads[r["face_id"]]:
-                raise MissingLayerError(f"face {r['face_id']} has no {fam!r} layer in the table")
-            layers.append(LayerCode(fam, payloads[r["face_id"]][fam]))
-        codes.append(LayeredCode(r["codec_id"], r["weights_hash"], tuple(layers)))
+    codes = layered_codes(table, rows, needed, manifest=manifest)
     decoded = codec.decode_many(codes, upto)
     written = []
     for r, d in zip(rows, decoded):
@@ -91,6 +78,27 @@ def run_decode(table_root: str, ids: Sequence[str], upto: str, out_dir: str, *, 
     return written
 
 
+def layered_codes(table: Table, rows: list[dict], families: Sequence[str], *, manifest: Manifest | None = None) -> list[LayeredCode]:
+    """The coded layers ``families`` (lowest first) of the faces in ``rows`` (rows of the faces index)."""
+    manifest = manifest or table.manifest()
+    face_ids = [r["face_id"] for r in rows]
+    payloads: dict[str, dict[str, bytes]] = {fid: {} for fid in face_ids}
+    for fam in families:
+        if fam not in LAYER_FAMILIES:
+            continue
+        for r in read_family(table, fam, manifest=manifest, columns=["face_id", "payload"], filters=[("face_id", "in", face_ids)]).to_pylist():
+            payloads[r["face_id"]][fam] = r["payload"]
+    codes = []
+    for r in rows:
+        layers = []
+        for fam in families:
+            if fam not in payloads[r["face_id"]]:
+                raise MissingLayerError(f"face {r['face_id']} has no {fam!r} layer in the table")
+            layers.append(LayerCode(fam, payloads[r["face_id"]][fam]))
+        codes.append(LayeredCode(r["codec_id"], r["weights_hash"], tuple(layers)))
+    return codes
+
+
 @dataclass(frozen=True)
 class QueryResult:
     table: pa.Table
@@ -98,12 +106,16 @@ class QueryResult:
     table_bytes: int
 
 
+def sql_words(sql: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+
+
 def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
     """The family's columns the SQL could touch: a superset (every matching word), so reads stay correct.
 
     Reading only these keeps an attribute query from pulling payloads and identity embeddings.
     """
-    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    words = sql_words(sql)
     if re.search(r"(^|[\s,.])\*", sql):  # SELECT *, t.*, ", *" - but not count(*)
         return list(schema.names)
     return [n for n in schema.names if n.lower() in words]
@@ -114,7 +126,7 @@ def run_query(table_root: str, sql: str) -> QueryResult:
     table = Table(table_root)
     manifest = table.manifest()
     counter = ByteCounter()
-    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    words = sql_words(sql)
     # closed explicitly: a connection left to interpreter teardown can abort the process on exit
     with duckdb.connect() as con:
         for family in (INDEX_FAMILY, BASE_FAMILY):
