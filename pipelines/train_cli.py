@@ -14,6 +14,7 @@ from facetier.codec.stylegan import GeneratorConfig
 from facetier.pipelines.train import export_bundle, load_prior
 from facetier.pipelines.train_data import build_face_cache, read_image_list
 from facetier.pipelines.train_prior import PriorTrainConfig, train_prior
+from facetier.pipelines.train_semantic import SemanticTrainConfig
 from tqdm import tqdm
 
 from facetier.errors import ConfigError
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)
 EMBEDDED_CODEC_ID = "facetier-prior-128-v1"
-SEMANTIC_CODEC_ID = "facetier-prior-128-v2"
+SEMANTIC_CODEC_ID = "facetier-prior-128-v3"
 ENTROPY_FIT_FACES = 6000
 
 
@@ -62,6 +63,24 @@ def run_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def with_overrides(cfg: SemanticTrainConfig, items: list[str]) -> SemanticTrainConfig:
+    """``cfg`` with ``NAME=VALUE`` settings replaced, each parsed as its field's type."""
+    from dataclasses import fields, replace
+
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    changes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in types:
+            raise ConfigError(f"bad training setting {item!r}; write NAME=VALUE with NAME one of {sorted(types)}")
+        try:
+            changes[name] = types[name](value.strip())
+        except ValueError:
+            raise ConfigError(f"training setting {name}: {value!r} is not a {types[name].__name__}") from None
+    return replace(cfg, **changes)
+
+
 def _utk_labels(lists: list[str]) -> Path | None:
     for p in lists:
         candidate = Path(p).parent / "labels.csv"
@@ -73,15 +92,12 @@ def _utk_labels(lists: list[str]) -> Path | None:
 def _train_semantic(a: argparse.Namespace, faces: np.ndarray, work: Path) -> int:
     """Semantic base layer on top of an existing bundle's prior (``--from-bundle``)."""
     from facetier.codec.checkpoints import load_bundle
+    from facetier.codec.face_descriptor import DESCRIPTOR_ID
     from facetier.codec.model import FaceCodec, embedded_weights_path
     from facetier.codec.semantic import SemanticConfig
     from facetier.pipelines.face_labels import measure_crops
     from facetier.pipelines.train import export_semantic_bundle
-    from facetier.pipelines.train_semantic import (
-        SemanticTrainConfig,
-        build_labels,
-        expression_ranges,
-    )
+    from facetier.pipelines.train_semantic import build_labels, expression_ranges
 
     source = Path(a.from_bundle) if a.from_bundle else embedded_weights_path()
     bundle = load_bundle(source)
@@ -97,9 +113,10 @@ def _train_semantic(a: argparse.Namespace, faces: np.ndarray, work: Path) -> int
     ranges = expression_ranges(raw)
     labels = build_labels(files, raw, embs, _utk_labels(a.lists), ranges)
     log.info("expression ranges (5th, 95th percentile): %s", ranges)
-    cfg = SemanticTrainConfig(steps=a.steps or 6000, seed=a.seed)
-    digest, figures = export_semantic_bundle(bundle, wplus, labels, Path(a.out), codec_id=SEMANTIC_CODEC_ID, semantic_cfg=SemanticConfig(image_size=64), train_cfg=cfg,
-                                               crops=faces)
+    cfg = with_overrides(SemanticTrainConfig(steps=a.steps or SemanticTrainConfig.steps, seed=a.seed), a.overrides)
+    log.info("semantic training settings: %s", cfg)
+    digest, figures = export_semantic_bundle(bundle, wplus, labels, Path(a.out), codec_id=SEMANTIC_CODEC_ID, semantic_cfg=SemanticConfig(image_size=64, descriptor=DESCRIPTOR_ID),
+                                               train_cfg=cfg, crops=faces, descriptors=embs)
     log.info("held-out training faces: %s", figures)
     (work / "semantic_report.json").write_text(json.dumps({"figures": figures, "expression_ranges": ranges, "weights_hash": digest, "from": str(source)}, indent=2))
     log.info("wrote %s (weights %s)", a.out, digest)

@@ -19,6 +19,7 @@ import torch
 from facetier.codec import entropy as ent
 from facetier.codec.layers import LINEAR, LayerPlan
 from facetier.codec.semantic import SemanticNet
+from facetier.pipelines.train_semantic import PixelInputs, encode_all
 from torch import nn
 from tqdm import tqdm
 
@@ -73,7 +74,7 @@ class TrainableLayer(nn.Module):
 
 
 def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig, semantic: SemanticNet | None = None,
-                  semantic_images: torch.Tensor | None = None) -> list[TrainableLayer]:
+                  semantic_inputs: PixelInputs | None = None) -> list[TrainableLayer]:
     """Fit the linear layers on W+ codes (n, n_latent, style_dim) of training faces.
 
     With a semantic base layer (already trained), the linear layers code what its rounded code
@@ -90,8 +91,7 @@ def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig, s
             raise ConfigError("a semantic layer plan needs the trained semantic network")
         with torch.no_grad():
             flat_w = w.reshape(len(w), -1)
-            base_ctx = torch.cat([torch.round(semantic.encode(flat_w[i : i + 1024], None if semantic_images is None else semantic_images[i : i + 1024]))
-                                  for i in range(0, len(w), 1024)])
+            base_ctx = torch.round(encode_all(semantic, flat_w, semantic_inputs or PixelInputs(None, None)))
             w = w - semantic.decode(base_ctx).reshape(w.shape)
     flat = [w[:, list(spec.rows)].reshape(len(w), -1) for spec in specs]
     lambdas = cfg.lambdas[len(plan.layers) - len(specs):]
@@ -99,7 +99,7 @@ def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig, s
     context = base_ctx.shape[1]
     for spec, f in zip(specs, flat):
         mu = f.mean(0)
-        u, s, vh = torch.linalg.svd(f - mu, full_matrices=False)
+        _u, s, vh = torch.linalg.svd(f - mu, full_matrices=False)
         std = s / math.sqrt(len(f) - 1)
         layers.append(TrainableLayer(f.shape[1], spec.latent_dim, context, cfg.hidden, mu, vh.T.contiguous(), std))
         context += spec.latent_dim

