@@ -131,14 +131,15 @@ class FaceCodec:
         y = self.generator(torch.from_numpy(np.asarray(wplus, np.float32)).to(self.device))
         return y.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
-    def _symbols(self, wplus: np.ndarray, crop: np.ndarray | None = None) -> list[np.ndarray]:
+    def _symbols(self, wplus: np.ndarray, crop: np.ndarray | None = None, descriptor: np.ndarray | None = None) -> list[np.ndarray]:
         """Integer symbols of every generative layer of one face's W+ (n_latent, style_dim)."""
         context = np.zeros(0, np.int64)
         base = np.zeros_like(wplus)  # what the layers below already explain of each row
         out = []
         for i, coder in enumerate(self.coders):
             if i == 0 and self.semantic is not None:
-                sym = coder.quantise(self.semantic.encode(wplus[None], None if crop is None else crop[None])[0], context)
+                sym = coder.quantise(self.semantic.encode(wplus[None], None if crop is None else crop[None],
+                                                          None if descriptor is None else descriptor[None])[0], context)
                 base = self.semantic.decode(sym)[0]
             else:
                 rows = list(coder.model.rows)
@@ -192,15 +193,20 @@ class FaceCodec:
         return align_faces(rgb, self.detector)
 
     def encode_crops(
-        self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None
+        self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None,
+        descriptors: np.ndarray | None = None,
     ) -> list[LayeredCode]:
-        """Layered codes for aligned crops (without the ``original`` layer, which needs the source file)."""
+        """Layered codes for aligned crops (without the ``original`` layer, which needs the source file).
+
+        ``descriptors``: the crops' face descriptors when a CPU stage already computed them; the
+        semantic layer computes them itself otherwise.
+        """
         wanted = self._wanted(layers)
         wplus = self.encode_wplus(crops)
         codes_layers: list[list[LayerCode]] = []
         quantised = []
-        for w, crop in zip(wplus, crops):
-            symbols = self._symbols(w, crop)
+        for i, (w, crop) in enumerate(zip(wplus, crops)):
+            symbols = self._symbols(w, crop, None if descriptors is None else descriptors[i])
             context = np.zeros(0, np.int64)
             layer_codes = []
             for coder, sym in zip(self.coders, symbols):

@@ -189,11 +189,19 @@ class SemanticCodec:
         return self._descriptor.crops(crops)
 
     @torch.no_grad()
-    def encode(self, wplus: np.ndarray, crops: np.ndarray | None = None) -> np.ndarray:
-        """Float codes of (n, rows, dim) W+; ``crops`` (n, S, S, 3) uint8 when the model reads pixels too."""
+    def encode(self, wplus: np.ndarray, crops: np.ndarray | None = None, descriptors: np.ndarray | None = None) -> np.ndarray:
+        """Float codes of (n, rows, dim) W+; ``crops`` (n, S, S, 3) uint8 when the model reads pixels too.
+
+        ``descriptors`` (n, 128), when given, stand for the descriptors of ``crops``.
+        """
         flat = torch.from_numpy(np.asarray(wplus, np.float32).reshape(len(wplus), -1))
         images = crops_to_tensor(crops, self.cfg.image_size) if self.cfg.image_size and crops is not None else None
-        desc = torch.from_numpy(self.descriptors(crops)) if self.cfg.descriptor and crops is not None else None
+        desc = None
+        if self.cfg.descriptor:
+            if descriptors is not None:
+                desc = torch.from_numpy(np.asarray(descriptors, np.float32).reshape(len(flat), -1))
+            elif crops is not None:
+                desc = torch.from_numpy(self.descriptors(crops))
         return self.net.encode(flat, images, desc).double().numpy()
 
     @torch.no_grad()

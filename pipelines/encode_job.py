@@ -130,7 +130,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size)
     done = {s.shard_id for s in shards if table.done_marker(s.shard_id) is not None}
     todo = [s for s in shards if s.shard_id not in done]
-    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size)
+    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size,
+                     cfg.semantic.descriptor if cfg.semantic else "")
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)

@@ -8,12 +8,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
-from facetier.codec.align import FaceDetector
 from facetier.pipelines.records import (
+    FacePreparer,
     JobContext,
     ShardSpec,
     encode_items,
-    prepare_source,
     write_shard,
 )
 
@@ -44,11 +43,11 @@ class PrepareDoFn(beam.DoFn):
         self._ctx = ctx
 
     def setup(self) -> None:
-        self._detector = FaceDetector(self._ctx.alignment)
+        self._preparer = FacePreparer(self._ctx)
 
     def process(self, shard: ShardSpec) -> Iterable[tuple[str, dict]]:
         for source in shard.sources:
-            for item in prepare_source(shard.shard_id, source, self._ctx, self._detector):
+            for item in self._preparer.prepare(shard.shard_id, source):
                 yield shard.shard_id, item
 
 

@@ -7,12 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from facetier.codec.align import FaceDetector
 from facetier.pipelines.records import (
+    FacePreparer,
     JobContext,
     ShardSpec,
     encode_items,
-    prepare_source,
     write_shard,
 )
 
@@ -22,10 +21,10 @@ log = logging.getLogger(__name__)
 class Prepare:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.detector = FaceDetector(ctx.alignment)
+        self.preparer = FacePreparer(ctx)
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        items = prepare_source(row["shard_id"], row["source"], self.ctx, self.detector)
+        items = self.preparer.prepare(row["shard_id"], row["source"])
         return [{"shard_id": row["shard_id"], "item": pickle.dumps(it)} for it in items]
 
 

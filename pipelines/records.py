@@ -4,7 +4,8 @@ Items flowing between stages are plain dicts (picklable, Arrow-friendly), one pe
 rejected input or per input skipped because the table already holds it with this model:
 
     kind: "face" | "reject" | "skip";  shard_id; source_uri; photo_id
-    face:   face_index, crop (S,S,3 uint8), meta (json), original (bytes | None)
+    face:   face_index, crop (S,S,3 uint8), meta (json), original (bytes | None),
+            descriptor (128 float32, when the model's base layer reads dlib's descriptor)
     reject: error_class, message
 after encoding, faces also carry ``layers``: {layer name: payload bytes}.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
+from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.io.images import decode_image
@@ -66,14 +68,16 @@ class JobContext:
     skip_sources: frozenset[str] = frozenset()
     device: str = "auto"
     batch_size: int = 16
+    descriptor: str = ""  # the model's face descriptor: computed while preparing, on the CPU stage
 
 
 def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str) -> dict[str, Any]:
     return {"kind": "reject", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "error_class": error_class, "message": message[:2000]}
 
 
-def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDetector) -> list[dict[str, Any]]:
-    """Read, hash, decode and align one input; never raises for a bad input."""
+def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDetector,
+                   descriptor: FaceDescriptor | None = None) -> list[dict[str, Any]]:
+    """Read, hash, decode and align one input (and describe its faces); never raises for a bad input."""
     photo_id = None
     if source in ctx.skip_sources:
         return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": None}]
@@ -85,17 +89,19 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
         image = decode_image(data, draft_size=None)
         faces = align_faces(image.rgb, detector)
         original = encode_original(data, is_jpeg=image.format == "JPEG") if ORIGINAL in ctx.layers else None
+        descriptors = [descriptor.crop_embedding(f.crop).astype(np.float32) if descriptor else None for f in faces]
     except InputError as exc:
         return [_reject(shard_id, source, photo_id, exc.error_class, str(exc))]
     except Exception as exc:  # a bug or an unexpected library error must not kill the job or lose the record
         log.exception("unexpected error preparing %s", source)
         return [_reject(shard_id, source, photo_id, f"Unexpected{type(exc).__name__}", str(exc))]
     items = []
-    for f in faces:
+    for f, desc in zip(faces, descriptors):
         meta = {"box": list(f.detection.box), "landmarks": f.detection.landmarks.reshape(-1).tolist(), "transform": f.transform.reshape(-1).tolist(),
                 "source_size": list(f.source_size), "score": f.detection.score}
         items.append({"kind": "face", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "face_index": f.face_index,
-                      "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None, "source_bytes": len(data)})
+                      "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None, "source_bytes": len(data),
+                      "descriptor": desc})
     return items
 
 
@@ -104,8 +110,10 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
     faces = [i for i in items if i["kind"] == "face"]
     if faces:
         wanted = [n for n in layers if n != ORIGINAL]
+        descs = [f.get("descriptor") for f in faces]
         try:
-            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted)
+            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted,
+                                       descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
         except FacetierError as exc:
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
         described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
@@ -163,18 +171,30 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     return entry
 
 
+class FacePreparer:
+    """The CPU stage's models for one worker: the face detector and, when the model reads it, dlib's descriptor."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.detector = FaceDetector(ctx.alignment)
+        self.descriptor = FaceDescriptor() if ctx.descriptor else None
+
+    def prepare(self, shard_id: str, source: str) -> list[dict[str, Any]]:
+        return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor)
+
+
 class ShardWorker:
-    """Holds the detector and the codec for one worker process; used by the local engine."""
+    """Holds the CPU stage's models and the codec for one worker process; used by the local engine."""
 
     def __init__(self, ctx: JobContext) -> None:
         from facetier.codec.model import FaceCodec
 
         self.ctx = ctx
-        self.detector = FaceDetector(ctx.alignment)
+        self.preparer = FacePreparer(ctx)
         self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
 
     def run(self, shard: ShardSpec) -> ShardEntry:
-        items = [it for src in shard.sources for it in prepare_source(shard.shard_id, src, self.ctx, self.detector)]
+        items = [it for src in shard.sources for it in self.preparer.prepare(shard.shard_id, src)]
         results = []
         for i in range(0, len(items), self.ctx.batch_size):
             results += encode_items(self.codec, items[i : i + self.ctx.batch_size], self.ctx.layers)

@@ -140,3 +140,21 @@ def test_a_base_family_written_without_attribute_columns_reads_as_nulls(tmp_path
     assert rows == [{"face_id": "a-0", "age": None, "identity": None}]
     with pytest.raises(pa.ArrowInvalid):
         read_family(t, "basic", columns=["no_such_column"])
+
+
+def test_descriptors_from_the_cpu_stage_give_the_same_bytes(embedded_codec, generated_faces):
+    from facetier.codec.face_descriptor import FaceDescriptor
+
+    crops = generated_faces[:2]
+    inside = embedded_codec.encode_crops(crops, layers=["basic", "middle"])
+    prepared = embedded_codec.encode_crops(crops, layers=["basic", "middle"], descriptors=FaceDescriptor().crops(crops))
+    assert [c.layers for c in inside] == [c.layers for c in prepared]
+
+
+def test_prepared_faces_carry_the_descriptor(sample_archive, embedded_codec):
+    from facetier.pipelines.records import FacePreparer, JobContext
+
+    cfg = embedded_codec.config
+    ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), frozenset(), descriptor=cfg.semantic.descriptor)
+    items = FacePreparer(ctx).prepare("s", str(sample_archive / "generated-000.jpg"))
+    assert [i["kind"] for i in items] == ["face"] and items[0]["descriptor"].shape == (128,)
