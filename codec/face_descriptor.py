@@ -46,6 +46,7 @@ class FaceDescriptor:
     def __init__(self) -> None:
         dlib, models = dlib_models()
         self.dlib = dlib
+        self.models_dir = models
         self.detector = dlib.get_frontal_face_detector()
         self.shape5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
         self.net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
@@ -68,14 +69,15 @@ class FaceDescriptor:
         return img, rect
 
     def descriptor_at(self, img: np.ndarray, rect: object) -> np.ndarray:
-        return np.array(self.net.compute_face_descriptor(img, self.shape5(img, rect)))
+        """float32 descriptor of the face in ``rect`` (a dlib rectangle) of ``img``."""
+        return np.array(self.net.compute_face_descriptor(img, self.shape5(img, rect)), np.float32)
 
     def crop_embedding(self, crop: np.ndarray) -> np.ndarray:
-        """Descriptor of one aligned (S, S, 3) uint8 crop."""
+        """float32 descriptor of one aligned (S, S, 3) uint8 crop."""
         return self.descriptor_at(*self.upscaled(crop))
 
-    def crops(self, crops: np.ndarray) -> np.ndarray:
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """(n, 128) float32 descriptors of (n, S, S, 3) uint8 crops."""
         if len(crops) == 0:
             return np.zeros((0, DESCRIPTOR_DIM), np.float32)
-        return np.stack([self.crop_embedding(c) for c in crops]).astype(np.float32)
+        return np.stack([self.crop_embedding(c) for c in crops])

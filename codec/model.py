@@ -14,6 +14,7 @@ from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
 from facetier.codec.encoder import StyleEncoder
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
+from facetier.codec.face_descriptor import DESCRIPTOR_DIM
 from facetier.codec.layers import (
     ORIGINAL,
     RESIDUAL,
@@ -202,6 +203,8 @@ class FaceCodec:
         semantic layer computes them itself otherwise.
         """
         wanted = self._wanted(layers)
+        if descriptors is not None and np.shape(descriptors) != (len(crops), DESCRIPTOR_DIM):
+            raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
         wplus = self.encode_wplus(crops)
         codes_layers: list[list[LayerCode]] = []
         quantised = []

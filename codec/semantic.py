@@ -145,6 +145,7 @@ class SemanticNet(nn.Module):
         self.pca_std.copy_((s[: self.cfg.pca_dim] / math.sqrt(len(flat) - 1)).clamp_min(1e-6))
 
     def fit_descriptor(self, desc: torch.Tensor) -> None:
+        """Standardise the descriptor input with the training faces' mean and spread."""
         self.desc_mean.copy_(desc.mean(0))
         self.desc_std.copy_(desc.std(0).clamp_min(1e-6))
 
@@ -156,7 +157,7 @@ class SemanticNet(nn.Module):
             x = torch.cat([x, self.image(images)], 1)
         if self.cfg.descriptor:
             if descriptors is None:
-                raise ConfigError("this semantic layer reads the face descriptor: pass the crops")
+                raise ConfigError("this semantic layer reads the face descriptor: pass the descriptors")
             x = torch.cat([x, (descriptors - self.desc_mean) / self.desc_std], 1)
         return self.enc(x)
 
@@ -178,15 +179,11 @@ class SemanticCodec:
         self.net.eval()
         self._descriptor: FaceDescriptor | None = None
 
-    @property
-    def reads_pixels(self) -> bool:
-        return bool(self.cfg.image_size or self.cfg.descriptor)
-
     def descriptors(self, crops: np.ndarray) -> np.ndarray:
         """dlib descriptors of (n, S, S, 3) uint8 crops; its models load on first use."""
         if self._descriptor is None:
             self._descriptor = FaceDescriptor()
-        return self._descriptor.crops(crops)
+        return self._descriptor.embed_crops(crops)
 
     @torch.no_grad()
     def encode(self, wplus: np.ndarray, crops: np.ndarray | None = None, descriptors: np.ndarray | None = None) -> np.ndarray:

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_cmd_bench)
 
-    ev = sub.add_parser("eval-lfw", help="LFW verification of originals and decodes with dlib's 128-d model (needs .[eval])")
+    ev = sub.add_parser("eval-lfw", help="LFW verification of originals and decodes with dlib's 128-d model")
     ev.add_argument("--lfw", default="../shared/data/lfw")
     ev.add_argument("--folds", default="5,6,7,8")
     ev.add_argument("--max-pairs-per-fold", type=int, help="subsample for a quick run (half same, half different)")

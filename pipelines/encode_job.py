@@ -131,7 +131,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     done = {s.shard_id for s in shards if table.done_marker(s.shard_id) is not None}
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size,
-                     cfg.semantic.descriptor if cfg.semantic else "")
+                     descriptor=cfg.semantic.descriptor if cfg.semantic else "")
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from facetier.codec.face_descriptor import UPSCALE, FaceDescriptor, dlib_models
+from facetier.codec.face_descriptor import UPSCALE, FaceDescriptor
 from tqdm import tqdm
 
 from facetier.errors import ConfigError
@@ -41,8 +41,7 @@ class DlibFaceModels(FaceDescriptor):
 
     def __init__(self, with_68: bool = True) -> None:
         super().__init__()
-        _, models = dlib_models()
-        self.shape68 = self.dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat")) if with_68 else None
+        self.shape68 = self.dlib.shape_predictor(str(self.models_dir / "shape_predictor_68_face_landmarks.dat")) if with_68 else None
 
     def crop_labels(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(measured attributes in ``MEASURED`` order, 128-d descriptor) of one aligned crop."""

@@ -89,7 +89,7 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
         image = decode_image(data, draft_size=None)
         faces = align_faces(image.rgb, detector)
         original = encode_original(data, is_jpeg=image.format == "JPEG") if ORIGINAL in ctx.layers else None
-        descriptors = [descriptor.crop_embedding(f.crop).astype(np.float32) if descriptor else None for f in faces]
+        descriptors = [descriptor.crop_embedding(f.crop) if descriptor is not None else None for f in faces]
     except InputError as exc:
         return [_reject(shard_id, source, photo_id, exc.error_class, str(exc))]
     except Exception as exc:  # a bug or an unexpected library error must not kill the job or lose the record
@@ -180,6 +180,7 @@ class FacePreparer:
         self.descriptor = FaceDescriptor() if ctx.descriptor else None
 
     def prepare(self, shard_id: str, source: str) -> list[dict[str, Any]]:
+        """The face, reject or skip items of one input (see ``prepare_source``)."""
         return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor)
 
 

@@ -40,6 +40,8 @@ def _faces(a: argparse.Namespace) -> np.ndarray:
 
 
 def run_train(a: argparse.Namespace) -> int:
+    if a.overrides and a.stage != "semantic":
+        raise ConfigError(f"--set applies to the semantic stage only, not to {a.stage!r}")
     faces = _faces(a)
     log.info("%d aligned training faces", len(faces))
     if a.stage == "align":
@@ -67,7 +69,8 @@ def with_overrides(cfg: SemanticTrainConfig, items: list[str]) -> SemanticTrainC
     """``cfg`` with ``NAME=VALUE`` settings replaced, each parsed as its field's type."""
     from dataclasses import fields, replace
 
-    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    # steps and seed have their own flags; two ways to set them would let one silently win
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in ("steps", "seed")}
     changes = {}
     for item in items:
         name, sep, value = item.partition("=")

@@ -185,12 +185,12 @@ class EditTarget:
         coords = torch.tensor(sorted(c for a in net.cfg.attributes for c in a.coords))
         with torch.no_grad():
             y = torch.round(encode_all(net, flat, inputs, idx))[:, coords].double()
-            x = torch.cat([y - y.mean(0), torch.ones(len(y), 1, dtype=torch.float64)], 1)
             w = flat[idx].double()
-            slopes = torch.linalg.lstsq(x, w - w.mean(0)).solution[:-1]
+            slopes = torch.linalg.lstsq(y - y.mean(0), w - w.mean(0)).solution
         return EditTarget(coords, slopes.float(), y.std(0).float().clamp_min(1.0), gain, weight)
 
     def loss(self, net: SemanticNet, y: torch.Tensor, var: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Weighted NMSE between random one-coordinate edits of ``y`` and the W+ moves they should make."""
         n = len(y)
         pick = torch.randint(0, len(self.coords), (n,), generator=gen)
         delta = (torch.rand(n, generator=gen) * 2 - 1) * 2 * self.spread[pick]
@@ -221,6 +221,8 @@ def small_crops(crops: np.ndarray, size: int, chunk: int = 1024) -> np.ndarray:
 def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConfig, cfg: SemanticTrainConfig, inputs: PixelInputs,
                    holdout: float = 0.05) -> tuple[SemanticNet, FactorizedPrior, dict[str, float]]:
     """Fit the semantic autoencoder on W+ (n, rows, dim) and ``inputs``; returns it, its prior and holdout figures."""
+    if (inputs.images is not None) != bool(scfg.image_size) or (inputs.descriptors is not None) != bool(scfg.descriptor):
+        raise ValueError("the encoder inputs do not match the semantic configuration: build them with PixelInputs.build")
     torch.manual_seed(cfg.seed)
     flat = torch.from_numpy(wplus.reshape(len(wplus), -1).astype(np.float32))
 
@@ -232,7 +234,7 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
     hold, train = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
     net = SemanticNet(scfg, flat.shape[1])
     net.fit_pca(flat[train])
-    if inputs.descriptors is not None:
+    if scfg.descriptor:
         net.fit_descriptor(inputs.descriptors[train])
     prior = FactorizedPrior(scfg.code_dim)
     var = flat[train].var(0).mean()
