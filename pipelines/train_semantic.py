@@ -274,10 +274,7 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
     prior.load_state_dict(best[2])
     net.eval()
     with torch.no_grad():
-        figures = evaluate_holdout(net, prior, flat, inputs, hold, hold_lab, scfg, var)
-        if edit is not None:
-            y = torch.round(encode_all(net, flat, inputs, hold))
-            figures |= {f"edit_gain_coord_{c}": g for c, g in edit.realised_gain(net, y).items()}
+        figures = evaluate_holdout(net, prior, flat, inputs, hold, hold_lab, scfg, var, edit)
     figures["held_out_objective"] = best[0]
     return net, prior, figures
 
@@ -302,7 +299,7 @@ def _objective(net: SemanticNet, prior: FactorizedPrior, flat: torch.Tensor, pix
 
 @torch.no_grad()
 def evaluate_holdout(net: SemanticNet, prior: FactorizedPrior, all_flat: torch.Tensor, inputs: PixelInputs, hold: torch.Tensor,
-                     lab: dict[str, torch.Tensor], scfg: SemanticConfig, var: torch.Tensor) -> dict[str, float]:
+                     lab: dict[str, torch.Tensor], scfg: SemanticConfig, var: torch.Tensor, edit: EditTarget | None = None) -> dict[str, float]:
     """Figures on held-out training faces with the code rounded as the bitstream rounds it."""
     y = torch.round(encode_all(net, all_flat, inputs, hold))
     flat = all_flat[hold]
@@ -316,6 +313,8 @@ def evaluate_holdout(net: SemanticNet, prior: FactorizedPrior, all_flat: torch.T
         out["gender_acc"] = ((y[m, g.coords[0]] > 0).long() == lab["gender"][m]).float().mean().item()
     emb = net.identity(y)
     out["identity_rmse"] = ((emb - lab["identity"]) ** 2).sum(1).sqrt().mean().item()
+    if edit is not None:
+        out |= {f"edit_gain_coord_{c}": g for c, g in edit.realised_gain(net, y).items()}
     return out
 
 
