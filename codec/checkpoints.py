@@ -55,20 +55,24 @@ class ModelConfig:
     @staticmethod
     def from_json(text: str) -> ModelConfig:
         d = json.loads(text)
-        gen = dict(d["generator"])
-        gen["channels"] = {int(k): int(v) for k, v in gen["channels"].items()}
-        enc = dict(d["encoder"])
-        enc["stage_channels"] = tuple(enc["stage_channels"])
-        enc["stage_units"] = tuple(enc["stage_units"])
         return ModelConfig(
             codec_id=d["codec_id"],
-            generator=GeneratorConfig(**gen),
-            encoder=EncoderConfig(**enc),
+            generator=generator_config_from_json(d["generator"]),
+            encoder=encoder_config_from_json(d["encoder"]),
             alignment=AlignmentConfig(**d["alignment"]),
             plan=LayerPlan.from_json(d["plan"]),
             residual_quality=int(d.get("residual_quality", 80)),
             semantic=SemanticConfig.from_json(d["semantic"]) if d.get("semantic") else None,
         )
+
+
+def generator_config_from_json(d: dict) -> GeneratorConfig:
+    """The inverse of ``dataclasses.asdict`` after a JSON round trip (which turns keys into strings)."""
+    return GeneratorConfig(**(d | {"channels": {int(k): int(v) for k, v in d["channels"].items()}}))
+
+
+def encoder_config_from_json(d: dict) -> EncoderConfig:
+    return EncoderConfig(**(d | {"stage_channels": tuple(d["stage_channels"]), "stage_units": tuple(d["stage_units"])}))
 
 
 @dataclass(frozen=True)

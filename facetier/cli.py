@@ -130,6 +130,13 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_prior(a: argparse.Namespace) -> int:
+    from facetier.pipelines.eval_prior import evaluate_priors, render
+
+    print(render(evaluate_priors(a.work, a.src, limit=a.limit, invert_steps=a.invert_steps, report=a.report, gallery=a.gallery)))
+    return 0
+
+
 def _cmd_eval_lfw(a: argparse.Namespace) -> int:
     from facetier.pipelines.eval_lfw import evaluate_lfw, render
 
@@ -272,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report")
     ev.set_defaults(func=_cmd_eval_lfw)
 
+    ep = sub.add_parser("eval-prior", help="reconstruction of unseen faces by trained priors (before layer coding), optionally with per-face inversion")
+    ep.add_argument("work", nargs="+", help="`facetier train` work folders (or their prior_ckpt.pt)")
+    ep.add_argument("--src", default="../shared/data/lfw/eval_images.txt", help="faces none of the priors trained on")
+    ep.add_argument("--limit", type=int, default=100)
+    ep.add_argument("--invert-steps", type=int, default=0, help="also optimise each face's W+ for this many steps (what the generator can render)")
+    ep.add_argument("--report", help="write the figures as JSON")
+    ep.add_argument("--gallery", help="write a PNG: 8 faces, the crop then each prior's reconstructions (not for the repository: real faces)")
+    ep.set_defaults(func=_cmd_eval_prior)
+
     es = sub.add_parser("eval-semantic", help="attributes, identity, edits and the 100k-face query of the semantic base layer (needs .[eval])")
     es.add_argument("--data", default="../shared/data", help="folder holding utkface/ and lfw/")
     es.add_argument("--work", default="runs/eval-semantic", help="scratch space (the 100k-row base table)")
@@ -292,12 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     wh.set_defaults(func=_cmd_warehouse_ddl)
 
     t = sub.add_parser("train", help="train the face prior and the entropy models (resumable)")
-    t.add_argument("stage", choices=["align", "prior", "entropy", "semantic"])
+    t.add_argument("stage", choices=["align", "prior", "gan", "entropy", "semantic"])
     t.add_argument("--lists", nargs="+", default=["../shared/data/utkface/train_images.txt", "../shared/data/lfw/train_images.txt"], help="training image lists")
     t.add_argument("--work", default="runs/prior128", help="checkpoints, logs and the face cache")
-    t.add_argument("--steps", type=int, help="training steps (default: prior 30000, semantic 3000)")
+    t.add_argument("--steps", type=int, help="training steps (default: prior 30000, gan 100000, semantic 3000)")
     t.add_argument("--minutes", type=float, help="stop (and checkpoint) after this many minutes; rerun to resume")
-    t.add_argument("--adv-weight", type=float, default=0.02)
+    t.add_argument("--batch-size", type=int, help="prior and gan stages: faces a step (default 8, sized for CPU; a GPU wants 32-64)")
+    t.add_argument("--adv-weight", type=float, default=0.02, help="prior stage: weight of the adversarial term (0 turns the discriminator off)")
+    t.add_argument("--freeze-generator", action="store_true",
+                   help="prior stage: train the encoder only, against a frozen generator; starts from the `gan` stage's generator")
     t.add_argument("--out", default="codec/assets/facetier-prior-128.safetensors", help="entropy stage: where to write the bundle")
     t.add_argument("--from-bundle", help="semantic stage: the bundle whose prior it builds on (default: the embedded model)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",

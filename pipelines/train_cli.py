@@ -13,6 +13,7 @@ from facetier.codec.model import pick_device
 from facetier.codec.stylegan import GeneratorConfig
 from facetier.pipelines.train import export_bundle, load_prior
 from facetier.pipelines.train_data import build_face_cache, read_image_list
+from facetier.pipelines.train_gan import GanTrainConfig, prior_from_gan, train_gan
 from facetier.pipelines.train_prior import PriorTrainConfig, train_prior
 from facetier.pipelines.train_semantic import SemanticTrainConfig
 from tqdm import tqdm
@@ -40,6 +41,10 @@ def _faces(a: argparse.Namespace) -> np.ndarray:
 
 
 def run_train(a: argparse.Namespace) -> int:
+    if a.freeze_generator and a.stage != "prior":
+        raise ConfigError(f"--freeze-generator applies to the prior stage only, not to {a.stage!r}")
+    if a.batch_size and a.stage not in ("prior", "gan"):
+        raise ConfigError(f"--batch-size applies to the prior and gan stages only, not to {a.stage!r}")
     if a.overrides and a.stage != "semantic":
         raise ConfigError(f"--set applies to the semantic stage only, not to {a.stage!r}")
     faces = _faces(a)
@@ -50,8 +55,15 @@ def run_train(a: argparse.Namespace) -> int:
     work = Path(a.work)
     if a.stage == "semantic":
         return _train_semantic(a, faces, work)
+    if a.stage == "gan":
+        gan_cfg = GanTrainConfig(steps=a.steps or GanTrainConfig.steps, batch_size=a.batch_size or GanTrainConfig.batch_size, seed=a.seed)
+        train_gan(faces, work, gen_cfg, gan_cfg, pick_device(a.device), max_minutes=a.minutes)
+        return 0
     if a.stage == "prior":
-        cfg = PriorTrainConfig(steps=a.steps or 30000, adv_weight=a.adv_weight, seed=a.seed)
+        if a.freeze_generator and not (work / "prior_ckpt.pt").exists():
+            prior_from_gan(work, gen_cfg, enc_cfg)
+        cfg = PriorTrainConfig(steps=a.steps or 30000, batch_size=a.batch_size or PriorTrainConfig.batch_size,
+                               adv_weight=0.0 if a.freeze_generator else a.adv_weight, seed=a.seed, train_generator=not a.freeze_generator)
         train_prior(faces, work, gen_cfg, enc_cfg, cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
     ckpt = work / "prior_ckpt.pt"

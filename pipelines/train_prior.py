@@ -45,6 +45,7 @@ class PriorTrainConfig:
     r1_every: int = 16
     checkpoint_every: int = 250
     seed: int = 0
+    train_generator: bool = True  # False: encoder only, against a frozen generator (e.g. the GAN's)
 
 
 class Discriminator(nn.Module):
@@ -101,7 +102,7 @@ def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cfg: 
     return {"loss": total, "l1": l1, "ms_ssim_loss": ms, "w_delta": delta}
 
 
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
             pe.lerp_(pm, 1 - decay)
@@ -125,7 +126,9 @@ def train_prior(
     model = PriorModel(gen_cfg, enc_cfg).to(device)
     ema = copy.deepcopy(model).eval()
     disc = Discriminator(gen_cfg.size).to(device) if cfg.adv_weight > 0 else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    if not cfg.train_generator:
+        model.generator.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc else None
     step = 0
     if ckpt_path.exists():
@@ -133,7 +136,10 @@ def train_prior(
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         if "opt" in state:  # absent when an operator restarted from the EMA weights
-            opt.load_state_dict(state["opt"])
+            try:
+                opt.load_state_dict(state["opt"])
+            except ValueError:  # the trained parameters changed (e.g. --freeze-generator on a joint run)
+                log.warning("the checkpoint's optimiser trained other parameters; continuing with a fresh optimiser")
         if disc is not None and "disc" in state:
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["opt_d"])
@@ -162,7 +168,7 @@ def train_prior(
             g_adv = F.softplus(-disc(y)).mean()
             losses["g_adv"] = g_adv
             losses["loss"] = losses["loss"] + cfg.adv_weight * g_adv
-        if not torch.isfinite(losses["loss"]) or (use_adv and float(losses["g_adv"]) > 50):
+        if not torch.isfinite(losses["loss"].detach()) or (use_adv and float(losses["g_adv"].detach()) > 50):
             # a diverged discriminator (seen once on CPU at step 3500) would drag the prior with it:
             # skip this update and restart the discriminator from scratch
             log.warning("step %d: adversarial loss diverged (%.3g); resetting the discriminator", step, float(losses.get("g_adv", losses["loss"])))
@@ -183,11 +189,11 @@ def train_prior(
             d_loss.backward()
             opt_d.step()
             losses["d_loss"] = d_loss
-        _ema_update(ema, model, cfg.ema_decay if step > 500 else 0.0)
+        ema_update(ema, model, cfg.ema_decay if step > 500 else 0.0)
         step += 1
         bar.update(1)
         if step % 50 == 0:
-            log_file.write(json.dumps({"step": step, **{k: round(float(v), 5) for k, v in losses.items()}}) + "\n")
+            log_file.write(json.dumps({"step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}}) + "\n")
             log_file.flush()
         if step % cfg.checkpoint_every == 0:
             save()

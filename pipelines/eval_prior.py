@@ -1,0 +1,154 @@
+"""``facetier eval-prior``: how well a trained prior reconstructs unseen faces, before any layer coding.
+
+For each ``facetier train`` work folder (its ``prior_ckpt.pt``, EMA weights): PSNR, MS-SSIM and
+dlib's identity distance between the aligned crop and G(E(crop)). With ``--invert-steps N`` it
+also optimises each face's W+ for N steps from the encoder's answer (L1 + MS-SSIM against the
+crop, generator fixed): the gap between the two rows is what a better encoder could win, the
+second row is what the generator can render at all. This separates the two parts of the prior
+that ``facetier measure`` (which also includes the layers' quantisation) cannot.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from facetier.codec.align import FaceDetector, align_faces
+from facetier.codec.checkpoints import (
+    encoder_config_from_json,
+    generator_config_from_json,
+)
+from facetier.codec.encoder import EncoderConfig
+from facetier.codec.face_descriptor import FaceDescriptor
+from facetier.codec.metrics import ms_ssim, psnr
+from facetier.codec.stylegan import GeneratorConfig
+from facetier.io.images import decode_image
+from facetier.io.sources import SourceRef, list_sources, read_source
+from facetier.pipelines.train import load_prior
+from facetier.pipelines.train_prior import PriorModel
+from PIL import Image
+from tqdm import tqdm
+
+from facetier.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+SAME_PERSON = 0.6  # dlib's own threshold for its 128-d embedding
+
+
+@dataclass(frozen=True)
+class PriorStats:
+    work: str
+    step: int
+    method: str  # "encoder" or "inverted-<steps>"
+    psnr_db: float
+    ms_ssim: float
+    dlib_distance: float  # mean distance between the crop's and the reconstruction's embedding
+    same_person: float  # share of reconstructions dlib still calls the same person
+
+
+def unseen_crops(src: str, limit: int, detector: FaceDetector) -> np.ndarray:
+    """Aligned crops of up to ``limit`` evenly spaced sources that have a usable face."""
+    refs = list_sources(src)
+    if len(refs) > limit:
+        refs = [refs[i] for i in np.linspace(0, len(refs) - 1, limit).astype(int)]
+    crops = []
+    for ref in tqdm(refs, desc="align", unit="img", mininterval=5):
+        try:
+            crops.append(align_faces(decode_image(read_source(SourceRef.parse(ref.key))).rgb, detector)[0].crop)
+        except InputError:
+            continue
+    if not crops:
+        raise InputError(f"no usable face in {src}")
+    return np.stack(crops)
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.clamp(-1, 1).add(1).div(2)
+
+
+def _as_uint8(images: torch.Tensor) -> np.ndarray:
+    return _to_unit(images).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def invert(model: PriorModel, x: torch.Tensor, steps: int, lr: float = 0.01) -> torch.Tensor:
+    """Per-face W+ optimisation from the encoder's W+ (the generator stays fixed)."""
+    with torch.no_grad():
+        w = model.encode(x)
+    w = w.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        y = model.generator(w)
+        loss = (y - x).abs().mean() + 0.5 * (1 - ms_ssim(_to_unit(x), _to_unit(y)).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return w.detach()
+
+
+def _stats(work: str, step: int, method: str, crops: np.ndarray, recon: np.ndarray, ref_emb: np.ndarray, judge: FaceDescriptor) -> PriorStats:
+    a = torch.from_numpy(recon).permute(0, 3, 1, 2).float() / 255
+    b = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    dist = np.linalg.norm(judge.embed_crops(recon) - ref_emb, axis=1)
+    return PriorStats(work, step, method, float(psnr(a, b).mean()), float(ms_ssim(a, b).mean()), float(dist.mean()), float((dist < SAME_PERSON).mean()))
+
+
+def prior_configs(ckpt: Path) -> tuple[GeneratorConfig, EncoderConfig]:
+    """The architecture a checkpoint was trained with (``prior_config.json`` beside it), else `facetier train`'s."""
+    saved = ckpt.parent / "prior_config.json"
+    if not saved.exists():
+        return GeneratorConfig(), EncoderConfig()
+    d = json.loads(saved.read_text())
+    return generator_config_from_json(d["generator"]), encoder_config_from_json(d["encoder"])
+
+
+def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_steps: int = 0, batch: int = 25,
+                    report: str | None = None, gallery: str | None = None) -> list[PriorStats]:
+    """Figures for each work folder's prior; ``gallery``: a PNG of 8 faces, the crop then each prior's reconstructions."""
+    ckpts = [Path(w) / "prior_ckpt.pt" if Path(w).is_dir() else Path(w) for w in works]
+    for c in ckpts:
+        if not c.exists():
+            raise ConfigError(f"no prior checkpoint at {c}")
+    configs = [prior_configs(c) for c in ckpts]
+    sizes = {g.size for g, _ in configs}
+    if len(sizes) > 1:
+        raise ConfigError(f"the priors generate different sizes {sorted(sizes)}; compare priors of one size at a time")
+    from facetier.pipelines.train_cli import EMBEDDED_ALIGNMENT
+
+    detector = FaceDetector(replace(EMBEDDED_ALIGNMENT, size=sizes.pop()))  # the framing the priors were trained on
+    crops = unseen_crops(src, limit, detector)
+    judge = FaceDescriptor()
+    ref_emb = judge.embed_crops(crops)
+    out, columns = [], [crops]
+    for work, ckpt, (gen_cfg, enc_cfg) in zip(works, ckpts, configs):
+        model = load_prior(ckpt, gen_cfg, enc_cfg)
+        step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+        recon, inverted = [], []
+        for i in tqdm(range(0, len(crops), batch), desc=f"reconstruct {Path(work).name}", unit="batch"):
+            x = torch.from_numpy(crops[i : i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            with torch.no_grad():
+                recon.append(_as_uint8(model(x)[0]))
+            if invert_steps:
+                w = invert(model, x, invert_steps)
+                with torch.no_grad():
+                    inverted.append(_as_uint8(model.generator(w)))
+        columns.append(np.concatenate(recon))
+        out.append(_stats(work, step, "encoder", crops, columns[-1], ref_emb, judge))
+        if invert_steps:
+            columns.append(np.concatenate(inverted))
+            out.append(_stats(work, step, f"inverted-{invert_steps}", crops, columns[-1], ref_emb, judge))
+    if gallery:
+        rows = np.linspace(0, len(crops) - 1, min(8, len(crops))).astype(int)
+        Image.fromarray(np.concatenate([np.concatenate([c[i] for c in columns], 1) for i in rows], 0)).save(gallery)
+    if report:
+        Path(report).write_text(json.dumps({"faces": len(crops), "source": src, "results": [asdict(s) for s in out]}, indent=1))
+    return out
+
+
+def render(stats: list[PriorStats]) -> str:
+    lines = [f"{'prior':<28}{'step':>7}  {'method':<13}{'PSNR dB':>9}{'MS-SSIM':>9}{'dlib dist':>10}{'same':>7}"]
+    lines += [f"{s.work[-28:]:<28}{s.step:>7}  {s.method:<13}{s.psnr_db:>9.2f}{s.ms_ssim:>9.4f}{s.dlib_distance:>10.3f}{s.same_person:>7.0%}" for s in stats]
+    return "\n".join(lines)
