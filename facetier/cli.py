@@ -133,7 +133,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 def _cmd_eval_prior(a: argparse.Namespace) -> int:
     from facetier.pipelines.eval_prior import evaluate_priors, render
 
-    print(render(evaluate_priors(a.work, a.src, limit=a.limit, invert_steps=a.invert_steps, report=a.report, gallery=a.gallery)))
+    print(render(evaluate_priors(a.work, a.src, limit=a.limit, invert_steps=a.invert_steps, report=a.report, gallery=a.gallery,
+                                 lfw=a.lfw, max_pairs_per_fold=a.max_pairs_per_fold)))
     return 0
 
 
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("work", nargs="+", help="`facetier train` work folders (or their prior_ckpt.pt)")
     ep.add_argument("--src", default="../shared/data/lfw/eval_images.txt", help="faces none of the priors trained on")
     ep.add_argument("--limit", type=int, default=100)
+    ep.add_argument("--lfw", help="instead of --src: the photos of LFW's pairs of folds 5-8 in this folder, adding verification accuracy")
+    ep.add_argument("--max-pairs-per-fold", type=int, help="with --lfw: subsample (half same, half different)")
     ep.add_argument("--invert-steps", type=int, default=0, help="also optimise each face's W+ for this many steps (what the generator can render)")
     ep.add_argument("--report", help="write the figures as JSON")
     ep.add_argument("--gallery", help="write a PNG: 8 faces, the crop then each prior's reconstructions (not for the repository: real faces)")

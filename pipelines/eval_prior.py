@@ -27,6 +27,12 @@ from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.stylegan import GeneratorConfig
 from facetier.io.images import decode_image
 from facetier.io.sources import SourceRef, list_sources, read_source
+from facetier.pipelines.eval_lfw import (
+    Pair,
+    fold_accuracy,
+    pair_distances,
+    select_pairs,
+)
 from facetier.pipelines.train import load_prior
 from facetier.pipelines.train_prior import PriorModel
 from PIL import Image
@@ -37,6 +43,7 @@ from facetier.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 SAME_PERSON = 0.6  # dlib's own threshold for its 128-d embedding
+EVAL_FOLDS = (5, 6, 7, 8)  # the pairs whose identities no facetier model trains on
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class PriorStats:
     ms_ssim: float
     dlib_distance: float  # mean distance between the crop's and the reconstruction's embedding
     same_person: float  # share of reconstructions dlib still calls the same person
+    lfw_accuracy: float | None = None  # LFW verification with both faces reconstructed (with --lfw)
 
 
 def unseen_crops(src: str, limit: int, detector: FaceDetector) -> np.ndarray:
@@ -64,6 +72,22 @@ def unseen_crops(src: str, limit: int, detector: FaceDetector) -> np.ndarray:
     if not crops:
         raise InputError(f"no usable face in {src}")
     return np.stack(crops)
+
+
+def lfw_crops(lfw_dir: Path, pairs: list[Pair], detector: FaceDetector) -> tuple[list[str], np.ndarray]:
+    """Aligned crops of the photos of ``pairs`` (a photo without a usable face is left out: its pairs count as misses)."""
+    names, crops = [], []
+    for name in tqdm(sorted({p.a for p in pairs} | {p.b for p in pairs}), desc="align", unit="img", mininterval=5):
+        try:
+            crops.append(align_faces(decode_image((lfw_dir / "images" / name).read_bytes()).rgb, detector)[0].crop)
+        except InputError:
+            continue
+        names.append(name)
+    return names, np.stack(crops)
+
+
+def verification(pairs: list[Pair], names: list[str], embeddings: np.ndarray) -> float:
+    return fold_accuracy(pairs, pair_distances(pairs, dict(zip(names, embeddings))))
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -89,11 +113,31 @@ def invert(model: PriorModel, x: torch.Tensor, steps: int, lr: float = 0.01) -> 
     return w.detach()
 
 
-def _stats(work: str, step: int, method: str, crops: np.ndarray, recon: np.ndarray, ref_emb: np.ndarray, judge: FaceDescriptor) -> PriorStats:
+@dataclass(frozen=True)
+class PriorEvaluation:
+    source: str
+    faces: int
+    results: list[PriorStats]
+    pairs: int | None = None
+    crop_lfw_accuracy: float | None = None  # the same pairs on the uncoded crops: the reference
+
+
+@dataclass(frozen=True)
+class _Faces:
+    crops: np.ndarray
+    embeddings: np.ndarray  # the judge's, of the crops
+    names: list[str] | None = None  # with LFW pairs: the photo of each crop
+    pairs: list[Pair] | None = None
+
+
+def _stats(work: str, step: int, method: str, faces: _Faces, recon: np.ndarray, judge: FaceDescriptor) -> PriorStats:
     a = torch.from_numpy(recon).permute(0, 3, 1, 2).float() / 255
-    b = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
-    dist = np.linalg.norm(judge.embed_crops(recon) - ref_emb, axis=1)
-    return PriorStats(work, step, method, float(psnr(a, b).mean()), float(ms_ssim(a, b).mean()), float(dist.mean()), float((dist < SAME_PERSON).mean()))
+    b = torch.from_numpy(faces.crops).permute(0, 3, 1, 2).float() / 255
+    emb = judge.embed_crops(recon)
+    dist = np.linalg.norm(emb - faces.embeddings, axis=1)
+    acc = verification(faces.pairs, faces.names, emb) if faces.pairs else None
+    return PriorStats(work, step, method, float(psnr(a, b).mean()), float(ms_ssim(a, b).mean()), float(dist.mean()),
+                      float((dist < SAME_PERSON).mean()), acc)
 
 
 def prior_configs(ckpt: Path) -> tuple[GeneratorConfig, EncoderConfig]:
@@ -106,8 +150,10 @@ def prior_configs(ckpt: Path) -> tuple[GeneratorConfig, EncoderConfig]:
 
 
 def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_steps: int = 0, batch: int = 25,
-                    report: str | None = None, gallery: str | None = None) -> list[PriorStats]:
-    """Figures for each work folder's prior; ``gallery``: a PNG of 8 faces, the crop then each prior's reconstructions."""
+                    report: str | None = None, gallery: str | None = None, lfw: str | None = None,
+                    max_pairs_per_fold: int | None = None) -> PriorEvaluation:
+    """Figures for each work folder's prior on ``src`` (or, with ``lfw``, on the photos of the pairs of folds 5-8,
+    adding verification accuracy); ``gallery``: a PNG of 8 faces, the crop then each prior's reconstructions."""
     ckpts = [Path(w) / "prior_ckpt.pt" if Path(w).is_dir() else Path(w) for w in works]
     for c in ckpts:
         if not c.exists():
@@ -119,9 +165,14 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
     from facetier.pipelines.train_cli import EMBEDDED_ALIGNMENT
 
     detector = FaceDetector(replace(EMBEDDED_ALIGNMENT, size=sizes.pop()))  # the framing the priors were trained on
-    crops = unseen_crops(src, limit, detector)
     judge = FaceDescriptor()
-    ref_emb = judge.embed_crops(crops)
+    if lfw:
+        pairs = select_pairs(Path(lfw), EVAL_FOLDS, max_pairs_per_fold)
+        names, crops = lfw_crops(Path(lfw), pairs, detector)
+        faces = _Faces(crops, judge.embed_crops(crops), names, pairs)
+    else:
+        crops = unseen_crops(src, limit, detector)
+        faces = _Faces(crops, judge.embed_crops(crops))
     out, columns = [], [crops]
     for work, ckpt, (gen_cfg, enc_cfg) in zip(works, ckpts, configs):
         model = load_prior(ckpt, gen_cfg, enc_cfg)
@@ -136,19 +187,27 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
                 with torch.no_grad():
                     inverted.append(_as_uint8(model.generator(w)))
         columns.append(np.concatenate(recon))
-        out.append(_stats(work, step, "encoder", crops, columns[-1], ref_emb, judge))
+        out.append(_stats(work, step, "encoder", faces, columns[-1], judge))
         if invert_steps:
             columns.append(np.concatenate(inverted))
-            out.append(_stats(work, step, f"inverted-{invert_steps}", crops, columns[-1], ref_emb, judge))
+            out.append(_stats(work, step, f"inverted-{invert_steps}", faces, columns[-1], judge))
     if gallery:
         rows = np.linspace(0, len(crops) - 1, min(8, len(crops))).astype(int)
         Image.fromarray(np.concatenate([np.concatenate([c[i] for c in columns], 1) for i in rows], 0)).save(gallery)
+    result = PriorEvaluation(lfw or src, len(crops), out)
+    if faces.pairs:
+        result = replace(result, pairs=len(faces.pairs), crop_lfw_accuracy=verification(faces.pairs, faces.names, faces.embeddings))
     if report:
-        Path(report).write_text(json.dumps({"faces": len(crops), "source": src, "results": [asdict(s) for s in out]}, indent=1))
-    return out
+        Path(report).write_text(json.dumps(asdict(result), indent=1))
+    return result
 
 
-def render(stats: list[PriorStats]) -> str:
-    lines = [f"{'prior':<28}{'step':>7}  {'method':<13}{'PSNR dB':>9}{'MS-SSIM':>9}{'dlib dist':>10}{'same':>7}"]
-    lines += [f"{s.work[-28:]:<28}{s.step:>7}  {s.method:<13}{s.psnr_db:>9.2f}{s.ms_ssim:>9.4f}{s.dlib_distance:>10.3f}{s.same_person:>7.0%}" for s in stats]
+def render(evaluation: PriorEvaluation) -> str:
+    lines = [f"{evaluation.faces} unseen faces from {evaluation.source}"]
+    if evaluation.pairs:
+        lines.append(f"LFW: {evaluation.pairs} pairs of folds 5-8; the uncoded crops verify at {evaluation.crop_lfw_accuracy:.2%}")
+    lines += [f"{'prior':<28}{'step':>7}  {'method':<13}{'PSNR dB':>9}{'MS-SSIM':>9}{'dlib dist':>10}{'same':>7}{'LFW':>9}"]
+    for s in evaluation.results:
+        acc = "" if s.lfw_accuracy is None else f"{s.lfw_accuracy:>9.2%}"
+        lines.append(f"{s.work[-28:]:<28}{s.step:>7}  {s.method:<13}{s.psnr_db:>9.2f}{s.ms_ssim:>9.4f}{s.dlib_distance:>10.3f}{s.same_person:>7.0%}{acc}")
     return "\n".join(lines)

@@ -86,9 +86,10 @@ def test_eval_prior_reports_encoder_and_inversion(sample_archive, tmp_path):
     gen, enc, _ = tiny_configs(32)
     faces = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     train_prior(faces, tmp_path / "a", gen, enc, PriorTrainConfig(steps=2, batch_size=4), CPU)
-    stats = evaluate_priors([str(tmp_path / "a")], str(sample_archive), limit=50, invert_steps=30, report=str(tmp_path / "r.json"),
+    evaluation = evaluate_priors([str(tmp_path / "a")], str(sample_archive), limit=50, invert_steps=30, report=str(tmp_path / "r.json"),
                             gallery=str(tmp_path / "g.png"))
-    encoder, inverted = stats
+    encoder, inverted = evaluation.results
+    assert evaluation.pairs is None and encoder.lfw_accuracy is None
     assert (encoder.method, inverted.method, encoder.step) == ("encoder", "inverted-30", 2)
     assert inverted.psnr_db > encoder.psnr_db + 0.5  # optimising W+ against the crop must beat the untrained encoder
     assert 0 <= encoder.same_person <= 1 and encoder.dlib_distance > 0
