@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="prior and gan stages: faces a step (default 8, sized for CPU; a GPU wants 32-64)")
     t.add_argument("--adv-weight", type=float, default=0.02, help="prior stage: weight of the adversarial term (0 turns the discriminator off)")
     t.add_argument("--freeze-generator", action="store_true",
-                   help="prior stage: train the encoder only, against a frozen generator; starts from the `gan` stage's generator")
+                   help="prior stage: train the encoder only (no adversarial term), against a frozen generator: the work folder's "
+                        "prior checkpoint's if there is one, else the `gan` stage's")
     t.add_argument("--out", default="codec/assets/facetier-prior-128.safetensors", help="entropy stage: where to write the bundle")
     t.add_argument("--from-bundle", help="semantic stage: the bundle whose prior it builds on (default: the embedded model)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,24 +65,28 @@ def select_pairs(lfw_dir: Path, folds: tuple[int, ...], max_pairs_per_fold: int 
 
 
 def pair_distances(pairs: list[Pair], vecs: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
-    """L2 distance per pair; a face that could not be embedded counts as maximal distance (a miss, not a skip)."""
+    """L2 distance per pair; NaN where a face could not be embedded (``fold_accuracy`` counts those as wrong)."""
     dist = {}
     for p in pairs:
         va, vb = vecs.get(p.a), vecs.get(p.b)
-        dist[(p.a, p.b)] = float(np.linalg.norm(va - vb)) if va is not None and vb is not None else 9.0
+        dist[(p.a, p.b)] = float(np.linalg.norm(va - vb)) if va is not None and vb is not None else math.nan
     return dist
 
 
 def fold_accuracy(pairs: list[Pair], dist: dict[tuple[str, str], float]) -> float:
-    """Mean over folds of the accuracy at the threshold that is best on the other folds."""
+    """Mean over folds of the accuracy at the threshold that is best on the other folds.
+
+    A pair with a face that could not be embedded is a miss, not a skip: it plays no part in
+    choosing the threshold and counts as wrong, whether its faces are the same person or not.
+    """
     folds = sorted({p.fold for p in pairs})
     accs = []
     for f in folds:
-        train = [(dist[(p.a, p.b)], p.same) for p in pairs if p.fold != f and (p.a, p.b) in dist]
-        test = [(dist[(p.a, p.b)], p.same) for p in pairs if p.fold == f]
+        train = [(d, p.same) for p in pairs if p.fold != f and not math.isnan(d := dist.get((p.a, p.b), math.nan))]
+        test = [(dist.get((p.a, p.b), math.nan), p.same) for p in pairs if p.fold == f]
         cands = sorted({d for d, _ in train})
         best = max(cands, key=lambda t: sum((d <= t) == s for d, s in train)) if cands else 0.6
-        accs.append(np.mean([(d <= best) == s for d, s in test]))
+        accs.append(np.mean([not math.isnan(d) and (d <= best) == s for d, s in test]))
     return float(np.mean(accs))
 
 

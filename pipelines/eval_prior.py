@@ -26,16 +26,15 @@ from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.stylegan import GeneratorConfig
 from facetier.io.images import decode_image
-from facetier.io.sources import SourceRef, list_sources, read_source
 from facetier.pipelines.eval_lfw import (
     Pair,
     fold_accuracy,
     pair_distances,
     select_pairs,
 )
-from facetier.pipelines.train import load_prior
-from facetier.pipelines.train_prior import PriorModel
-from PIL import Image
+from facetier.pipelines.measure import first_faces, save_gallery
+from facetier.pipelines.train import EMBEDDED_ALIGNMENT, load_prior
+from facetier.pipelines.train_prior import PRIOR_CHECKPOINT, PriorModel, to_tensor
 from tqdm import tqdm
 
 from facetier.errors import ConfigError, InputError
@@ -58,22 +57,6 @@ class PriorStats:
     lfw_accuracy: float | None = None  # LFW verification with both faces reconstructed (with --lfw)
 
 
-def unseen_crops(src: str, limit: int, detector: FaceDetector) -> np.ndarray:
-    """Aligned crops of up to ``limit`` evenly spaced sources that have a usable face."""
-    refs = list_sources(src)
-    if len(refs) > limit:
-        refs = [refs[i] for i in np.linspace(0, len(refs) - 1, limit).astype(int)]
-    crops = []
-    for ref in tqdm(refs, desc="align", unit="img", mininterval=5):
-        try:
-            crops.append(align_faces(decode_image(read_source(SourceRef.parse(ref.key))).rgb, detector)[0].crop)
-        except InputError:
-            continue
-    if not crops:
-        raise InputError(f"no usable face in {src}")
-    return np.stack(crops)
-
-
 def lfw_crops(lfw_dir: Path, pairs: list[Pair], detector: FaceDetector) -> tuple[list[str], np.ndarray]:
     """Aligned crops of the photos of ``pairs`` (a photo without a usable face is left out: its pairs count as misses)."""
     names, crops = [], []
@@ -83,6 +66,8 @@ def lfw_crops(lfw_dir: Path, pairs: list[Pair], detector: FaceDetector) -> tuple
         except InputError:
             continue
         names.append(name)
+    if not crops:
+        raise InputError(f"no usable face in the photos of the LFW pairs under {lfw_dir}")
     return names, np.stack(crops)
 
 
@@ -108,7 +93,7 @@ def invert(model: PriorModel, x: torch.Tensor, steps: int, lr: float = 0.01) -> 
         y = model.generator(w)
         loss = (y - x).abs().mean() + 0.5 * (1 - ms_ssim(_to_unit(x), _to_unit(y)).mean())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward(inputs=[w])  # the generator's weights stay fixed: no gradients for them
         opt.step()
     return w.detach()
 
@@ -154,7 +139,7 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
                     max_pairs_per_fold: int | None = None) -> PriorEvaluation:
     """Figures for each work folder's prior on ``src`` (or, with ``lfw``, on the photos of the pairs of folds 5-8,
     adding verification accuracy); ``gallery``: a PNG of 8 faces, the crop then each prior's reconstructions."""
-    ckpts = [Path(w) / "prior_ckpt.pt" if Path(w).is_dir() else Path(w) for w in works]
+    ckpts = [Path(w) / PRIOR_CHECKPOINT if Path(w).is_dir() else Path(w) for w in works]
     for c in ckpts:
         if not c.exists():
             raise ConfigError(f"no prior checkpoint at {c}")
@@ -162,8 +147,6 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
     sizes = {g.size for g, _ in configs}
     if len(sizes) > 1:
         raise ConfigError(f"the priors generate different sizes {sorted(sizes)}; compare priors of one size at a time")
-    from facetier.pipelines.train_cli import EMBEDDED_ALIGNMENT
-
     detector = FaceDetector(replace(EMBEDDED_ALIGNMENT, size=sizes.pop()))  # the framing the priors were trained on
     judge = FaceDescriptor()
     if lfw:
@@ -171,7 +154,7 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
         names, crops = lfw_crops(Path(lfw), pairs, detector)
         faces = _Faces(crops, judge.embed_crops(crops), names, pairs)
     else:
-        crops = unseen_crops(src, limit, detector)
+        crops = first_faces(src, limit, lambda rgb: align_faces(rgb, detector))[0]
         faces = _Faces(crops, judge.embed_crops(crops))
     out, columns = [], [crops]
     for work, ckpt, (gen_cfg, enc_cfg) in zip(works, ckpts, configs):
@@ -179,7 +162,7 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
         step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
         recon, inverted = [], []
         for i in tqdm(range(0, len(crops), batch), desc=f"reconstruct {Path(work).name}", unit="batch"):
-            x = torch.from_numpy(crops[i : i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            x = to_tensor(crops[i : i + batch], torch.device("cpu"))
             with torch.no_grad():
                 recon.append(_as_uint8(model(x)[0]))
             if invert_steps:
@@ -192,8 +175,7 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
             columns.append(np.concatenate(inverted))
             out.append(_stats(work, step, f"inverted-{invert_steps}", faces, columns[-1], judge))
     if gallery:
-        rows = np.linspace(0, len(crops) - 1, min(8, len(crops))).astype(int)
-        Image.fromarray(np.concatenate([np.concatenate([c[i] for c in columns], 1) for i in rows], 0)).save(gallery)
+        save_gallery(gallery, columns, 8)
     result = PriorEvaluation(lfw or src, len(crops), out)
     if faces.pairs:
         result = replace(result, pairs=len(faces.pairs), crop_lfw_accuracy=verification(faces.pairs, faces.names, faces.embeddings))

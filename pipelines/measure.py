@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from facetier.codec.align import AlignedFace
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
@@ -50,22 +52,36 @@ class MeasureReport:
         return "\n".join(lines)
 
 
-def measure_folder(src: str, *, weights: str | None = None, limit: int = 200, gallery: str | None = None, report_path: str | None = None) -> MeasureReport:
-    codec = FaceCodec.load(weights, device="cpu")
+def first_faces(src: str, limit: int, align: Callable[[np.ndarray], list[AlignedFace]]) -> tuple[np.ndarray, list[int], int]:
+    """The first aligned face of up to ``limit`` sources spread evenly over ``src``, their files' sizes,
+    and how many sources had no usable face."""
     refs = list_sources(src)
     if len(refs) > limit:
         refs = [refs[i] for i in np.linspace(0, len(refs) - 1, limit).astype(int)]
-    crops, source_sizes, skipped = [], [], 0
+    crops, sizes, skipped = [], [], 0
     for ref in tqdm(refs, desc="align", unit="img", mininterval=5):
         try:
             data = read_source(SourceRef.parse(ref.key))
-            faces = codec.align(decode_image(data).rgb)
+            faces = align(decode_image(data).rgb)
         except InputError:
             skipped += 1
             continue
         crops.append(faces[0].crop)
-        source_sizes.append(len(data))
-    crops_arr = np.stack(crops)
+        sizes.append(len(data))
+    if not crops:
+        raise InputError(f"no usable face in {src} ({skipped} sources tried)")
+    return np.stack(crops), sizes, skipped
+
+
+def save_gallery(path: str, columns: Sequence[np.ndarray], rows: int) -> None:
+    """A PNG of up to ``rows`` faces spread over the set, one (n, S, S, 3) array per column."""
+    idx = np.linspace(0, len(columns[0]) - 1, min(rows, len(columns[0]))).astype(int)
+    Image.fromarray(np.concatenate([np.concatenate([c[i] for c in columns], 1) for i in idx], 0)).save(path)
+
+
+def measure_folder(src: str, *, weights: str | None = None, limit: int = 200, gallery: str | None = None, report_path: str | None = None) -> MeasureReport:
+    codec = FaceCodec.load(weights, device="cpu")
+    crops_arr, source_sizes, skipped = first_faces(src, limit, codec.align)
     codes = []
     for i in tqdm(range(0, len(crops_arr), 16), desc="encode", unit="batch", mininterval=5):
         codes += codec.encode_crops(crops_arr[i : i + 16])
@@ -83,9 +99,7 @@ def measure_folder(src: str, *, weights: str | None = None, limit: int = 200, ga
         stats.append(PrefixStats(name, cum, cum * 8 / pixels, float(psnr(t, ref_t).mean()), float(ms_ssim(t, ref_t).mean())))
     report = MeasureReport(codec.codec_id, codec.weights_hash, len(codes), skipped, codec.size, float(np.mean(source_sizes)), layer_bytes, stats)
     if gallery:
-        idx = np.linspace(0, len(crops_arr) - 1, min(16, len(crops_arr))).astype(int)
-        rows = [np.concatenate([crops_arr[i]] + [decoded_all[n][i] for n in prefixes], 1) for i in idx]
-        Image.fromarray(np.concatenate(rows, 0)).save(gallery)
+        save_gallery(gallery, [crops_arr, *(decoded_all[n] for n in prefixes)], 16)
     if report_path:
         Path(report_path).write_text(json.dumps(asdict(report), indent=1))
     return report

@@ -34,6 +34,8 @@ from facetier.pipelines.train_semantic import (
 
 log = logging.getLogger(__name__)
 
+EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)  # the framing the embedded prior is trained on
+
 
 def load_prior(ckpt: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig, use_ema: bool = True) -> PriorModel:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

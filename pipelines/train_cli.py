@@ -7,14 +7,17 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from facetier.codec.align import AlignmentConfig
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.model import pick_device
 from facetier.codec.stylegan import GeneratorConfig
-from facetier.pipelines.train import export_bundle, load_prior
+from facetier.pipelines.train import EMBEDDED_ALIGNMENT, export_bundle, load_prior
 from facetier.pipelines.train_data import build_face_cache, read_image_list
 from facetier.pipelines.train_gan import GanTrainConfig, prior_from_gan, train_gan
-from facetier.pipelines.train_prior import PriorTrainConfig, train_prior
+from facetier.pipelines.train_prior import (
+    PRIOR_CHECKPOINT,
+    PriorTrainConfig,
+    train_prior,
+)
 from facetier.pipelines.train_semantic import SemanticTrainConfig
 from tqdm import tqdm
 
@@ -22,7 +25,6 @@ from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)
 EMBEDDED_CODEC_ID = "facetier-prior-128-v1"
 SEMANTIC_CODEC_ID = "facetier-prior-128-v3"
 ENTROPY_FIT_FACES = 6000
@@ -60,13 +62,13 @@ def run_train(a: argparse.Namespace) -> int:
         train_gan(faces, work, gen_cfg, gan_cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
     if a.stage == "prior":
-        if a.freeze_generator and not (work / "prior_ckpt.pt").exists():
+        if a.freeze_generator and not (work / PRIOR_CHECKPOINT).exists():
             prior_from_gan(work, gen_cfg, enc_cfg)
         cfg = PriorTrainConfig(steps=a.steps or 30000, batch_size=a.batch_size or PriorTrainConfig.batch_size,
                                adv_weight=0.0 if a.freeze_generator else a.adv_weight, seed=a.seed, train_generator=not a.freeze_generator)
         train_prior(faces, work, gen_cfg, enc_cfg, cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
-    ckpt = work / "prior_ckpt.pt"
+    ckpt = work / PRIOR_CHECKPOINT
     if not ckpt.exists():
         raise ConfigError(f"no prior checkpoint at {ckpt}; run `facetier train prior` first")
     model = load_prior(ckpt, gen_cfg, enc_cfg)

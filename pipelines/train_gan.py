@@ -8,6 +8,11 @@ generator and its mean W). The shipped prior is the joint autoencoder of ``train
 stage exists so the two can be compared on the same data and compute, and so a GPU session can
 train the adversarial prior the paper relies on.
 
+Two simplifications against the official StyleGAN2 code: the path-length term differentiates
+with respect to W+ and so regularises the synthesis network only (not the mapping network), and
+the lazy regularisers do not rescale Adam's learning rate and betas. The logged ``d_loss``
+includes the R1 term on the steps that apply it.
+
 Runs are seeded and resumable: the real batch for step ``t`` is a pure function of (seed, t)
 (``sample_batch``), and the checkpoint holds G, D, the EMA generator, both optimisers, the
 path-length mean and the step.
@@ -28,9 +33,9 @@ import torch.nn.functional as F
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.stylegan import Generator, GeneratorConfig
 from facetier.pipelines.train_prior import (
+    PRIOR_CHECKPOINT,
     Discriminator,
     PriorModel,
-    PriorTrainConfig,
     ema_update,
     sample_batch,
     to_tensor,
@@ -58,6 +63,7 @@ class GanTrainConfig:
     pl_decay: float = 0.01
     checkpoint_every: int = 250
     seed: int = 0
+    ema_start: int = 500
 
 
 def random_wplus(generator: Generator, batch: int, mixing_prob: float, rng: torch.Generator) -> torch.Tensor:
@@ -120,10 +126,9 @@ def train_gan(faces: np.ndarray, out_dir: Path, gen_cfg: GeneratorConfig, cfg: G
         tmp.replace(ckpt_path)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="gan", unit="step", mininterval=10)
-    prior_cfg = PriorTrainConfig(batch_size=cfg.batch_size, seed=cfg.seed)
     while step < cfg.steps and time.monotonic() < deadline:
         rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        real = to_tensor(sample_batch(faces, step, prior_cfg), device)
+        real = to_tensor(sample_batch(faces, step, cfg.batch_size, cfg.seed), device)
         logs: dict[str, float] = {}
         # discriminator
         with torch.no_grad():
@@ -151,7 +156,7 @@ def train_gan(faces: np.ndarray, out_dir: Path, gen_cfg: GeneratorConfig, cfg: G
         opt_g.step()
         with torch.no_grad():
             w_avg.lerp_(wplus[:, 0].mean(0), 0.005)
-        ema_update(ema, gen, cfg.ema_decay if step > 500 else 0.0)
+        ema_update(ema, gen, cfg.ema_decay if step > cfg.ema_start else 0.0)
         step += 1
         bar.update(1)
         if step % 50 == 0:
@@ -167,7 +172,7 @@ def train_gan(faces: np.ndarray, out_dir: Path, gen_cfg: GeneratorConfig, cfg: G
 
 def prior_from_gan(work: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig) -> Path:
     """Start ``train_prior --freeze-generator``: the GAN's EMA generator, a fresh encoder, W+ mean = the GAN's mean W."""
-    gan_path, ckpt_path = work / GAN_CHECKPOINT, work / "prior_ckpt.pt"
+    gan_path, ckpt_path = work / GAN_CHECKPOINT, work / PRIOR_CHECKPOINT
     if not gan_path.exists():
         raise ConfigError(f"--freeze-generator needs a GAN to start from, and {gan_path} does not exist; run `facetier train gan` first")
     state = torch.load(gan_path, map_location="cpu", weights_only=True)

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+PRIOR_CHECKPOINT = "prior_ckpt.pt"
+
 
 @dataclass(frozen=True)
 class PriorTrainConfig:
@@ -46,6 +48,7 @@ class PriorTrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
     train_generator: bool = True  # False: encoder only, against a frozen generator (e.g. the GAN's)
+    ema_start: int = 500  # the EMA copies the model until this step (its early weights are not worth averaging)
 
 
 class Discriminator(nn.Module):
@@ -85,11 +88,12 @@ def to_tensor(batch_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(batch_uint8)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def sample_batch(faces: np.ndarray, step: int, cfg: PriorTrainConfig) -> np.ndarray:
-    rng = np.random.default_rng([cfg.seed, step])
-    idx = np.sort(rng.choice(len(faces), cfg.batch_size, replace=False))
+def sample_batch(faces: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The training batch of ``step``: a pure function of (seed, step), so a resumed run sees the same batches."""
+    rng = np.random.default_rng([seed, step])
+    idx = np.sort(rng.choice(len(faces), batch_size, replace=False))
     batch = faces[idx]
-    flip = rng.random(cfg.batch_size) < 0.5
+    flip = rng.random(batch_size) < 0.5
     batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
     return batch
 
@@ -121,7 +125,7 @@ def train_prior(
 ) -> Path:
     """Train (or resume) the prior; returns the checkpoint path. Stops at ``cfg.steps`` or the time budget."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "prior_ckpt.pt"
+    ckpt_path = out_dir / PRIOR_CHECKPOINT
     torch.manual_seed(cfg.seed)
     model = PriorModel(gen_cfg, enc_cfg).to(device)
     ema = copy.deepcopy(model).eval()
@@ -160,7 +164,7 @@ def train_prior(
     bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", mininterval=10)
     model.train()
     while step < cfg.steps and time.monotonic() < deadline:
-        x = to_tensor(sample_batch(faces, step, cfg), device)
+        x = to_tensor(sample_batch(faces, step, cfg.batch_size, cfg.seed), device)
         y, w = model(x)
         losses = reconstruction_loss(x, y, w, cfg)
         use_adv = disc is not None and step >= cfg.adv_start
@@ -189,7 +193,7 @@ def train_prior(
             d_loss.backward()
             opt_d.step()
             losses["d_loss"] = d_loss
-        ema_update(ema, model, cfg.ema_decay if step > 500 else 0.0)
+        ema_update(ema, model, cfg.ema_decay if step > cfg.ema_start else 0.0)
         step += 1
         bar.update(1)
         if step % 50 == 0:
