@@ -66,12 +66,12 @@ class ModelConfig:
         )
 
 
-def generator_config_from_json(d: dict) -> GeneratorConfig:
+def generator_config_from_json(d: dict[str, Any]) -> GeneratorConfig:
     """The inverse of ``dataclasses.asdict`` after a JSON round trip (which turns keys into strings)."""
     return GeneratorConfig(**(d | {"channels": {int(k): int(v) for k, v in d["channels"].items()}}))
 
 
-def encoder_config_from_json(d: dict) -> EncoderConfig:
+def encoder_config_from_json(d: dict[str, Any]) -> EncoderConfig:
     return EncoderConfig(**(d | {"stage_channels": tuple(d["stage_channels"]), "stage_units": tuple(d["stage_units"])}))
 
 
