@@ -73,6 +73,11 @@ def pair_distances(pairs: list[Pair], vecs: dict[str, np.ndarray]) -> dict[tuple
     return dist
 
 
+def pairs_missing_a_face(pairs: list[Pair], vecs: dict[str, np.ndarray]) -> int:
+    """How many pairs have a photo without an embedding (each counts as wrong in ``fold_accuracy``)."""
+    return sum(p.a not in vecs or p.b not in vecs for p in pairs)
+
+
 def fold_accuracy(pairs: list[Pair], dist: dict[tuple[str, str], float]) -> float:
     """Mean over folds of the accuracy at the threshold that is best on the other folds.
 
@@ -95,6 +100,7 @@ class LfwReport:
     pairs: int
     folds: tuple[int, ...]
     accuracy: dict[str, float]
+    pairs_missing_a_face: dict[str, int]  # per variant; those pairs count as wrong
     mean_bytes: dict[str, float]
     source_bytes_mean: float
 
@@ -132,7 +138,8 @@ def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int,
     for layer in [*codec.plan.names, RESIDUAL]:
         cum += float(np.mean(sizes[layer])) if sizes[layer] else 0.0
         mean_bytes[layer] = cum
-    out = LfwReport(len(pairs), folds, acc, mean_bytes, float(np.mean(src_sizes)))
+    missing = {v: pairs_missing_a_face(pairs, vecs[v]) for v in variants}
+    out = LfwReport(len(pairs), folds, acc, missing, mean_bytes, float(np.mean(src_sizes)))
     if report:
         Path(report).write_text(json.dumps(asdict(out), indent=1))
     return out
@@ -144,4 +151,7 @@ def render(r: LfwReport) -> str:
         b = r.mean_bytes.get(k)
         lines.append(f"{k:<18}{100 * a:>8.2f}%{'' if b is None else f'{b:>12.1f}'}")
     lines.append(f"source JPEG mean {r.source_bytes_mean:.0f} bytes")
+    misses = {k: n for k, n in r.pairs_missing_a_face.items() if n}
+    if misses:
+        lines.append("pairs with a photo that has no face (counted wrong): " + ", ".join(f"{k} {n}" for k, n in misses.items()))
     return "\n".join(lines)

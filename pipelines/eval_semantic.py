@@ -35,7 +35,12 @@ from facetier.io.table import (
     Table,
 )
 from facetier.pipelines.decode_job import run_query
-from facetier.pipelines.eval_lfw import fold_accuracy, pair_distances, select_pairs
+from facetier.pipelines.eval_lfw import (
+    fold_accuracy,
+    pair_distances,
+    pairs_missing_a_face,
+    select_pairs,
+)
 from facetier.pipelines.train_data import read_image_list
 from facetier.pipelines.train_semantic import read_utk_labels
 from tqdm import tqdm
@@ -133,9 +138,12 @@ def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int |
             v = dlib.photo_embedding(rgb)
             if v is not None:
                 orig[name] = v
-    out = {"pairs": len(pairs), "base identity embedding": fold_accuracy(pairs, pair_distances(pairs, base))}
+    out = {"pairs": len(pairs), "base identity embedding": fold_accuracy(pairs, pair_distances(pairs, base)),
+           "pairs missing a face (counted wrong)": {"base identity embedding": pairs_missing_a_face(pairs, base)}}
     if dlib is not None:
         out["dlib on original photos"] = fold_accuracy(pairs, pair_distances(pairs, orig))
+        out["pairs missing a face (counted wrong)"]["dlib on original photos"] = pairs_missing_a_face(pairs, orig)
+        out["photos without a dlib face"] = len(images) - len(orig)
     return out
 
 
