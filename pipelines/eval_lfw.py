@@ -25,6 +25,9 @@ from facetier.errors import InputError
 log = logging.getLogger(__name__)
 
 
+EVAL_FOLDS = (5, 6, 7, 8)  # the pairs whose identities are exactly eval_images.txt: no facetier model trains on them
+
+
 @dataclass(frozen=True)
 class Pair:
     fold: int
@@ -105,7 +108,7 @@ class LfwReport:
     source_bytes_mean: float
 
 
-def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int, ...] = (5, 6, 7, 8), max_pairs_per_fold: int | None = None, report: str | None = None) -> LfwReport:
+def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int, ...] = EVAL_FOLDS, max_pairs_per_fold: int | None = None, report: str | None = None) -> LfwReport:
     pairs = select_pairs(lfw_dir, folds, max_pairs_per_fold)
     codec = FaceCodec.load(weights, device="cpu")
     emb = FaceDescriptor()

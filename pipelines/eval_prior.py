@@ -27,6 +27,7 @@ from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.stylegan import GeneratorConfig
 from facetier.io.images import decode_image
 from facetier.pipelines.eval_lfw import (
+    EVAL_FOLDS,
     Pair,
     fold_accuracy,
     pair_distances,
@@ -34,7 +35,13 @@ from facetier.pipelines.eval_lfw import (
 )
 from facetier.pipelines.measure import first_faces, save_gallery
 from facetier.pipelines.train import EMBEDDED_ALIGNMENT, load_prior
-from facetier.pipelines.train_prior import PRIOR_CHECKPOINT, PriorModel, to_tensor
+from facetier.pipelines.train_prior import (
+    PRIOR_CHECKPOINT,
+    PriorModel,
+    PriorTrainConfig,
+    reconstruction_loss,
+    to_tensor,
+)
 from tqdm import tqdm
 
 from facetier.errors import ConfigError, InputError
@@ -42,7 +49,6 @@ from facetier.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 SAME_PERSON = 0.6  # dlib's own threshold for its 128-d embedding
-EVAL_FOLDS = (5, 6, 7, 8)  # the pairs whose identities no facetier model trains on
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,11 @@ def verification(pairs: list[Pair], names: list[str], embeddings: np.ndarray) ->
     return fold_accuracy(pairs, pair_distances(pairs, dict(zip(names, embeddings))))
 
 
-def _to_unit(images: torch.Tensor) -> torch.Tensor:
-    return images.clamp(-1, 1).add(1).div(2)
-
-
 def _as_uint8(images: torch.Tensor) -> np.ndarray:
-    return _to_unit(images).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    return images.clamp(-1, 1).add(1).div(2).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+INVERSION_LOSS = PriorTrainConfig(w_delta_weight=0.0)  # the prior's reconstruction loss, without its W+ compressibility term
 
 
 def invert(model: PriorModel, x: torch.Tensor, steps: int, lr: float = 0.01) -> torch.Tensor:
@@ -90,8 +95,7 @@ def invert(model: PriorModel, x: torch.Tensor, steps: int, lr: float = 0.01) -> 
     w = w.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
     for _ in range(steps):
-        y = model.generator(w)
-        loss = (y - x).abs().mean() + 0.5 * (1 - ms_ssim(_to_unit(x), _to_unit(y)).mean())
+        loss = reconstruction_loss(x, model.generator(w), w, INVERSION_LOSS)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward(inputs=[w])  # the generator's weights stay fixed: no gradients for them
         opt.step()
@@ -158,8 +162,7 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
         faces = _Faces(crops, judge.embed_crops(crops))
     out, columns = [], [crops]
     for work, ckpt, (gen_cfg, enc_cfg) in zip(works, ckpts, configs):
-        model = load_prior(ckpt, gen_cfg, enc_cfg)
-        step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+        model, step = load_prior(ckpt, gen_cfg, enc_cfg)
         recon, inverted = [], []
         for i in tqdm(range(0, len(crops), batch), desc=f"reconstruct {Path(work).name}", unit="batch"):
             x = to_tensor(crops[i : i + batch], torch.device("cpu"))

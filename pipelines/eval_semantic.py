@@ -36,6 +36,7 @@ from facetier.io.table import (
 )
 from facetier.pipelines.decode_job import run_query
 from facetier.pipelines.eval_lfw import (
+    EVAL_FOLDS,
     fold_accuracy,
     pair_distances,
     pairs_missing_a_face,
@@ -122,7 +123,7 @@ def eval_utk(codec: FaceCodec, utk_dir: Path, limit: int | None) -> tuple[dict, 
 
 
 def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int | None, peer: bool) -> dict:
-    pairs = select_pairs(lfw_dir, (5, 6, 7, 8), max_pairs_per_fold)
+    pairs = select_pairs(lfw_dir, EVAL_FOLDS, max_pairs_per_fold)
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     dlib = FaceDescriptor() if peer else None
     base: dict[str, np.ndarray] = {}

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)  # the framing the embedded prior is trained on
 
 
-def load_prior(ckpt: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig, use_ema: bool = True) -> PriorModel:
+def load_prior(ckpt: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig, use_ema: bool = True) -> tuple[PriorModel, int]:
+    """The prior of a `train prior` checkpoint (EMA weights by default) and the step it was saved at."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model = PriorModel(gen_cfg, enc_cfg)
     model.load_state_dict(state["ema" if use_ema else "model"])
-    return model.eval()
+    return model.eval(), int(state["step"])
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ def run_train(a: argparse.Namespace) -> int:
     ckpt = work / PRIOR_CHECKPOINT
     if not ckpt.exists():
         raise ConfigError(f"no prior checkpoint at {ckpt}; run `facetier train prior` first")
-    model = load_prior(ckpt, gen_cfg, enc_cfg)
+    model, _ = load_prior(ckpt, gen_cfg, enc_cfg)
     rng = np.random.default_rng(a.seed)
     subset = np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
     digest = export_bundle(model, faces[subset], Path(a.out), codec_id=EMBEDDED_CODEC_ID, alignment=EMBEDDED_ALIGNMENT)

@@ -38,6 +38,7 @@ from facetier.pipelines.train_prior import (
     PriorModel,
     ema_update,
     sample_batch,
+    save_checkpoint,
     to_tensor,
 )
 from tqdm import tqdm
@@ -121,9 +122,7 @@ def train_gan(faces: np.ndarray, out_dir: Path, gen_cfg: GeneratorConfig, cfg: G
     def save() -> None:
         state = {"generator": gen.state_dict(), "disc": disc.state_dict(), "ema": ema.state_dict(), "opt_g": opt_g.state_dict(),
                  "opt_d": opt_d.state_dict(), "pl_mean": pl_mean, "w_avg": w_avg, "step": torch.tensor(step)}
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
+        save_checkpoint(state, ckpt_path)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="gan", unit="step", mininterval=10)
     while step < cfg.steps and time.monotonic() < deadline:
@@ -180,8 +179,6 @@ def prior_from_gan(work: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig)
     model.generator.load_state_dict(state["ema"])
     with torch.no_grad():
         model.latent_avg.copy_(state["w_avg"][None].repeat(gen_cfg.n_latent, 1))
-    tmp = ckpt_path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": torch.tensor(0)}, tmp)
-    tmp.replace(ckpt_path)
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": torch.tensor(0)}, ckpt_path)
     log.info("encoder training starts from the GAN at step %d (%s)", int(state["step"]), gan_path)
     return ckpt_path

@@ -106,6 +106,13 @@ def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cfg: 
     return {"loss": total, "l1": l1, "ms_ssim_loss": ms, "w_delta": delta}
 
 
+def save_checkpoint(state: dict[str, object], path: Path) -> None:
+    """Write atomically: a kill mid-save never leaves a broken checkpoint behind."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -157,9 +164,7 @@ def train_prior(
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step)}
         if disc is not None:
             state |= {"disc": disc.state_dict(), "opt_d": opt_d.state_dict()}
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)  # atomic: a kill mid-save never leaves a broken checkpoint
+        save_checkpoint(state, ckpt_path)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", mininterval=10)
     model.train()
