@@ -1,0 +1,1 @@
+"""The jobs: production (``jobs``), training (``training``) and evaluation (``evaluation``); see ARCHITECTURE.md."""

@@ -11,7 +11,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from facetier.pipelines.train import make_random_bundle
+    from facetier.pipelines.training.bundles import make_random_bundle
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     make_random_bundle(path, size=32, seed=0)
@@ -34,14 +34,14 @@ def embedded_codec():
 
 @pytest.fixture(scope="session")
 def generated_faces(embedded_codec) -> np.ndarray:
-    from facetier.pipelines.sample_archive import sample_faces
+    from facetier.pipelines.jobs.sample_archive import sample_faces
 
     return sample_faces(embedded_codec, 4, seed=1)
 
 
 @pytest.fixture(scope="session")
 def sample_archive(tmp_path_factory: pytest.TempPathFactory, embedded_codec) -> Path:
-    from facetier.pipelines.sample_archive import build_sample_archive
+    from facetier.pipelines.jobs.sample_archive import build_sample_archive
 
     out = tmp_path_factory.mktemp("sample") / "archive"
     build_sample_archive(out, embedded_codec, n_faces=5, seed=0)

@@ -99,7 +99,7 @@ def test_not_a_stream_raises(tiny_codec):
 
 def test_wrong_weights_raise(tiny_codec, crops, tmp_path):
     from facetier.codec.model import FaceCodec
-    from facetier.pipelines.train import make_random_bundle
+    from facetier.pipelines.training.bundles import make_random_bundle
 
     other_path = tmp_path / "other.safetensors"
     make_random_bundle(other_path, size=32, seed=7, entropy_steps=5)

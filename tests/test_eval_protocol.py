@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from facetier.pipelines.eval_lfw import (
+from facetier.pipelines.evaluation.protocol import (
     Pair,
     fold_accuracy,
     pair_distances,
     pairs_missing_a_face,
     select_pairs,
 )
-from facetier.pipelines.train import tiny_configs
-from facetier.pipelines.train_prior import PriorTrainConfig, train_prior
+from facetier.pipelines.training.bundles import tiny_configs
+from facetier.pipelines.training.prior import PriorTrainConfig, train_prior
 
 from facetier.errors import InputError
 
@@ -84,7 +84,7 @@ def test_select_pairs_reads_lfw_folds(tiny_lfw):
 
 
 def test_eval_prior_on_lfw_pairs_counts_a_faceless_photo_as_a_miss(tiny_lfw, tmp_path):
-    from facetier.pipelines.eval_prior import evaluate_priors
+    from facetier.pipelines.evaluation.prior_reconstruction import evaluate_priors
 
     gen, enc, _ = tiny_configs(32)
     faces = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -98,7 +98,7 @@ def test_eval_prior_on_lfw_pairs_counts_a_faceless_photo_as_a_miss(tiny_lfw, tmp
 
 def test_lfw_pairs_without_any_face_are_an_input_error(tiny_lfw):
     from facetier.codec.align import FaceDetector
-    from facetier.pipelines.eval_prior import lfw_crops
+    from facetier.pipelines.evaluation.protocol import lfw_crops
 
     only_dan = [Pair(8, "Dan/Dan_0001.jpg", "Dan/Dan_0001.jpg", True)]
     with pytest.raises(InputError, match="no usable face"):
@@ -109,7 +109,7 @@ def test_measure_reports_every_prefix_and_accounts_for_every_source(sample_archi
     import json
 
     from facetier.io.sources import list_sources
-    from facetier.pipelines.measure import measure_folder
+    from facetier.pipelines.evaluation.measure import measure_folder
     from PIL import Image
 
     report = measure_folder(str(sample_archive), weights=str(tiny_bundle), gallery=str(tmp_path / "g.png"), report_path=str(tmp_path / "m.json"))
@@ -124,7 +124,7 @@ def test_measure_reports_every_prefix_and_accounts_for_every_source(sample_archi
 
 
 def test_eval_semantic_renders_lfw_accuracies_and_miss_counts():
-    from facetier.pipelines.eval_semantic import SemanticReport, render
+    from facetier.pipelines.evaluation.semantic_base import SemanticReport, render
 
     lfw = {"pairs": 2400, "base identity embedding": 0.9646, "pairs missing a face (counted wrong)": {"base identity embedding": 0, "dlib on original photos": 15},
            "dlib on original photos": 0.9796, "photos without a dlib face": 11}

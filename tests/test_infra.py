@@ -83,9 +83,9 @@ def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
         WorkerOptions,
     )
     from facetier.codec.align import AlignmentConfig
-    from facetier.pipelines.dataflow import dataflow_pipeline_args, read_env
-    from facetier.pipelines.engine_beam import build_pipeline
-    from facetier.pipelines.records import JobContext, ShardSpec
+    from facetier.pipelines.jobs.dataflow import dataflow_pipeline_args, read_env
+    from facetier.pipelines.jobs.beam_engine import build_pipeline
+    from facetier.pipelines.jobs.records import JobContext, ShardSpec
 
     env = read_env(INFRA / "dataflow" / "encode.env")
     args = dataflow_pipeline_args(env)
@@ -102,13 +102,13 @@ def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
     names = {t.unique_name for t in proto.components.transforms.values()}
     assert any("Encode" in n for n in names) and any("ByShard" in n for n in names)
     launch = (INFRA / "dataflow" / "launch.sh").read_text()
-    assert "facetier.pipelines.dataflow" in launch and "--engine beam" in launch
+    assert "facetier.pipelines.jobs.dataflow" in launch and "--engine beam" in launch
 
 
 def test_warehouse_ddl_lists_exactly_the_committed_base_files(tmp_path, sample_archive):
     from facetier.io.table import Table
-    from facetier.pipelines.encode_job import EncodeOptions, run_encode
-    from facetier.pipelines.warehouse import bigquery_ddl
+    from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+    from facetier.pipelines.jobs.warehouse import bigquery_ddl
 
     root = str(tmp_path / "t")
     run_encode(str(sample_archive), root, EncodeOptions(shard_size=4, progress=False))

@@ -83,7 +83,7 @@ def test_bad_bytes_are_typed_errors(data, error):
 def test_pixel_limit_guards_against_bombs():
     with pytest.raises(ImageTooLargeError):
         decode_image(_jpeg(np.zeros((100, 100, 3), np.uint8)), max_pixels=5000)
-    from facetier.pipelines.sample_archive import _png_bomb
+    from facetier.pipelines.jobs.sample_archive import _png_bomb
 
     with pytest.raises(ImageTooLargeError):
         decode_image(_png_bomb())

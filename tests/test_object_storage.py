@@ -13,8 +13,9 @@ import fsspec
 import pytest
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.table import Table
-from facetier.pipelines.decode_job import run_decode, run_query
-from facetier.pipelines.encode_job import EncodeOptions, run_encode
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.decode import run_decode
+from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 
 
 def _free_port() -> int:

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from facetier.io.reader import read_family
 from facetier.io.table import Table
-from facetier.pipelines.decode_job import run_decode, run_query
-from facetier.pipelines.encode_job import EncodeOptions, run_encode
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.decode import run_decode
+from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 
 from facetier.errors import ConcurrentCommitError
 
@@ -166,7 +167,7 @@ def test_killed_run_resumes_to_the_same_table(sample_archive, tmp_path, local_ta
     ref_root, _ = local_table
     root = str(tmp_path / "killed")
     code = (
-        "from facetier.pipelines.encode_job import run_encode, EncodeOptions;"
+        "from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
         f"run_encode({str(sample_archive)!r}, {root!r}, EncodeOptions(engine='local', shard_size=3, progress=False))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)

@@ -8,10 +8,11 @@ import pytest
 from facetier.codec.semantic import parse_edits
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.table import Table
-from facetier.pipelines.analytics import edit, search
-from facetier.pipelines.decode_job import run_query
-from facetier.pipelines.encode_job import EncodeOptions, run_encode
-from facetier.pipelines.eval_semantic import replicate_base_rows
+from facetier.pipelines.jobs.analytics import search
+from facetier.pipelines.jobs.edit import edit
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+from facetier.pipelines.evaluation.semantic_base import replicate_base_rows
 from PIL import Image
 
 from facetier.errors import ConfigError
@@ -88,7 +89,7 @@ def test_attribute_query_reads_only_the_columns_it_names(table, tmp_path):
 
 def test_referenced_columns_is_a_superset_and_expands_star():
     from facetier.io.table import BASE_SCHEMA
-    from facetier.pipelines.decode_job import referenced_columns
+    from facetier.pipelines.jobs.analytics import referenced_columns
 
     assert referenced_columns("select count(*), avg(AGE) from basic where smile > 1", BASE_SCHEMA) == ["age", "smile"]
     assert referenced_columns("select * from basic", BASE_SCHEMA) == BASE_SCHEMA.names
@@ -152,7 +153,7 @@ def test_descriptors_from_the_cpu_stage_give_the_same_bytes(embedded_codec, gene
 
 
 def test_prepared_faces_carry_the_descriptor(sample_archive, embedded_codec):
-    from facetier.pipelines.records import FacePreparer, JobContext
+    from facetier.pipelines.jobs.records import FacePreparer, JobContext
 
     cfg = embedded_codec.config
     ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), frozenset(), descriptor=cfg.semantic.descriptor)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from facetier.codec.face_descriptor import DESCRIPTOR_ID, FaceDescriptor
 from facetier.codec.semantic import SemanticConfig
-from facetier.pipelines.train_semantic import (
+from facetier.pipelines.training.semantic_fit import (
     PixelInputs,
     SemanticLabels,
     SemanticTrainConfig,
@@ -62,7 +62,7 @@ def test_edit_term_makes_an_attribute_move_follow_its_direction(gain):
 
 
 def test_training_settings_parse_and_refuse_unknown_names():
-    from facetier.pipelines.train_cli import with_overrides
+    from facetier.pipelines.training.stages import with_overrides
 
     cfg = with_overrides(SemanticTrainConfig(), ["lambda_id=100", "edit_gain = 1.5"])
     assert cfg.lambda_id == 100.0 and cfg.edit_gain == 1.5

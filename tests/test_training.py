@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from facetier.pipelines.train import tiny_configs
-from facetier.pipelines.train_gan import GanTrainConfig, prior_from_gan, train_gan
-from facetier.pipelines.train_prior import PriorTrainConfig, train_prior
+from facetier.pipelines.training.bundles import tiny_configs
+from facetier.pipelines.training.gan import GanTrainConfig, prior_from_gan, train_gan
+from facetier.pipelines.training.prior import PriorTrainConfig, train_prior
 
 from facetier.errors import ConfigError
 
@@ -77,22 +77,22 @@ def test_encoder_trains_against_the_frozen_gan_generator(faces, tmp_path):
 
 
 def test_freeze_generator_needs_a_gan_and_the_prior_stage(tmp_path):
-    from facetier.pipelines import train_cli
+    from facetier.pipelines.training import stages as train_stages
 
     gen, enc, _ = tiny_configs(32)
     with pytest.raises(ConfigError, match="train gan"):
         prior_from_gan(tmp_path, gen, enc)
     args = argparse.Namespace(stage="entropy", freeze_generator=True, overrides=[], batch_size=None)
     with pytest.raises(ConfigError, match="prior stage only"):
-        train_cli.run_train(args)
+        train_stages.run_train(args)
     with pytest.raises(ConfigError, match="prior and gan stages only"):
-        train_cli.run_train(argparse.Namespace(stage="semantic", freeze_generator=False, overrides=[], batch_size=32))
+        train_stages.run_train(argparse.Namespace(stage="semantic", freeze_generator=False, overrides=[], batch_size=32))
 
 
 def test_eval_prior_reports_encoder_and_inversion(sample_archive, tmp_path):
     import json
 
-    from facetier.pipelines.eval_prior import evaluate_priors
+    from facetier.pipelines.evaluation.prior_reconstruction import evaluate_priors
 
     gen, enc, _ = tiny_configs(32)
     faces = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -125,12 +125,12 @@ def test_freezing_the_generator_of_a_joint_run_continues_with_a_fresh_optimiser(
 def test_cli_gan_then_frozen_encoder(tmp_path, monkeypatch):
     """`train gan` then `train prior --freeze-generator` through the CLI glue: the encoder starts
     from the GAN's EMA generator and trains without the adversarial term."""
-    from facetier.pipelines import train_cli
+    from facetier.pipelines.training import stages as train_stages
 
-    monkeypatch.setattr(train_cli, "_faces", lambda a: np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8))
+    monkeypatch.setattr(train_stages, "_faces", lambda a: np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8))
     common = {"work": str(tmp_path), "steps": 1, "minutes": None, "batch_size": 2, "device": "cpu", "seed": 0, "overrides": [], "adv_weight": 0.02}
-    assert train_cli.run_train(argparse.Namespace(stage="gan", freeze_generator=False, **common)) == 0
-    assert train_cli.run_train(argparse.Namespace(stage="prior", freeze_generator=True, **common)) == 0
+    assert train_stages.run_train(argparse.Namespace(stage="gan", freeze_generator=False, **common)) == 0
+    assert train_stages.run_train(argparse.Namespace(stage="prior", freeze_generator=True, **common)) == 0
     prior, gan = _state(tmp_path / "prior_ckpt.pt"), _state(tmp_path / "gan_ckpt.pt")
     assert "disc" not in prior and int(prior["step"]) == 1
     assert all(torch.equal(prior["model"][f"generator.{k}"], v) for k, v in gan["ema"].items())

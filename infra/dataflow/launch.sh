@@ -4,5 +4,5 @@
 set -euo pipefail
 source "${1:-$(dirname "$0")/encode.env}"
 ENV_FILE="${1:-$(dirname "$0")/encode.env}"
-mapfile -t BEAM_ARGS < <(python3 -m facetier.pipelines.dataflow "$ENV_FILE")
+mapfile -t BEAM_ARGS < <(python3 -m facetier.pipelines.jobs.dataflow "$ENV_FILE")
 exec facetier encode "$SOURCE" "$TABLE" --engine beam --shard-size 256 --batch-size 64 "${BEAM_ARGS[@]}"

@@ -1,4 +1,4 @@
-"""``facetier train STAGE``: glue between the CLI and the training stages."""
+"""``facetier train STAGE``: from parsed arguments to a training stage (face cache, stage, bundle export)."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,15 @@ import numpy as np
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.model import pick_device
 from facetier.codec.stylegan import GeneratorConfig
-from facetier.pipelines.train import EMBEDDED_ALIGNMENT, export_bundle, load_prior
-from facetier.pipelines.train_data import build_face_cache, read_image_list
-from facetier.pipelines.train_gan import GanTrainConfig, prior_from_gan, train_gan
-from facetier.pipelines.train_prior import (
+from facetier.pipelines.training.bundles import EMBEDDED_ALIGNMENT, export_bundle, load_prior
+from facetier.pipelines.training.data import build_face_cache, read_image_list
+from facetier.pipelines.training.gan import GanTrainConfig, prior_from_gan, train_gan
+from facetier.pipelines.training.prior import (
     PRIOR_CHECKPOINT,
     PriorTrainConfig,
     train_prior,
 )
-from facetier.pipelines.train_semantic import SemanticTrainConfig
+from facetier.pipelines.training.semantic_fit import SemanticTrainConfig
 from tqdm import tqdm
 
 from facetier.errors import ConfigError
@@ -112,9 +112,9 @@ def _train_semantic(a: argparse.Namespace, faces: np.ndarray, work: Path) -> int
     from facetier.codec.face_descriptor import DESCRIPTOR_ID
     from facetier.codec.model import FaceCodec, embedded_weights_path
     from facetier.codec.semantic import SemanticConfig
-    from facetier.pipelines.face_labels import measure_crops
-    from facetier.pipelines.train import export_semantic_bundle
-    from facetier.pipelines.train_semantic import build_labels, expression_ranges
+    from facetier.pipelines.training.face_labels import measure_crops
+    from facetier.pipelines.training.bundles import export_semantic_bundle
+    from facetier.pipelines.training.semantic_fit import build_labels, expression_ranges
 
     source = Path(a.from_bundle) if a.from_bundle else embedded_weights_path()
     bundle = load_bundle(source)

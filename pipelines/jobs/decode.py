@@ -1,34 +1,28 @@
-"""On-demand decode: face ids -> images at a chosen layer prefix, and the SQL query job."""
+"""On-demand decode: face ids -> images at a chosen layer prefix, or the source files."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
-import pyarrow as pa
 from facetier.codec.layers import ORIGINAL, LayerCode, LayeredCode
 from facetier.codec.model import FaceCodec
 from facetier.io.images import sniff_format
-from facetier.io.reader import ByteCounter, read_family
+from facetier.io.reader import read_family
 from facetier.io.table import (
-    BASE_FAMILY,
     INDEX_FAMILY,
     LAYER_FAMILIES,
     ORIGINAL_FAMILY,
     Manifest,
     Table,
-    family_schema,
 )
 from PIL import Image
 
-from facetier.errors import ConfigError, MissingLayerError, QueryError
+from facetier.errors import ConfigError, MissingLayerError
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -97,45 +91,3 @@ def layered_codes(table: Table, rows: list[dict], families: Sequence[str], *, ma
             layers.append(LayerCode(fam, payloads[r["face_id"]][fam]))
         codes.append(LayeredCode(r["codec_id"], r["weights_hash"], tuple(layers)))
     return codes
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    table: pa.Table
-    bytes_read: int
-    table_bytes: int
-
-
-def sql_words(sql: str) -> set[str]:
-    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
-
-
-def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
-    """The family's columns the SQL could touch: a superset (every matching word), so reads stay correct.
-
-    Reading only these keeps an attribute query from pulling payloads and identity embeddings.
-    """
-    words = sql_words(sql)
-    if re.search(r"(^|[\s,.])\*", sql):  # SELECT *, t.*, ", *" - but not count(*)
-        return list(schema.names)
-    return [n for n in schema.names if n.lower() in words]
-
-
-def run_query(table_root: str, sql: str) -> QueryResult:
-    """SQL (DuckDB) over the faces index (``faces``) and the base family (``basic``) only."""
-    table = Table(table_root)
-    manifest = table.manifest()
-    counter = ByteCounter()
-    words = sql_words(sql)
-    # closed explicitly: a connection left to interpreter teardown can abort the process on exit
-    with duckdb.connect() as con:
-        for family in (INDEX_FAMILY, BASE_FAMILY):
-            if family not in words:
-                continue
-            cols = referenced_columns(sql, family_schema(family)) or ["face_id"]
-            con.register(family, read_family(table, family, manifest=manifest, columns=cols, counter=counter))
-        try:
-            result = con.sql(sql).to_arrow_table()
-        except duckdb.Error as exc:
-            raise QueryError(str(exc)) from exc
-    return QueryResult(result, counter.total, sum(table.family_bytes(manifest).values()))

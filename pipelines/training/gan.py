@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.stylegan import Generator, GeneratorConfig
-from facetier.pipelines.train_prior import (
+from facetier.pipelines.training.prior import (
     PRIOR_CHECKPOINT,
     Discriminator,
     PriorModel,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from facetier.codec import entropy as ent
 from facetier.codec.semantic import SemanticConfig, SemanticNet, crops_to_tensor
-from facetier.pipelines.face_labels import MEASURED
+from facetier.pipelines.training.face_labels import MEASURED
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm

@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from facetier.codec.align import AlignedFace
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
-from facetier.io.images import decode_image
-from facetier.io.sources import SourceRef, list_sources, read_source
-from PIL import Image
+from facetier.pipelines.evaluation.protocol import first_faces, save_gallery
 from tqdm import tqdm
 
-from facetier.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +45,6 @@ class MeasureReport:
                  f"{'prefix':<10}{'bytes':>10}{'bpp':>10}{'PSNR dB':>10}{'MS-SSIM':>10}"]
         lines += [f"{p.prefix:<10}{p.bytes_mean:>10.1f}{p.bpp:>10.4f}{p.psnr_db:>10.2f}{p.ms_ssim:>10.4f}" for p in self.prefixes]
         return "\n".join(lines)
-
-
-def first_faces(src: str, limit: int, align: Callable[[np.ndarray], list[AlignedFace]]) -> tuple[np.ndarray, list[int], int]:
-    """The first aligned face of up to ``limit`` sources spread evenly over ``src``, their files' sizes,
-    and how many sources had no usable face."""
-    refs = list_sources(src)
-    if len(refs) > limit:
-        refs = [refs[i] for i in np.linspace(0, len(refs) - 1, limit).astype(int)]
-    crops, sizes, skipped = [], [], 0
-    for ref in tqdm(refs, desc="align", unit="img", mininterval=5):
-        try:
-            data = read_source(SourceRef.parse(ref.key))
-            faces = align(decode_image(data).rgb)
-        except InputError:
-            skipped += 1
-            continue
-        crops.append(faces[0].crop)
-        sizes.append(len(data))
-    if not crops:
-        raise InputError(f"no usable face in {src} ({skipped} sources tried)")
-    return np.stack(crops), sizes, skipped
-
-
-def save_gallery(path: str, columns: Sequence[np.ndarray], rows: int) -> None:
-    """A PNG of up to ``rows`` faces spread over the set, one (n, S, S, 3) array per column."""
-    idx = np.linspace(0, len(columns[0]) - 1, min(rows, len(columns[0]))).astype(int)
-    Image.fromarray(np.concatenate([np.concatenate([c[i] for c in columns], 1) for i in idx], 0)).save(path)
 
 
 def measure_folder(src: str, *, weights: str | None = None, limit: int = 200, gallery: str | None = None, report_path: str | None = None) -> MeasureReport:

@@ -34,16 +34,16 @@ from facetier.io.table import (
     ShardEntry,
     Table,
 )
-from facetier.pipelines.decode_job import run_query
-from facetier.pipelines.eval_lfw import (
+from facetier.pipelines.evaluation.protocol import (
     EVAL_FOLDS,
     fold_accuracy,
     pair_distances,
     pairs_missing_a_face,
     select_pairs,
 )
-from facetier.pipelines.train_data import read_image_list
-from facetier.pipelines.train_semantic import read_utk_labels
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.training.data import read_image_list
+from facetier.pipelines.training.semantic_fit import read_utk_labels
 from tqdm import tqdm
 
 from facetier.errors import ConfigError, InputError

@@ -25,17 +25,18 @@ from facetier.codec.encoder import EncoderConfig
 from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.stylegan import GeneratorConfig
-from facetier.io.images import decode_image
-from facetier.pipelines.eval_lfw import (
+from facetier.pipelines.evaluation.protocol import (
     EVAL_FOLDS,
+    SAME_PERSON,
     Pair,
-    fold_accuracy,
-    pair_distances,
+    first_faces,
+    lfw_crops,
+    save_gallery,
     select_pairs,
+    verification,
 )
-from facetier.pipelines.measure import first_faces, save_gallery
-from facetier.pipelines.train import EMBEDDED_ALIGNMENT, load_prior
-from facetier.pipelines.train_prior import (
+from facetier.pipelines.training.bundles import EMBEDDED_ALIGNMENT, load_prior
+from facetier.pipelines.training.prior import (
     PRIOR_CHECKPOINT,
     PriorModel,
     PriorTrainConfig,
@@ -44,12 +45,9 @@ from facetier.pipelines.train_prior import (
 )
 from tqdm import tqdm
 
-from facetier.errors import ConfigError, InputError
+from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-SAME_PERSON = 0.6  # dlib's own threshold for its 128-d embedding
-
 
 @dataclass(frozen=True)
 class PriorStats:
@@ -61,24 +59,6 @@ class PriorStats:
     dlib_distance: float  # mean distance between the crop's and the reconstruction's embedding
     same_person: float  # share of reconstructions dlib still calls the same person
     lfw_accuracy: float | None = None  # LFW verification with both faces reconstructed (with --lfw)
-
-
-def lfw_crops(lfw_dir: Path, pairs: list[Pair], detector: FaceDetector) -> tuple[list[str], np.ndarray]:
-    """Aligned crops of the photos of ``pairs`` (a photo without a usable face is left out: its pairs count as misses)."""
-    names, crops = [], []
-    for name in tqdm(sorted({p.a for p in pairs} | {p.b for p in pairs}), desc="align", unit="img", mininterval=5):
-        try:
-            crops.append(align_faces(decode_image((lfw_dir / "images" / name).read_bytes()).rgb, detector)[0].crop)
-        except InputError:
-            continue
-        names.append(name)
-    if not crops:
-        raise InputError(f"no usable face in the photos of the LFW pairs under {lfw_dir}")
-    return names, np.stack(crops)
-
-
-def verification(pairs: list[Pair], names: list[str], embeddings: np.ndarray) -> float:
-    return fold_accuracy(pairs, pair_distances(pairs, dict(zip(names, embeddings))))
 
 
 def _as_uint8(images: torch.Tensor) -> np.ndarray:

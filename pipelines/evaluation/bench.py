@@ -52,7 +52,7 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
     for engine, workers in configs:
         table = work / f"table-{engine}-{workers}"
         code = (
-            "import json,resource,sys;from facetier.pipelines.encode_job import run_encode, EncodeOptions;"
+            "import json,resource,sys;from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
             f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions(engine={engine!r}, workers={workers}, progress=False));"
             "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
             "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss}))"
@@ -64,7 +64,7 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
         fps = res["faces"] / res["seconds"]
         rows.append(BenchRow(f"{engine} x{workers}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak))
         if query is None:
-            from facetier.pipelines.decode_job import run_query
+            from facetier.pipelines.jobs.analytics import run_query
 
             q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
             query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}

@@ -19,7 +19,7 @@ import torch
 from facetier.codec import entropy as ent
 from facetier.codec.layers import LINEAR, LayerPlan
 from facetier.codec.semantic import SemanticNet
-from facetier.pipelines.train_semantic import PixelInputs, encode_all
+from facetier.pipelines.training.semantic_fit import PixelInputs, encode_all
 from torch import nn
 from tqdm import tqdm
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from facetier.pipelines.records import (
+from facetier.pipelines.jobs.records import (
     FacePreparer,
     JobContext,
     ShardSpec,

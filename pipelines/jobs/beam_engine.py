@@ -8,7 +8,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
-from facetier.pipelines.records import (
+from facetier.pipelines.jobs.records import (
     FacePreparer,
     JobContext,
     ShardSpec,

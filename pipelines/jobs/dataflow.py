@@ -1,6 +1,6 @@
 """Dataflow launch options, from the same ``infra/dataflow/encode.env`` the launch script reads.
 
-``python -m facetier.pipelines.dataflow ENV_FILE`` prints one ``--beam-arg=...`` per line for
+``python -m facetier.pipelines.jobs.dataflow ENV_FILE`` prints one ``--beam-arg=...`` per line for
 ``facetier encode``; the infra tests build the Beam graph from the same function.
 """
 from __future__ import annotations

@@ -18,13 +18,13 @@ from facetier.codec.encoder import EncoderConfig
 from facetier.codec.layers import LayerPlan, LayerSpec
 from facetier.codec.semantic import SemanticConfig
 from facetier.codec.stylegan import GeneratorConfig
-from facetier.pipelines.train_entropy import (
+from facetier.pipelines.training.entropy_fit import (
     EntropyTrainConfig,
     export_layers,
     train_entropy,
 )
-from facetier.pipelines.train_prior import PriorModel, to_tensor
-from facetier.pipelines.train_semantic import (
+from facetier.pipelines.training.prior import PriorModel, to_tensor
+from facetier.pipelines.training.semantic_fit import (
     PixelInputs,
     SemanticLabels,
     SemanticTrainConfig,

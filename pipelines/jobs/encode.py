@@ -23,7 +23,7 @@ from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.io.sources import list_sources
 from facetier.io.table import ShardEntry, Table
-from facetier.pipelines.records import JobContext, ShardSpec, ShardWorker
+from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
 from tqdm import tqdm
 
 from facetier.errors import ConfigError, TableError
@@ -143,11 +143,11 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
                 for shard in todo:
                     worker.run(shard)
             elif opts.engine == "beam":
-                from facetier.pipelines.engine_beam import run_beam
+                from facetier.pipelines.jobs.beam_engine import run_beam
 
                 run_beam(ctx, todo, opts.workers, opts.beam_args)
             elif opts.engine == "ray":
-                from facetier.pipelines.engine_ray import run_ray
+                from facetier.pipelines.jobs.ray_engine import run_ray
 
                 run_ray(ctx, todo, opts.workers, opts.ray_address)
             else:

@@ -1,10 +1,8 @@
-"""Identity search and compressed-domain edits over the base family.
+"""Compressed-domain edits: move attribute coordinates of the basic code and decode.
 
-Search reads the base family's ``identity`` column (a fixed-size float array decoded from the
-basic layer at encode time) and nothing else; a query image is encoded with the model first.
-Edits decode the basic layer's integer code, move attribute coordinates and decode W+ from
-the edited code, with the face's own middle/enhanced layers on top: no pixels go back through
-the encoder.
+Edits decode the basic layer's integer code, move attribute coordinates and decode W+ from the
+edited code, with the face's own middle/enhanced layers on top: no pixels go back through the
+encoder. The result is PNGs in a folder, or new rows of a table.
 """
 from __future__ import annotations
 
@@ -16,72 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from facetier.codec.layers import LayeredCode
 from facetier.codec.model import FaceCodec
-from facetier.io.images import decode_image
-from facetier.io.reader import ByteCounter, read_family
-from facetier.io.sources import SourceRef, read_source
-from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, Table
-from facetier.pipelines.decode_job import layered_codes, run_query
-from facetier.pipelines.records import JobContext, write_shard
+from facetier.io.reader import read_family
+from facetier.io.table import INDEX_FAMILY, Table
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.decode import layered_codes
+from facetier.pipelines.jobs.records import JobContext, write_shard
 from PIL import Image
 
-from facetier.errors import ConfigError, InputError
+from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-SEARCH_COLUMNS = ["face_id", "photo_id", "age", "gender", "race", "identity"]
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    table: pa.Table  # rank, face_id, photo_id, distance, age, gender, race
-    bytes_read: int
-    query: str
-
-
-def _query_embedding(like: str, base: pa.Table, weights: str | None, device: str) -> tuple[np.ndarray, str | None]:
-    """(embedding, face id of the query when it is a row of the table)."""
-    ids = base.column("face_id").to_pylist()
-    photos = base.column("photo_id").to_pylist()
-    for i, (fid, pid) in enumerate(zip(ids, photos)):
-        if like in (fid, pid):
-            emb = base.column("identity")[i].as_py()
-            if emb is None:
-                raise ConfigError(f"face {fid} has no identity embedding (encoded by a model without a semantic base layer)")
-            return np.asarray(emb, np.float32), fid
-    try:
-        data = read_source(SourceRef.parse(like))
-    except InputError as exc:
-        raise ConfigError(f"--like {like!r} is neither a face/photo id of the table nor a readable image: {exc}") from exc
-    codec = FaceCodec.load(weights, device=device)
-    faces = codec.encode(decode_image(data).rgb, layers=["basic"])
-    return np.asarray(codec.describe([faces[0].code])[0]["identity"], np.float32), None
-
-
-def search(table_root: str, like: str, k: int = 10, *, weights: str | None = None, device: str = "auto") -> SearchResult:
-    """The ``k`` faces nearest to ``like`` (an image or a face/photo id) by identity embedding."""
-    if k < 1:
-        raise ConfigError("-k must be at least 1")
-    table = Table(table_root)
-    counter = ByteCounter()
-    base = read_family(table, BASE_FAMILY, manifest=table.manifest(), columns=SEARCH_COLUMNS, counter=counter)
-    base = base.filter(pc.is_valid(base.column("identity")))
-    if base.num_rows == 0:
-        raise ConfigError(f"{table_root} has no faces with identity embeddings")
-    query, self_id = _query_embedding(like, base, weights, device)
-    emb = np.asarray(base.column("identity").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(base.num_rows, -1)
-    dist = np.sqrt(((emb - query[None]) ** 2).sum(1))
-    ids = base.column("face_id").to_pylist()
-    if self_id is not None:
-        dist[ids.index(self_id)] = np.inf
-    order = [int(i) for i in np.argsort(dist, kind="stable") if np.isfinite(dist[i])][:k]
-    out = base.take(pa.array(order)).drop_columns(["identity"])
-    out = out.add_column(2, "distance", pa.array(dist[order].astype(np.float32)))
-    out = out.add_column(0, "rank", pa.array(np.arange(1, len(order) + 1, dtype=np.int32)))
-    return SearchResult(out, counter.total, like)
 
 
 @dataclass(frozen=True)

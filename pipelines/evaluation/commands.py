@@ -1,0 +1,102 @@
+"""The evaluation commands: measure, bench, eval-lfw, eval-prior, eval-semantic.
+
+Arguments sit next to the handlers that read them; the evaluation modules are imported inside
+the handlers so that ``facetier --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _measure(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.measure import measure_folder
+
+    report = measure_folder(a.src, weights=a.weights, limit=a.limit, gallery=a.gallery, report_path=a.report)
+    print(report.render())
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.bench import render, run_bench
+
+    configs = [(e, int(w)) for e in a.engines.split(",") for w in a.workers.split(",")]
+    print(render(run_bench(a.src, limit=a.limit, configs=configs, out=a.report)))
+    return 0
+
+
+def _eval_lfw(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.lfw_verification import evaluate_lfw, render
+
+    folds = tuple(int(f) for f in a.folds.split(","))
+    print(render(evaluate_lfw(Path(a.lfw), weights=a.weights, folds=folds, max_pairs_per_fold=a.max_pairs_per_fold, report=a.report)))
+    return 0
+
+
+def _eval_prior(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.prior_reconstruction import evaluate_priors, render
+
+    print(render(evaluate_priors(a.work, a.src, limit=a.limit, invert_steps=a.invert_steps, report=a.report, gallery=a.gallery,
+                                 lfw=a.lfw, max_pairs_per_fold=a.max_pairs_per_fold)))
+    return 0
+
+
+def _eval_semantic(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.semantic_base import evaluate_semantic, render, write_report
+
+    r = evaluate_semantic(Path(a.data), Path(a.work), weights=a.weights, utk_limit=a.utk_limit, lfw_pairs_per_fold=a.max_pairs_per_fold,
+                          edit_faces=a.edit_faces, query_faces=a.query_faces, peer_sample=a.peer_sample, parts=tuple(a.parts.split(",")))
+    if a.report:  # first: a long run's figures must survive a failure to print them
+        write_report(r, a.report)
+    print(render(r))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("measure", help="bytes per layer, bpp, PSNR and MS-SSIM of each prefix on a folder or list of faces")
+    m.add_argument("src")
+    m.add_argument("--weights")
+    m.add_argument("--limit", type=int, default=200)
+    m.add_argument("--gallery", help="write a PNG: original next to each layer prefix (16 faces)")
+    m.add_argument("--report", help="write the report as JSON")
+    m.set_defaults(func=_measure)
+
+    b = sub.add_parser("bench", help="encode throughput of each engine next to the JPEG-decode ceiling, as ratios")
+    b.add_argument("src")
+    b.add_argument("--limit", type=int, default=300)
+    b.add_argument("--engines", default="beam,ray")
+    b.add_argument("--workers", default="1,2")
+    b.add_argument("--report", default="bench-report.json")
+    b.set_defaults(func=_bench)
+
+    ev = sub.add_parser("eval-lfw", help="LFW verification of originals and decodes with dlib's 128-d model")
+    ev.add_argument("--lfw", default="../shared/data/lfw")
+    ev.add_argument("--folds", default="5,6,7,8")
+    ev.add_argument("--max-pairs-per-fold", type=int, help="subsample for a quick run (half same, half different)")
+    ev.add_argument("--weights")
+    ev.add_argument("--report")
+    ev.set_defaults(func=_eval_lfw)
+
+    ep = sub.add_parser("eval-prior", help="reconstruction of unseen faces by trained priors (before layer coding), optionally with per-face inversion")
+    ep.add_argument("work", nargs="+", help="`facetier train` work folders (or their prior_ckpt.pt)")
+    ep.add_argument("--src", default="../shared/data/lfw/eval_images.txt", help="faces none of the priors trained on")
+    ep.add_argument("--limit", type=int, default=100)
+    ep.add_argument("--lfw", help="instead of --src: the photos of LFW's pairs of folds 5-8 in this folder, adding verification accuracy")
+    ep.add_argument("--max-pairs-per-fold", type=int, help="with --lfw: subsample (half same, half different)")
+    ep.add_argument("--invert-steps", type=int, default=0, help="also optimise each face's W+ for this many steps (what the generator can render)")
+    ep.add_argument("--report", help="write the figures as JSON")
+    ep.add_argument("--gallery", help="write a PNG: 8 faces, the crop then each prior's reconstructions (not for the repository: real faces)")
+    ep.set_defaults(func=_eval_prior)
+
+    es = sub.add_parser("eval-semantic", help="attributes, identity, edits and the 100k-face query of the semantic base layer (needs .[eval])")
+    es.add_argument("--data", default="../shared/data", help="folder holding utkface/ and lfw/")
+    es.add_argument("--work", default="runs/eval-semantic", help="scratch space (the 100k-row base table)")
+    es.add_argument("--utk-limit", type=int, help="first N faces of UTKFace's eval list (default all 1,000)")
+    es.add_argument("--max-pairs-per-fold", type=int, help="LFW pairs per fold (default all 600)")
+    es.add_argument("--edit-faces", type=int, default=100)
+    es.add_argument("--query-faces", type=int, default=100_000)
+    es.add_argument("--peer-sample", type=int, default=200, help="photos the peer runs on; its time is scaled to --query-faces")
+    es.add_argument("--parts", default="utk,lfw,edits,query", help="which measurements to run (comma-separated)")
+    es.add_argument("--weights")
+    es.add_argument("--report", help="write the figures as JSON")
+    es.set_defaults(func=_eval_semantic)

@@ -1,0 +1,119 @@
+"""Analytics over the base family: SQL queries and identity search, with no pixels and no model.
+
+``run_query`` registers only the columns the SQL names, so an attribute query never pulls payloads
+or identity embeddings. Search reads the base family's ``identity`` column (a fixed-size float
+array decoded from the basic layer at encode time) and nothing else; a query image is encoded with
+the model first.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from facetier.codec.model import FaceCodec
+from facetier.io.images import decode_image
+from facetier.io.reader import ByteCounter, read_family
+from facetier.io.sources import SourceRef, read_source
+from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, Table, family_schema
+
+from facetier.errors import ConfigError, InputError, QueryError
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class QueryResult:
+    table: pa.Table
+    bytes_read: int
+    table_bytes: int
+
+
+def sql_words(sql: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+
+
+def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
+    """The family's columns the SQL could touch: a superset (every matching word), so reads stay correct.
+
+    Reading only these keeps an attribute query from pulling payloads and identity embeddings.
+    """
+    words = sql_words(sql)
+    if re.search(r"(^|[\s,.])\*", sql):  # SELECT *, t.*, ", *" - but not count(*)
+        return list(schema.names)
+    return [n for n in schema.names if n.lower() in words]
+
+
+def run_query(table_root: str, sql: str) -> QueryResult:
+    """SQL (DuckDB) over the faces index (``faces``) and the base family (``basic``) only."""
+    table = Table(table_root)
+    manifest = table.manifest()
+    counter = ByteCounter()
+    words = sql_words(sql)
+    # closed explicitly: a connection left to interpreter teardown can abort the process on exit
+    with duckdb.connect() as con:
+        for family in (INDEX_FAMILY, BASE_FAMILY):
+            if family not in words:
+                continue
+            cols = referenced_columns(sql, family_schema(family)) or ["face_id"]
+            con.register(family, read_family(table, family, manifest=manifest, columns=cols, counter=counter))
+        try:
+            result = con.sql(sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(str(exc)) from exc
+    return QueryResult(result, counter.total, sum(table.family_bytes(manifest).values()))
+
+
+SEARCH_COLUMNS = ["face_id", "photo_id", "age", "gender", "race", "identity"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    table: pa.Table  # rank, face_id, photo_id, distance, age, gender, race
+    bytes_read: int
+    query: str
+
+
+def _query_embedding(like: str, base: pa.Table, weights: str | None, device: str) -> tuple[np.ndarray, str | None]:
+    """(embedding, face id of the query when it is a row of the table)."""
+    ids = base.column("face_id").to_pylist()
+    photos = base.column("photo_id").to_pylist()
+    for i, (fid, pid) in enumerate(zip(ids, photos)):
+        if like in (fid, pid):
+            emb = base.column("identity")[i].as_py()
+            if emb is None:
+                raise ConfigError(f"face {fid} has no identity embedding (encoded by a model without a semantic base layer)")
+            return np.asarray(emb, np.float32), fid
+    try:
+        data = read_source(SourceRef.parse(like))
+    except InputError as exc:
+        raise ConfigError(f"--like {like!r} is neither a face/photo id of the table nor a readable image: {exc}") from exc
+    codec = FaceCodec.load(weights, device=device)
+    faces = codec.encode(decode_image(data).rgb, layers=["basic"])
+    return np.asarray(codec.describe([faces[0].code])[0]["identity"], np.float32), None
+
+
+def search(table_root: str, like: str, k: int = 10, *, weights: str | None = None, device: str = "auto") -> SearchResult:
+    """The ``k`` faces nearest to ``like`` (an image or a face/photo id) by identity embedding."""
+    if k < 1:
+        raise ConfigError("-k must be at least 1")
+    table = Table(table_root)
+    counter = ByteCounter()
+    base = read_family(table, BASE_FAMILY, manifest=table.manifest(), columns=SEARCH_COLUMNS, counter=counter)
+    base = base.filter(pc.is_valid(base.column("identity")))
+    if base.num_rows == 0:
+        raise ConfigError(f"{table_root} has no faces with identity embeddings")
+    query, self_id = _query_embedding(like, base, weights, device)
+    emb = np.asarray(base.column("identity").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(base.num_rows, -1)
+    dist = np.sqrt(((emb - query[None]) ** 2).sum(1))
+    ids = base.column("face_id").to_pylist()
+    if self_id is not None:
+        dist[ids.index(self_id)] = np.inf
+    order = [int(i) for i in np.argsort(dist, kind="stable") if np.isfinite(dist[i])][:k]
+    out = base.take(pa.array(order)).drop_columns(["identity"])
+    out = out.add_column(2, "distance", pa.array(dist[order].astype(np.float32)))
+    out = out.add_column(0, "rank", pa.array(np.arange(1, len(order) + 1, dtype=np.int32)))
+    return SearchResult(out, counter.total, like)

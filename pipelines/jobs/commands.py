@@ -1,0 +1,184 @@
+"""The production commands: encode, decode, query, search, edit, warehouse-ddl, sample, demo, info.
+
+Each command's arguments are defined next to the handler that reads them; the job modules are
+imported inside the handlers so that ``facetier --help`` loads neither torch nor an engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from facetier.errors import ConfigError
+
+
+def _encode(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+
+    if not a.src or not a.table:
+        raise ConfigError("encode needs SRC and TABLE (arguments, or $FACETIER_SOURCE and $FACETIER_TABLE)")
+    opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
+                         layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
+                         ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet)
+    summary = run_encode(a.src, a.table, opts)
+    print(summary.render())
+    return 0 if summary.balanced else 3
+
+
+def _decode(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.decode import run_decode
+
+    ids = list(a.ids or [])
+    if a.ids_file:
+        ids += [s.strip() for s in Path(a.ids_file).read_text().split() if s.strip()]
+    files = run_decode(a.table, ids, a.upto, a.out, weights=a.weights, fmt=a.format, device=a.device)
+    for f in files:
+        kind = "GENERATED from layers" if f.generated else "source file, layer"
+        print(f"{f.path}\t{kind} {'+'.join(f.layers_used)}")
+    return 0
+
+
+def _query(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.analytics import run_query
+
+    res = run_query(a.table, a.sql)
+    print(res.table.to_pandas().to_string(index=False, max_rows=a.max_rows))
+    print(f"-- read {res.bytes_read} bytes of {res.table_bytes} in the table ({100 * res.bytes_read / max(1, res.table_bytes):.2f}%)", file=sys.stderr)
+    return 0
+
+
+def _search(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.analytics import search
+
+    res = search(a.table, a.like, a.k, weights=a.weights, device=a.device)
+    print(res.table.to_pandas().to_string(index=False))
+    print(f"-- read {res.bytes_read} bytes (base family only)", file=sys.stderr)
+    return 0
+
+
+def _edit(a: argparse.Namespace) -> int:
+    from facetier.codec.semantic import parse_edits
+    from facetier.pipelines.jobs.edit import edit
+
+    res = edit(a.table, a.where, parse_edits(a.set), a.out, upto=a.upto, as_table=a.as_table, weights=a.weights, device=a.device, limit=a.limit)
+    where = f"table {a.out} version {res.table_version}" if res.table_version is not None else a.out
+    print(f"edited {res.edited} faces -> {where}")
+    for o in res.outputs[:20]:
+        print(f"  {o}")
+    return 0
+
+
+def _warehouse_ddl(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.warehouse import bigquery_ddl
+
+    print(bigquery_ddl(a.table, a.dataset, a.prefix), end="")
+    return 0
+
+
+def _sample(a: argparse.Namespace) -> int:
+    from facetier.codec.model import FaceCodec
+    from facetier.pipelines.jobs.sample_archive import build_sample_archive
+
+    counts = build_sample_archive(Path(a.out), FaceCodec.load(a.weights, device="cpu"), n_faces=a.faces, seed=a.seed)
+    print(f"sample archive in {a.out}: {counts}")
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.demo import run_demo
+
+    return 0 if run_demo(Path(a.out), engine=a.engine, workers=a.workers, faces=a.faces).balanced else 3
+
+
+def _info(a: argparse.Namespace) -> int:
+    from facetier.codec.checkpoints import load_bundle
+    from facetier.codec.model import embedded_weights_path
+
+    b = load_bundle(Path(a.weights) if a.weights else embedded_weights_path())
+    params = sum(t.numel() for t in b.tensors.values())
+    print(json.dumps({"codec_id": b.config.codec_id, "weights_hash": b.weights_hash, "size": b.config.generator.size,
+                      "n_latent": b.config.generator.n_latent, "layers": b.config.plan.to_json(), "tensor_elements": params,
+                      "semantic": b.config.semantic.to_json() if b.config.semantic else None}, indent=1))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("encode", help="re-encode an archive into a table (incremental, resumable)")
+    e.add_argument("src", nargs="?", default=os.environ.get("FACETIER_SOURCE"),
+                   help="folder, glob, .tar/.zip archive or .txt list of URIs (local, gs://, s3://); default $FACETIER_SOURCE")
+    e.add_argument("table", nargs="?", default=os.environ.get("FACETIER_TABLE"), help="table root (local, gs://, s3://); default $FACETIER_TABLE")
+    e.add_argument("--engine", choices=["local", "beam", "ray"], default="local")
+    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--shard-size", type=int, default=64, help="inputs per shard (the unit of resume)")
+    e.add_argument("--batch-size", type=int, default=16, help="faces per encoder batch")
+    e.add_argument("--layers", help="comma-separated layers to store (default: all)")
+    e.add_argument("--weights", help="model bundle (default: the embedded model)")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--ray-address", help="address of a running Ray cluster (default: start one in-process)")
+    e.add_argument("--beam-arg", action="append", help="extra Beam pipeline option, e.g. --beam-arg=--runner=DataflowRunner")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_encode)
+
+    d = sub.add_parser("decode", help="decode faces at a layer prefix to image files")
+    d.add_argument("table")
+    d.add_argument("--ids", nargs="+", help="face ids or photo ids")
+    d.add_argument("--ids-file", help="file of ids, whitespace separated")
+    d.add_argument("--upto", default="enhanced", help="basic, middle, enhanced, residual or original")
+    d.add_argument("--out", required=True)
+    d.add_argument("--format", choices=["png", "jpg"], default="png")
+    d.add_argument("--weights")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=_decode)
+
+    q = sub.add_parser("query", help="SQL over the faces index (faces) and the base family (basic)")
+    q.add_argument("table")
+    q.add_argument("sql")
+    q.add_argument("--max-rows", type=int, default=50)
+    q.set_defaults(func=_query)
+
+    se = sub.add_parser("search", help="nearest faces by identity embedding, reading only the base family")
+    se.add_argument("table")
+    se.add_argument("--like", required=True, help="an image (path or URI) or a face id / photo id of the table")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--weights")
+    se.add_argument("--device", default="auto")
+    se.set_defaults(func=_search)
+
+    ed = sub.add_parser("edit", help="move attributes of the basic code and decode, without the encoder")
+    ed.add_argument("table")
+    ed.add_argument("--where", required=True, help="SQL condition over the base family, e.g. \"gender = 'male' AND age < 30\"")
+    ed.add_argument("--set", action="append", required=True, metavar="NAME=VALUE",
+                    help="age=+10 (relative), smile=1.0 (absolute), gender=female, race=asian; repeatable")
+    ed.add_argument("--out", required=True, help="a folder for PNGs, or a facetier table (existing, or new with --as-table) for new rows")
+    ed.add_argument("--as-table", action="store_true", help="write the edited faces as rows of the table at --out")
+    ed.add_argument("--upto", default="enhanced", help="the face's own layers kept on top of the edited base")
+    ed.add_argument("--limit", type=int)
+    ed.add_argument("--weights")
+    ed.add_argument("--device", default="auto")
+    ed.set_defaults(func=_edit)
+
+    wh = sub.add_parser("warehouse-ddl", help="BigQuery external tables over the committed faces index and base family")
+    wh.add_argument("table")
+    wh.add_argument("--dataset", required=True)
+    wh.add_argument("--prefix", default="facetier")
+    wh.set_defaults(func=_warehouse_ddl)
+
+    s = sub.add_parser("sample", help="build the self-made sample archive (generated faces + broken files)")
+    s.add_argument("out")
+    s.add_argument("--faces", type=int, default=12)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--weights")
+    s.set_defaults(func=_sample)
+
+    dm = sub.add_parser("demo", help="build a sample archive and run encode -> query -> decode on it")
+    dm.add_argument("out", nargs="?", default="facetier-demo")
+    dm.add_argument("--engine", choices=["local", "beam", "ray"], default="local")
+    dm.add_argument("--workers", type=int, default=1)
+    dm.add_argument("--faces", type=int, default=12)
+    dm.set_defaults(func=_demo)
+
+    i = sub.add_parser("info", help="describe a model bundle")
+    i.add_argument("--weights")
+    i.set_defaults(func=_info)
