@@ -28,6 +28,19 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 @dataclass(frozen=True)
+class PartSource:
+    """Where one part of a bundle came from, as the user declared it (shown by ``facetier info``)."""
+
+    part: str  # generator, encoder, latent_avg, layers, semantic
+    origin: str  # a file name, or "facetier train <stage>"
+    sha256: str  # of the source file; "" for parts facetier trained
+    license: str  # as declared by the user; "" when not declared
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     codec_id: str
     generator: GeneratorConfig
@@ -36,6 +49,7 @@ class ModelConfig:
     plan: LayerPlan
     residual_quality: int = 80
     semantic: SemanticConfig | None = None
+    sources: tuple[PartSource, ...] = ()
 
     def to_json(self) -> str:
         gen = asdict(self.generator)
@@ -49,6 +63,7 @@ class ModelConfig:
                 "plan": self.plan.to_json(),
                 "residual_quality": self.residual_quality,
                 "semantic": self.semantic.to_json() if self.semantic else None,
+                "sources": [s.to_json() for s in self.sources],
             }
         )
 
@@ -63,6 +78,7 @@ class ModelConfig:
             plan=LayerPlan.from_json(d["plan"]),
             residual_quality=int(d.get("residual_quality", 80)),
             semantic=SemanticConfig.from_json(d["semantic"]) if d.get("semantic") else None,
+            sources=tuple(PartSource(**s) for s in d.get("sources", [])),
         )
 
 
@@ -85,6 +101,29 @@ class ModelBundle:
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    @property
+    def has_encoder(self) -> bool:
+        return any(k.startswith("encoder.") for k in self.tensors)
+
+    @property
+    def has_entropy_models(self) -> bool:
+        """False for a prior imported from public checkpoints before ``facetier train entropy`` fits its layers."""
+        return "entropy_tables" in self.tensors
+
+    def describe(self) -> dict[str, Any]:
+        """What ``facetier info`` prints: shapes, layers, what the bundle can do yet, where each part came from."""
+        cfg = self.config
+        return {
+            "codec_id": cfg.codec_id, "weights_hash": self.weights_hash, "size": cfg.generator.size, "n_latent": cfg.generator.n_latent,
+            "style_dim": cfg.generator.style_dim, "alignment": {"size": cfg.alignment.size, "crop_scale": cfg.alignment.crop_scale},
+            "layers": [{"name": s.name, "rows": f"{s.rows[0]}-{s.rows[-1]}", "latent_dim": s.latent_dim, "kind": s.kind} for s in cfg.plan.layers],
+            "tensor_elements": sum(t.numel() for t in self.tensors.values()),
+            "has_encoder": self.has_encoder, "layers_fitted": self.has_entropy_models, "can_code": self.has_encoder and self.has_entropy_models,
+            "semantic": cfg.semantic.to_json() if cfg.semantic else None,
+            # bundles facetier trained itself from scratch record no sources: MODEL_CARD.md covers them
+            "sources": [s.to_json() for s in cfg.sources] or [{"part": "all", "origin": "facetier train", "sha256": "", "license": "see MODEL_CARD.md"}],
+        }
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -127,6 +166,8 @@ def load_bundle(path: Path) -> ModelBundle:
 
 # --- real checkpoints --------------------------------------------------------------------------
 def _torch_load(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ModelError(f"no checkpoint at {path}")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -147,12 +188,17 @@ def _infer_generator_config(sd: dict[str, torch.Tensor]) -> GeneratorConfig:
             channels[2 ** (i + 3)] = sd[f"convs.{2 * i}.conv.weight"].shape[1]
     except KeyError as exc:
         raise CheckpointFormatError(f"generator state dict lacks {exc}") from exc
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise CheckpointFormatError(f"generator state dict is not a StyleGAN2 layout ({exc})") from exc
     return GeneratorConfig(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels)
 
 
 def build_generator(sd: dict[str, torch.Tensor]) -> Generator:
     gen = Generator(_infer_generator_config(sd))
-    missing, unexpected = gen.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = gen.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise CheckpointFormatError(f"generator weights do not fit the StyleGAN2 layout: {str(exc)[:400]}") from exc
     missing = [m for m in missing if not m.startswith("noises.")]
     if missing or unexpected:
         raise CheckpointFormatError(f"generator weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -163,15 +209,18 @@ def _latent_avg(obj: dict[str, Any], n_latent: int) -> torch.Tensor | None:
     avg = obj.get("latent_avg")
     if avg is None:
         return None
-    avg = torch.as_tensor(avg).float()
-    return avg.expand(n_latent, avg.shape[-1]).clone() if avg.dim() == 1 or avg.shape[0] == 1 else avg.reshape(n_latent, -1)
+    try:
+        avg = torch.as_tensor(avg).float()
+        return avg.expand(n_latent, avg.shape[-1]).clone() if avg.dim() == 1 or avg.shape[0] == 1 else avg.reshape(n_latent, -1)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointFormatError(f"latent_avg of shape {tuple(getattr(avg, 'shape', ()))} does not fit {n_latent} W+ rows") from exc
 
 
 def load_stylegan2(path: Path) -> tuple[Generator, torch.Tensor | None]:
     """A rosinality-format StyleGAN2 checkpoint: ``g_ema`` state dict and optional ``latent_avg``."""
     obj = _torch_load(path)
-    if "g_ema" not in obj:
-        raise CheckpointFormatError(f"{path}: no 'g_ema' key (found {sorted(obj)[:8]})")
+    if not isinstance(obj.get("g_ema"), dict):
+        raise CheckpointFormatError(f"{path}: no 'g_ema' state dict (found keys {sorted(map(str, obj))[:8]})")
     gen = build_generator(obj["g_ema"])
     return gen.eval(), _latent_avg(obj, gen.n_latent)
 
@@ -192,6 +241,8 @@ def _infer_encoder_config(enc: dict[str, torch.Tensor], mode: str, style_dim: in
             else:
                 stage_channels.append(d)
                 stage_units.append(1)
+        if len(stage_channels) < 3:
+            raise KeyError(f"{len(stage_channels)} backbone stages of distinct widths, the feature pyramid needs 3 or more")
         block = enc["styles.0.convs.0.weight"].shape[0]
         def n_convs(i: int) -> int:
             return len([k for k in enc if k.startswith(f"styles.{i}.convs.") and k.endswith("weight")])
@@ -209,8 +260,8 @@ def _infer_encoder_config(enc: dict[str, torch.Tensor], mode: str, style_dim: in
 def load_psp(path: Path) -> tuple[StyleEncoder, Generator, torch.Tensor | None, dict[str, Any]]:
     """A pSp or e4e checkpoint: ``state_dict`` with ``encoder.`` / ``decoder.`` prefixes, ``latent_avg``, ``opts``."""
     obj = _torch_load(path)
-    if "state_dict" not in obj:
-        raise CheckpointFormatError(f"{path}: no 'state_dict' key (found {sorted(obj)[:8]})")
+    if not isinstance(obj.get("state_dict"), dict):
+        raise CheckpointFormatError(f"{path}: no 'state_dict' (found keys {sorted(map(str, obj))[:8]})")
     sd = obj["state_dict"]
     opts = obj.get("opts") or {}
     opts = vars(opts) if isinstance(opts, argparse.Namespace) else dict(opts)
@@ -222,7 +273,10 @@ def load_psp(path: Path) -> tuple[StyleEncoder, Generator, torch.Tensor | None, 
     mode = "e4e" if str(opts.get("encoder_type", "")) == "Encoder4Editing" else "psp"
     cfg = _infer_encoder_config(enc, mode, gen.config.style_dim)
     encoder = StyleEncoder(cfg)
-    missing, unexpected = encoder.load_state_dict(enc, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(enc, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointFormatError(f"{path}: encoder weights do not fit the pSp layout: {str(exc)[:400]}") from exc
     missing = [m for m in missing if "num_batches_tracked" not in m]
     if missing or unexpected:
         raise CheckpointFormatError(f"encoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -12,9 +12,9 @@ import torch
 from facetier.codec import image_layers
 from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
-from facetier.codec.encoder import StyleEncoder
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
 from facetier.codec.face_descriptor import DESCRIPTOR_DIM
+from facetier.codec.prior import StylePrior, pick_device  # noqa: F401  (pick_device: part of this module's API)
 from facetier.codec.layers import (
     ORIGINAL,
     RESIDUAL,
@@ -24,7 +24,6 @@ from facetier.codec.layers import (
     all_layer_names,
 )
 from facetier.codec.semantic import SemanticCodec
-from facetier.codec.stylegan import Generator
 
 from facetier.errors import (
     ConfigError,
@@ -40,12 +39,6 @@ EMBEDDED_WEIGHTS = "facetier-prior-128.safetensors"
 
 def embedded_weights_path() -> Path:
     return Path(str(resources.files("facetier.codec").joinpath("assets", EMBEDDED_WEIGHTS)))
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -81,20 +74,22 @@ class FaceCodec:
         cfg = bundle.config
         self.config = cfg
         self.bundle = bundle
-        self.device = pick_device(device)
         self.weights_hash = bundle.weights_hash
         self.codec_id = cfg.codec_id
         self.plan = cfg.plan
-        self.generator = Generator(cfg.generator)
-        # noise buffers are regenerated from a fixed seed, so bundles do not store them
-        missing, unexpected = self.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
-        if unexpected or any(not m.startswith("noises.") for m in missing):
-            raise ModelError(f"generator weights do not fit the configuration: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        self.encoder = StyleEncoder(cfg.encoder)
-        self.encoder.load_state_dict(bundle.prefixed("encoder."))
-        self.latent_avg = bundle.tensors["latent_avg"].float()
-        self.generator.to(self.device).eval()
-        self.encoder.to(self.device).eval()
+        self.prior = StylePrior(bundle, device)
+        if self.prior.encoder is None:
+            raise ModelError(
+                f"{cfg.codec_id} ({bundle.weights_hash[:12]}) is a generator without an encoder, so it cannot code faces: train one "
+                "with `facetier train prior --freeze-generator --init-from-bundle BUNDLE --work DIR`, then `facetier train entropy --work DIR`"
+            )
+        if not bundle.has_entropy_models:
+            raise ModelError(
+                f"{cfg.codec_id} ({bundle.weights_hash[:12]}) is an imported prior without fitted layers, so it cannot code faces yet: "
+                "run `facetier train entropy --from-bundle BUNDLE --out CODEC_BUNDLE` (README: 'Bring your own prior')"
+            )
+        self.device = self.prior.device
+        self.generator, self.encoder, self.latent_avg = self.prior.generator, self.prior.encoder, self.prior.latent_avg
         self.semantic: SemanticCodec | None = None
         if cfg.plan.is_semantic:
             if cfg.semantic is None:
@@ -117,20 +112,13 @@ class FaceCodec:
         return all_layer_names(self.plan)
 
     # --- W+ --------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_wplus(self, crops: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops -> (n, n_latent, style_dim) float32 W+."""
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        if x.shape[-1] != self.config.encoder.input_size:
-            x = torch.nn.functional.interpolate(x, size=self.config.encoder.input_size, mode="area")
-        w = self.encoder(x) + self.latent_avg.to(self.device)[None]
-        return w.float().cpu().numpy()
+        return self.prior.encode_wplus(crops)
 
-    @torch.no_grad()
     def synthesise(self, wplus: np.ndarray) -> np.ndarray:
         """(n, n_latent, style_dim) W+ -> (n, S, S, 3) uint8 images."""
-        y = self.generator(torch.from_numpy(np.asarray(wplus, np.float32)).to(self.device))
-        return y.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return self.prior.synthesise(wplus)
 
     def _symbols(self, wplus: np.ndarray, crop: np.ndarray | None = None, descriptor: np.ndarray | None = None) -> list[np.ndarray]:
         """Integer symbols of every generative layer of one face's W+ (n_latent, style_dim)."""

@@ -115,8 +115,29 @@ def _image_branch(size: int, features: int) -> nn.Sequential:
 
 def crops_to_tensor(crops: np.ndarray, size: int) -> torch.Tensor:
     """(n, S, S, 3) uint8 -> (n, 3, size, size) float in [-1, 1], area-downsampled."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    x = torch.from_numpy(np.require(crops, np.uint8, ['C', 'W'])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     return nn.functional.interpolate(x, size=size, mode="area") if x.shape[-1] != size else x
+
+
+def principal_axes(centred: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, >= k) orthonormal axes of the data, by variance, and their standard deviations.
+
+    Fewer faces than latents (a user fitting an imported prior on a small set) leave fewer
+    principal axes than ``k``: orthonormal directions the data does not span complete the basis,
+    with the smallest seen deviation, so the layer keeps its size and its code its meaning.
+    """
+    _u, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis, std = vh.T, s / math.sqrt(max(1, len(centred) - 1))
+    missing = min(k, centred.shape[1]) - basis.shape[1]
+    if missing > 0:
+        rand = torch.randn(centred.shape[1], missing, generator=torch.Generator().manual_seed(seed), dtype=basis.dtype)
+        rand = rand - basis @ (basis.T @ rand)
+        extra, _ = torch.linalg.qr(rand)
+        basis = torch.cat([basis, extra], 1)
+        floor = std[std > 0].min() if bool((std > 0).any()) else torch.tensor(1.0)
+        std = torch.cat([std, floor.expand(missing)])
+    return basis.contiguous(), std
+
 
 
 class SemanticNet(nn.Module):
@@ -139,10 +160,10 @@ class SemanticNet(nn.Module):
 
     def fit_pca(self, flat: torch.Tensor) -> None:
         mean = flat.mean(0)
-        _, s, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+        basis, std = principal_axes(flat - mean, self.cfg.pca_dim, seed=0)
         self.pca_mean.copy_(mean)
-        self.pca_basis.copy_(vh[: self.cfg.pca_dim].T)
-        self.pca_std.copy_((s[: self.cfg.pca_dim] / math.sqrt(len(flat) - 1)).clamp_min(1e-6))
+        self.pca_basis.copy_(basis[:, : self.cfg.pca_dim])
+        self.pca_std.copy_(std[: self.cfg.pca_dim].clamp_min(1e-6))
 
     def fit_descriptor(self, desc: torch.Tensor) -> None:
         """Standardise the descriptor input with the training faces' mean and spread."""

@@ -96,11 +96,7 @@ def _info(a: argparse.Namespace) -> int:
     from facetier.codec.checkpoints import load_bundle
     from facetier.codec.model import embedded_weights_path
 
-    b = load_bundle(Path(a.weights) if a.weights else embedded_weights_path())
-    params = sum(t.numel() for t in b.tensors.values())
-    print(json.dumps({"codec_id": b.config.codec_id, "weights_hash": b.weights_hash, "size": b.config.generator.size,
-                      "n_latent": b.config.generator.n_latent, "layers": b.config.plan.to_json(), "tensor_elements": params,
-                      "semantic": b.config.semantic.to_json() if b.config.semantic else None}, indent=1))
+    print(json.dumps(load_bundle(Path(a.weights) if a.weights else embedded_weights_path()).describe(), indent=1))
     return 0
 
 
@@ -179,6 +175,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     dm.add_argument("--faces", type=int, default=12)
     dm.set_defaults(func=_demo)
 
-    i = sub.add_parser("info", help="describe a model bundle")
+    i = sub.add_parser("info", help="describe a model bundle: layers, what it can do yet, where each part came from")
     i.add_argument("--weights")
     i.set_defaults(func=_info)

@@ -1,19 +1,30 @@
 """``facetier train``: stages that build a model bundle from face images.
 
-* ``prior``   - generator + encoder (``train_prior``), resumable, checkpointed;
+* ``prior``   - generator + encoder (``train_prior``), resumable, checkpointed; a work folder's
+                prior is the embedded design unless it was started from a bundle
+                (``--init-from-bundle``, recorded as its ``PriorSetup``);
 * ``entropy`` - per-layer transforms and entropy models fitted on the prior's W+ codes, then
-                exported with the prior as one safetensors bundle (the shipped format).
+                exported with the prior as one safetensors bundle (the shipped format); or fitted
+                on a bundle's own prior (``--from-bundle``, e.g. one made by ``import-prior``).
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from facetier.codec.align import AlignmentConfig
-from facetier.codec.checkpoints import ModelBundle, ModelConfig, save_bundle
+from facetier.codec.checkpoints import (
+    ModelBundle,
+    ModelConfig,
+    PartSource,
+    encoder_config_from_json,
+    generator_config_from_json,
+    save_bundle,
+)
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.layers import LayerPlan, LayerSpec
 from facetier.codec.semantic import SemanticConfig
@@ -23,7 +34,12 @@ from facetier.pipelines.training.entropy_fit import (
     export_layers,
     train_entropy,
 )
-from facetier.pipelines.training.prior import PriorModel, to_tensor
+from facetier.pipelines.training.prior import (
+    PRIOR_CHECKPOINT,
+    PriorModel,
+    save_checkpoint,
+    to_tensor,
+)
 from facetier.pipelines.training.semantic_fit import (
     PixelInputs,
     SemanticLabels,
@@ -32,9 +48,69 @@ from facetier.pipelines.training.semantic_fit import (
     train_semantic,
 )
 
+from facetier.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)  # the framing the embedded prior is trained on
+EMBEDDED_CODEC_ID = "facetier-prior-128-v1"
+PRIOR_SETUP = "prior_setup.json"
+
+
+@dataclass(frozen=True)
+class PriorSetup:
+    """What a work folder's prior is: its shapes, the framing of its faces, its codec id and where its parts came from."""
+
+    generator: GeneratorConfig
+    encoder: EncoderConfig
+    alignment: AlignmentConfig
+    codec_id: str
+    sources: tuple[PartSource, ...] = ()
+    bundle_hash: str = ""  # the bundle it started from (``--init-from-bundle``), if any
+
+    @staticmethod
+    def embedded() -> PriorSetup:
+        return PriorSetup(GeneratorConfig(), EncoderConfig(), EMBEDDED_ALIGNMENT, EMBEDDED_CODEC_ID)
+
+    @staticmethod
+    def of_bundle(bundle: ModelBundle) -> PriorSetup:
+        c = bundle.config
+        return PriorSetup(c.generator, c.encoder, c.alignment, c.codec_id, c.sources, bundle.weights_hash)
+
+    def save(self, work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        gen = asdict(self.generator) | {"channels": {str(k): v for k, v in self.generator.channels.items()}}
+        d = {"generator": gen, "encoder": asdict(self.encoder), "alignment": asdict(self.alignment), "codec_id": self.codec_id,
+             "sources": [s.to_json() for s in self.sources], "bundle_hash": self.bundle_hash}
+        (work / PRIOR_SETUP).write_text(json.dumps(d, indent=1))
+
+    @staticmethod
+    def load(work: Path) -> PriorSetup:
+        """The work folder's setup; the embedded design when it has none (folders made before setups existed)."""
+        path = work / PRIOR_SETUP
+        if not path.exists():
+            return PriorSetup.embedded()
+        d = json.loads(path.read_text())
+        return PriorSetup(generator_config_from_json(d["generator"]), encoder_config_from_json(d["encoder"]), AlignmentConfig(**d["alignment"]),
+                          d["codec_id"], tuple(PartSource(**s) for s in d["sources"]), d.get("bundle_hash", ""))
+
+
+def prior_from_bundle(work: Path, bundle: ModelBundle) -> Path:
+    """Start ``train prior`` from a bundle's generator (and encoder, when it has one): checkpoint at step 0 and the setup."""
+    setup = PriorSetup.of_bundle(bundle)
+    model = PriorModel(setup.generator, setup.encoder)
+    missing, unexpected = model.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
+    if unexpected or any(not m.startswith("noises.") for m in missing):
+        raise ModelError(f"generator weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if bundle.has_encoder:
+        model.encoder.load_state_dict(bundle.prefixed("encoder."))
+    with torch.no_grad():
+        model.latent_avg.copy_(bundle.tensors["latent_avg"].float())
+    setup.save(work)
+    ckpt = work / PRIOR_CHECKPOINT
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": torch.tensor(0)}, ckpt)
+    log.info("prior training starts from %s (%s)%s", setup.codec_id, bundle.weights_hash[:12], "" if bundle.has_encoder else " with a fresh encoder")
+    return ckpt
 
 
 def load_prior(ckpt: Path, gen_cfg: GeneratorConfig, enc_cfg: EncoderConfig, use_ema: bool = True) -> tuple[PriorModel, int]:
@@ -63,6 +139,7 @@ def export_bundle(
     plan: LayerPlan | None = None,
     entropy_cfg: EntropyTrainConfig | None = None,
     residual_quality: int = 80,
+    sources: tuple[PartSource, ...] = (),
 ) -> str:
     """Fit the entropy stage on ``faces`` and write the bundle; returns its weights hash."""
     gen_cfg, enc_cfg = model.generator.config, model.encoder.config
@@ -81,8 +158,21 @@ def export_bundle(
     tensors |= {f"encoder.{k}": half(v) for k, v in model.encoder.state_dict().items()}
     tensors["latent_avg"] = model.latent_avg.detach()
     tensors |= export_layers(layers, plan)
-    config = ModelConfig(codec_id=codec_id, generator=gen_cfg, encoder=enc_cfg, alignment=alignment, plan=plan, residual_quality=residual_quality)
+    config = ModelConfig(codec_id=codec_id, generator=gen_cfg, encoder=enc_cfg, alignment=alignment, plan=plan, residual_quality=residual_quality,
+                         sources=sources)
     return save_bundle(out_path, config, tensors)
+
+
+def export_fitted_bundle(bundle: ModelBundle, wplus: np.ndarray, out_path: Path, *, codec_id: str | None = None,
+                         entropy_cfg: EntropyTrainConfig | None = None) -> str:
+    """``bundle``'s prior as it is, with its linear layers fitted on ``wplus`` (the codes its encoder gives the user's faces)."""
+    cfg = bundle.config
+    plan = LayerPlan.default(cfg.generator.n_latent) if cfg.plan.is_semantic else cfg.plan
+    layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig())
+    keep = {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
+    sources = tuple(s for s in cfg.sources if s.part not in ("layers", "semantic")) + (PartSource("layers", "facetier train entropy", "", ""),)
+    config = replace(cfg, codec_id=codec_id or cfg.codec_id, plan=plan, semantic=None, sources=sources)
+    return save_bundle(out_path, config, keep | export_layers(layers, plan))
 
 
 def export_semantic_bundle(
@@ -117,8 +207,11 @@ def export_semantic_bundle(
     keep = {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
     sem = export_semantic(net, prior)
     tensors = keep | {k: (v.half() if k.startswith("semantic.") else v) for k, v in sem.items()} | export_layers(layers, plan)
+    sources = tuple(s for s in cfg.sources if s.part not in ("layers", "semantic"))
+    if sources:  # bundles facetier trained from scratch keep recording no sources (the model card covers them)
+        sources += (PartSource("layers", "facetier train semantic", "", ""), PartSource("semantic", "facetier train semantic", "", ""))
     config = ModelConfig(codec_id=codec_id, generator=cfg.generator, encoder=cfg.encoder, alignment=cfg.alignment, plan=plan,
-                         residual_quality=cfg.residual_quality, semantic=semantic_cfg)
+                         residual_quality=cfg.residual_quality, semantic=semantic_cfg, sources=sources)
     return save_bundle(out_path, config, tensors), figures
 
 

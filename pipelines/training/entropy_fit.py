@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from facetier.codec import entropy as ent
 from facetier.codec.layers import LINEAR, LayerPlan
-from facetier.codec.semantic import SemanticNet
+from facetier.codec.semantic import SemanticNet, principal_axes
 from facetier.pipelines.training.semantic_fit import PixelInputs, encode_all
 from torch import nn
 from tqdm import tqdm
@@ -99,9 +99,8 @@ def train_entropy(wplus: np.ndarray, plan: LayerPlan, cfg: EntropyTrainConfig, s
     context = base_ctx.shape[1]
     for spec, f in zip(specs, flat):
         mu = f.mean(0)
-        _u, s, vh = torch.linalg.svd(f - mu, full_matrices=False)
-        std = s / math.sqrt(len(f) - 1)
-        layers.append(TrainableLayer(f.shape[1], spec.latent_dim, context, cfg.hidden, mu, vh.T.contiguous(), std))
+        basis, std = principal_axes(f - mu, spec.latent_dim, cfg.seed)
+        layers.append(TrainableLayer(f.shape[1], spec.latent_dim, context, cfg.hidden, mu, basis, std))
         context += spec.latent_dim
     opt = torch.optim.Adam([p for layer in layers for p in layer.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)

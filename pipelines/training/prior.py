@@ -77,6 +77,9 @@ class PriorModel(nn.Module):
         self.latent_avg = nn.Parameter(torch.zeros(gen_cfg.n_latent, gen_cfg.style_dim))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.encoder.config.input_size
+        if x.shape[-1] != size:  # pSp reads 256 px whatever the generator's size (as StylePrior.encode_wplus)
+            x = F.interpolate(x, size=size, mode="area")
         return self.encoder(x) + self.latent_avg[None]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

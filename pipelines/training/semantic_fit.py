@@ -38,9 +38,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from facetier.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 EXPRESSIONS = ("eyes_open", "mouth_open", "smile")
+MIN_FACES = 16
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,9 @@ def train_semantic(wplus: np.ndarray, labels: SemanticLabels, scfg: SemanticConf
            "measured": torch.from_numpy(labels.measured), "identity": torch.from_numpy(labels.identity)}
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(flat))
-    n_hold = int(len(flat) * holdout)
+    if len(flat) < MIN_FACES:
+        raise ConfigError(f"the semantic stage needs at least {MIN_FACES} training faces (it holds some out to choose its weights); got {len(flat)}")
+    n_hold = max(2, int(len(flat) * holdout))
     hold, train = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
     net = SemanticNet(scfg, flat.shape[1])
     net.fit_pca(flat[train])

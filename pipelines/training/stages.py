@@ -4,14 +4,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from facetier.codec.encoder import EncoderConfig
-from facetier.codec.model import pick_device
-from facetier.codec.stylegan import GeneratorConfig
-from facetier.pipelines.training.bundles import EMBEDDED_ALIGNMENT, export_bundle, load_prior
+from facetier.codec.align import AlignmentConfig
+from facetier.codec.checkpoints import ModelBundle, PartSource, load_bundle
+from facetier.codec.model import embedded_weights_path, pick_device
+from facetier.codec.prior import StylePrior
+from facetier.pipelines.training.bundles import (
+    PriorSetup,
+    export_bundle,
+    export_fitted_bundle,
+    load_prior,
+    prior_from_bundle,
+)
 from facetier.pipelines.training.data import build_face_cache, read_image_list
+from facetier.pipelines.training.entropy_fit import EntropyTrainConfig
 from facetier.pipelines.training.gan import GanTrainConfig, prior_from_gan, train_gan
 from facetier.pipelines.training.prior import (
     PRIOR_CHECKPOINT,
@@ -25,12 +34,16 @@ from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_CODEC_ID = "facetier-prior-128-v1"
 SEMANTIC_CODEC_ID = "facetier-prior-128-v3"
 ENTROPY_FIT_FACES = 6000
 
 
-def _faces(a: argparse.Namespace) -> np.ndarray:
+def face_cache_path(work: Path, alignment: AlignmentConfig) -> Path:
+    """One cache per framing, so a work folder can hold faces for several priors (the embedded one: faces_128_s080)."""
+    return work / f"faces_{alignment.size}_s{round(alignment.crop_scale * 100):03d}.npy"
+
+
+def _faces(a: argparse.Namespace, alignment: AlignmentConfig) -> np.ndarray:
     lists = [Path(p) for p in a.lists]
     for p in lists:
         if not p.exists():
@@ -39,43 +52,117 @@ def _faces(a: argparse.Namespace) -> np.ndarray:
     for p in lists:
         if "eval" in p.name:
             raise ConfigError(f"refusing to train on an evaluation list: {p}")
-    return build_face_cache(paths, Path(a.work) / "faces_128_s080.npy", EMBEDDED_ALIGNMENT)
+    return build_face_cache(paths, face_cache_path(Path(a.work), alignment), alignment)
 
 
-def run_train(a: argparse.Namespace) -> int:
+def _coding_alignment(bundle: ModelBundle) -> AlignmentConfig:
+    """The bundle's framing at no more pixels than its encoder reads: a 1024 px cache would not fit in memory,
+    and the encoder resizes to its input anyway."""
+    c = bundle.config
+    return replace(c.alignment, size=min(c.alignment.size, c.encoder.input_size))
+
+
+def _check_flags(a: argparse.Namespace) -> None:
     if a.freeze_generator and a.stage != "prior":
         raise ConfigError(f"--freeze-generator applies to the prior stage only, not to {a.stage!r}")
     if a.batch_size and a.stage not in ("prior", "gan"):
         raise ConfigError(f"--batch-size applies to the prior and gan stages only, not to {a.stage!r}")
     if a.overrides and a.stage != "semantic":
         raise ConfigError(f"--set applies to the semantic stage only, not to {a.stage!r}")
-    faces = _faces(a)
+    if a.init_from_bundle and a.stage != "prior":
+        raise ConfigError(f"--init-from-bundle applies to the prior stage only, not to {a.stage!r} (the entropy and semantic stages take --from-bundle)")
+    if a.from_bundle and a.stage not in ("entropy", "semantic"):
+        raise ConfigError(f"--from-bundle applies to the entropy and semantic stages only, not to {a.stage!r}")
+    if a.entropy_steps and a.stage != "semantic":
+        raise ConfigError(f"--entropy-steps applies to the semantic stage's refit of the upper layers; the {a.stage!r} stage takes --steps")
+
+
+def _entropy_cfg(steps: int | None) -> EntropyTrainConfig:
+    return EntropyTrainConfig(steps=steps or EntropyTrainConfig.steps)
+
+
+def run_train(a: argparse.Namespace) -> int:
+    _check_flags(a)
+    work = Path(a.work)
+    if a.stage == "semantic":
+        return _train_semantic(a, work)
+    if a.stage == "entropy" and a.from_bundle:
+        return _fit_bundle_layers(a, work)
+    if a.stage == "prior" and a.init_from_bundle:
+        _start_from_bundle(work, Path(a.init_from_bundle))
+    setup = PriorSetup.load(work)
+    faces = _faces(a, setup.alignment)
     log.info("%d aligned training faces", len(faces))
     if a.stage == "align":
         return 0
-    gen_cfg, enc_cfg = GeneratorConfig(), EncoderConfig()
-    work = Path(a.work)
-    if a.stage == "semantic":
-        return _train_semantic(a, faces, work)
     if a.stage == "gan":
         gan_cfg = GanTrainConfig(steps=a.steps or GanTrainConfig.steps, batch_size=a.batch_size or GanTrainConfig.batch_size, seed=a.seed)
-        train_gan(faces, work, gen_cfg, gan_cfg, pick_device(a.device), max_minutes=a.minutes)
+        train_gan(faces, work, setup.generator, gan_cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
     if a.stage == "prior":
         if a.freeze_generator and not (work / PRIOR_CHECKPOINT).exists():
-            prior_from_gan(work, gen_cfg, enc_cfg)
+            prior_from_gan(work, setup.generator, setup.encoder)
         cfg = PriorTrainConfig(steps=a.steps or 30000, batch_size=a.batch_size or PriorTrainConfig.batch_size,
                                adv_weight=0.0 if a.freeze_generator else a.adv_weight, seed=a.seed, train_generator=not a.freeze_generator)
-        train_prior(faces, work, gen_cfg, enc_cfg, cfg, pick_device(a.device), max_minutes=a.minutes)
+        train_prior(faces, work, setup.generator, setup.encoder, cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
     ckpt = work / PRIOR_CHECKPOINT
     if not ckpt.exists():
         raise ConfigError(f"no prior checkpoint at {ckpt}; run `facetier train prior` first")
-    model, _ = load_prior(ckpt, gen_cfg, enc_cfg)
+    model, _ = load_prior(ckpt, setup.generator, setup.encoder)
     rng = np.random.default_rng(a.seed)
     subset = np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
-    digest = export_bundle(model, faces[subset], Path(a.out), codec_id=EMBEDDED_CODEC_ID, alignment=EMBEDDED_ALIGNMENT)
+    digest = export_bundle(model, faces[subset], Path(a.out), codec_id=a.codec_id or setup.codec_id, alignment=setup.alignment,
+                           entropy_cfg=_entropy_cfg(a.steps), sources=_trained_sources(work, setup))
     log.info("wrote %s (weights %s)", a.out, digest)
+    return 0
+
+
+def _start_from_bundle(work: Path, path: Path) -> None:
+    """A new work folder starts from the bundle; one that already did resumes (a rerun of the same command)."""
+    bundle = load_bundle(path)
+    if not (work / PRIOR_CHECKPOINT).exists():
+        prior_from_bundle(work, bundle)
+    elif PriorSetup.load(work).bundle_hash != bundle.weights_hash:
+        raise ConfigError(f"{work} already trains another prior; give --init-from-bundle a new --work folder")
+
+
+def _trained_sources(work: Path, setup: PriorSetup) -> tuple[PartSource, ...]:
+    """Provenance of a prior trained in ``work``: empty for facetier's own, else the imported parts and what training changed."""
+    if not setup.sources:
+        return ()
+    trained = json.loads((work / "prior_config.json").read_text())["train"] if (work / "prior_config.json").exists() else {}
+    out = []
+    for s in setup.sources:
+        if trained and (s.part == "encoder" or (s.part == "generator" and trained.get("train_generator"))):
+            s = replace(s, origin=f"{s.origin}, fine-tuned by facetier train prior")
+        out.append(s)
+    if trained and not any(s.part == "encoder" for s in setup.sources):
+        out.append(PartSource("encoder", "facetier train prior" + ("" if trained.get("train_generator") else " --freeze-generator"), "", ""))
+    return tuple(out) + (PartSource("layers", "facetier train entropy", "", ""),)
+
+
+def _bundle_wplus(bundle: ModelBundle, faces: np.ndarray, work: Path, device: str) -> np.ndarray:
+    """W+ the bundle's encoder gives ``faces``, cached in ``work`` by weights hash."""
+    cache = work / f"wplus_{bundle.weights_hash[:12]}.npy"
+    if cache.exists() and len(np.load(cache, mmap_mode="r")) == len(faces):
+        return np.load(cache)
+    prior = StylePrior(bundle, device=device)
+    wplus = np.concatenate([prior.encode_wplus(np.asarray(faces[i : i + 32])) for i in tqdm(range(0, len(faces), 32), desc="W+ of training faces", unit="batch")])
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(cache, wplus)
+    return wplus
+
+
+def _fit_bundle_layers(a: argparse.Namespace, work: Path) -> int:
+    """``train entropy --from-bundle``: the bundle's prior as it is, its layers fitted on the faces of ``--lists``."""
+    bundle = load_bundle(Path(a.from_bundle))
+    faces = _faces(a, _coding_alignment(bundle))
+    rng = np.random.default_rng(a.seed)
+    subset = np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
+    wplus = _bundle_wplus(bundle, np.asarray(faces[subset]), work / "entropy", a.device)
+    digest = export_fitted_bundle(bundle, wplus, Path(a.out), codec_id=a.codec_id, entropy_cfg=_entropy_cfg(a.steps))
+    log.info("wrote %s (weights %s), layers fitted on %d faces", a.out, digest, len(subset))
     return 0
 
 
@@ -106,34 +193,36 @@ def _utk_labels(lists: list[str]) -> Path | None:
     return None
 
 
-def _train_semantic(a: argparse.Namespace, faces: np.ndarray, work: Path) -> int:
-    """Semantic base layer on top of an existing bundle's prior (``--from-bundle``)."""
-    from facetier.codec.checkpoints import load_bundle
+def _semantic_codec_id(bundle: ModelBundle) -> str:
+    return SEMANTIC_CODEC_ID if bundle.config.codec_id.startswith("facetier-prior-128") else f"{bundle.config.codec_id}-semantic"
+
+
+def _train_semantic(a: argparse.Namespace, work: Path) -> int:
+    """Semantic base layer on top of an existing bundle's prior (``--from-bundle``; default the embedded model)."""
     from facetier.codec.face_descriptor import DESCRIPTOR_ID
-    from facetier.codec.model import FaceCodec, embedded_weights_path
     from facetier.codec.semantic import SemanticConfig
-    from facetier.pipelines.training.face_labels import measure_crops
     from facetier.pipelines.training.bundles import export_semantic_bundle
+    from facetier.pipelines.training.face_labels import measure_crops
     from facetier.pipelines.training.semantic_fit import build_labels, expression_ranges
 
     source = Path(a.from_bundle) if a.from_bundle else embedded_weights_path()
     bundle = load_bundle(source)
-    wplus_file = work / f"wplus_{bundle.weights_hash[:12]}.npy"
-    if wplus_file.exists() and len(np.load(wplus_file, mmap_mode="r")) == len(faces):
-        wplus = np.load(wplus_file)
-    else:
-        codec = FaceCodec(bundle, device=a.device)
-        wplus = np.concatenate([codec.encode_wplus(np.asarray(faces[i : i + 128])) for i in tqdm(range(0, len(faces), 128), desc="W+ of training faces", unit="batch")])
-        np.save(wplus_file, wplus)
-    raw, embs = measure_crops(faces, work / "face_labels.npz")
-    files = json.loads((work / "faces_128_s080.json").read_text())["files"]
+    alignment = _coding_alignment(bundle)
+    faces = _faces(a, alignment)
+    log.info("%d aligned training faces", len(faces))
+    wplus = _bundle_wplus(bundle, faces, work, a.device)
+    cache = face_cache_path(work, alignment)
+    labels_file = work / "face_labels.npz" if cache.stem == "faces_128_s080" else work / f"face_labels_{cache.stem}.npz"
+    raw, embs = measure_crops(faces, labels_file)
+    files = json.loads(cache.with_suffix(".json").read_text())["files"]
     ranges = expression_ranges(raw)
     labels = build_labels(files, raw, embs, _utk_labels(a.lists), ranges)
     log.info("expression ranges (5th, 95th percentile): %s", ranges)
     cfg = with_overrides(SemanticTrainConfig(steps=a.steps or SemanticTrainConfig.steps, seed=a.seed), a.overrides)
     log.info("semantic training settings: %s", cfg)
-    digest, figures = export_semantic_bundle(bundle, wplus, labels, Path(a.out), codec_id=SEMANTIC_CODEC_ID, semantic_cfg=SemanticConfig(image_size=64, descriptor=DESCRIPTOR_ID),
-                                               train_cfg=cfg, crops=faces, descriptors=embs)
+    digest, figures = export_semantic_bundle(bundle, wplus, labels, Path(a.out), codec_id=a.codec_id or _semantic_codec_id(bundle),
+                                             semantic_cfg=SemanticConfig(image_size=64, descriptor=DESCRIPTOR_ID), train_cfg=cfg,
+                                             entropy_cfg=_entropy_cfg(a.entropy_steps), crops=faces, descriptors=embs)
     log.info("held-out training faces: %s", figures)
     (work / "semantic_report.json").write_text(json.dumps({"figures": figures, "expression_ranges": ranges, "weights_hash": digest, "from": str(source)}, indent=2))
     log.info("wrote %s (weights %s)", a.out, digest)

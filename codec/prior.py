@@ -1,0 +1,69 @@
+"""The face prior of a bundle: the StyleGAN2 generator, the encoder to W+ and the mean W+.
+
+Separate from :class:`~facetier.codec.model.FaceCodec` because a bundle imported from public
+checkpoints has a prior before it has entropy models (and may have a generator before it has an
+encoder): the fitting stages need W+ codes from such a bundle, and only coding needs the rest.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from facetier.codec.checkpoints import ModelBundle
+from facetier.codec.encoder import StyleEncoder
+from facetier.codec.stylegan import Generator
+
+from facetier.errors import ModelError
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class StylePrior:
+    """Generator, encoder (when the bundle has one) and ``latent_avg``, on one device, in eval mode."""
+
+    def __init__(self, bundle: ModelBundle, device: str = "auto") -> None:
+        cfg = bundle.config
+        self.device = pick_device(device)
+        self.generator = Generator(cfg.generator)
+        # noise buffers are regenerated from a fixed seed, so bundles do not store them
+        try:
+            missing, unexpected = self.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ModelError(f"generator weights do not fit the configuration: {str(exc)[:300]}") from exc
+        if unexpected or any(not m.startswith("noises.") for m in missing):
+            raise ModelError(f"generator weights do not fit the configuration: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        self.generator.to(self.device).eval()
+        self.encoder: StyleEncoder | None = None
+        if bundle.has_encoder:
+            self.encoder = StyleEncoder(cfg.encoder)
+            try:
+                self.encoder.load_state_dict(bundle.prefixed("encoder."))
+            except RuntimeError as exc:
+                raise ModelError(f"encoder weights do not fit the configuration: {str(exc)[:300]}") from exc
+            self.encoder.to(self.device).eval()
+        self.latent_avg = bundle.tensors["latent_avg"].float()
+        self.encoder_input_size = cfg.encoder.input_size
+        self.source = cfg.codec_id
+
+    @torch.no_grad()
+    def encode_wplus(self, crops: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) uint8 crops -> (n, n_latent, style_dim) float32 W+."""
+        if self.encoder is None:
+            raise ModelError(
+                f"{self.source} has no encoder, so it cannot encode faces: train one against its generator with "
+                "`facetier train prior --freeze-generator --init-from-bundle BUNDLE --work DIR`"
+            )
+        x = torch.from_numpy(np.require(crops, np.uint8, ['C', 'W'])).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        if x.shape[-1] != self.encoder_input_size:
+            x = torch.nn.functional.interpolate(x, size=self.encoder_input_size, mode="area")
+        w = self.encoder(x) + self.latent_avg.to(self.device)[None]
+        return w.float().cpu().numpy()
+
+    @torch.no_grad()
+    def synthesise(self, wplus: np.ndarray) -> np.ndarray:
+        """(n, n_latent, style_dim) W+ -> (n, S, S, 3) uint8 images."""
+        y = self.generator(torch.from_numpy(np.asarray(wplus, np.float32)).to(self.device))
+        return y.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
