@@ -218,3 +218,18 @@ def test_checkpoints_that_are_not_what_they_claim(tmp_path: Path, capsys):
     assert main(["import-prior", "--stylegan", str(tmp_path / "code.pt"), "--out", out]) == 2
     assert "CheckpointFormatError" in capsys.readouterr().err
     assert main(["import-prior", "--out", out]) == 2 and not Path(out).exists() and not marker.exists()
+
+
+def test_bench_prior_times_every_stage_of_an_imported_bundle(tmp_path: Path):
+    """The speed benchmark's report on reduced widths (the real run uses the public ones)."""
+    from facetier.pipelines.evaluation.prior_speed import measure_size, render
+
+    gen = tiny_generator(256)
+    row = measure_size(256, faces=2, batch=1, work=tmp_path, generator=gen.config, encoder=tiny_psp_encoder(gen).config)
+    assert (row.size, row.faces, row.device) == (256, 2, "cpu")
+    assert row.generator_params == sum(p.numel() for p in gen.parameters())
+    for ms in (row.encoder_ms, row.layer_coding_ms, row.encode_all_layers_ms, row.decode_enhanced_ms, row.decode_residual_ms):
+        assert ms > 0
+    assert row.encode_all_layers_ms > row.encoder_ms  # the full encode includes the encoder
+    assert row.decode_residual_ms >= row.decode_enhanced_ms * 0.5 and row.peak_rss_mb > 0
+    assert "256" in render([row])

@@ -52,6 +52,14 @@ def _eval_semantic(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prior(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.prior_speed import render, run_prior_speed
+
+    sizes = [int(s) for s in a.sizes.split(",")]
+    print(render(run_prior_speed(sizes, faces=a.faces, batch=a.batch_size, device=a.device, report=a.report)))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("measure", help="bytes per layer, bpp, PSNR and MS-SSIM of each prefix on a folder or list of faces")
     m.add_argument("src")
@@ -68,6 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workers", default="1,2")
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_bench)
+
+    bp = sub.add_parser("bench-prior", help="encode/decode speed per face of a bundle imported from public-format checkpoints (random weights, real widths)")
+    bp.add_argument("--sizes", default="256,1024", help="generator resolutions (FFHQ config-f widths, pSp IR-SE50 encoder)")
+    bp.add_argument("--faces", type=int, default=4)
+    bp.add_argument("--batch-size", type=int, default=2)
+    bp.add_argument("--device", default="cpu")
+    bp.add_argument("--report", default="bench-prior-report.json")
+    bp.set_defaults(func=_bench_prior)
 
     ev = sub.add_parser("eval-lfw", help="LFW verification of originals and decodes with dlib's 128-d model")
     ev.add_argument("--lfw", default="../shared/data/lfw")
