@@ -117,8 +117,7 @@ class ModelBundle:
         return {
             "codec_id": cfg.codec_id, "weights_hash": self.weights_hash, "size": cfg.generator.size, "n_latent": cfg.generator.n_latent,
             "style_dim": cfg.generator.style_dim, "alignment": {"size": cfg.alignment.size, "crop_scale": cfg.alignment.crop_scale},
-            "layers": [{"name": s.name, "rows": f"{s.rows[0]}-{s.rows[-1]}", "latent_dim": s.latent_dim, "kind": s.kind} for s in cfg.plan.layers],
-            "tensor_elements": sum(t.numel() for t in self.tensors.values()),
+            "layers": cfg.plan.to_json(), "tensor_elements": sum(t.numel() for t in self.tensors.values()),
             "has_encoder": self.has_encoder, "layers_fitted": self.has_entropy_models, "can_code": self.has_encoder and self.has_entropy_models,
             "semantic": cfg.semantic.to_json() if cfg.semantic else None,
             # bundles facetier trained itself from scratch record no sources: MODEL_CARD.md covers them
@@ -193,16 +192,20 @@ def _infer_generator_config(sd: dict[str, torch.Tensor]) -> GeneratorConfig:
     return GeneratorConfig(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels)
 
 
-def build_generator(sd: dict[str, torch.Tensor]) -> Generator:
-    gen = Generator(_infer_generator_config(sd))
+def load_generator_weights(gen: Generator, sd: dict[str, torch.Tensor], error: type[ModelError] = CheckpointFormatError) -> Generator:
+    """Load a generator state dict; noise buffers may be absent (facetier regenerates them from a fixed seed)."""
     try:
         missing, unexpected = gen.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
-        raise CheckpointFormatError(f"generator weights do not fit the StyleGAN2 layout: {str(exc)[:400]}") from exc
+        raise error(f"generator weights do not fit the StyleGAN2 layout: {str(exc)[:400]}") from exc
     missing = [m for m in missing if not m.startswith("noises.")]
     if missing or unexpected:
-        raise CheckpointFormatError(f"generator weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise error(f"generator weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return gen
+
+
+def build_generator(sd: dict[str, torch.Tensor]) -> Generator:
+    return load_generator_weights(Generator(_infer_generator_config(sd)), sd)
 
 
 def _latent_avg(obj: dict[str, Any], n_latent: int) -> torch.Tensor | None:
@@ -250,7 +253,7 @@ def _infer_encoder_config(enc: dict[str, torch.Tensor], mode: str, style_dim: in
         coarse_end = next(i for i in range(n_styles) if n_convs(i) != n_convs(0))
         middle_end = next(i for i in range(coarse_end, n_styles) if n_convs(i) != n_convs(coarse_end))
         deepest = 2 ** n_convs(0)
-    except (KeyError, StopIteration) as exc:
+    except (KeyError, StopIteration, ValueError, AttributeError, IndexError, TypeError) as exc:
         raise CheckpointFormatError(f"encoder state dict does not have the pSp layout ({exc!r})") from exc
     return EncoderConfig(input_size=deepest * 2 ** len(stage_channels), n_styles=n_styles, style_dim=style_dim, stem_channels=stem,
                          stage_channels=tuple(stage_channels), stage_units=tuple(stage_units), block_channels=block,
@@ -283,3 +286,22 @@ def load_psp(path: Path) -> tuple[StyleEncoder, Generator, torch.Tensor | None, 
     if cfg.n_styles != gen.n_latent:
         raise CheckpointFormatError(f"encoder has {cfg.n_styles} styles, generator needs {gen.n_latent}")
     return encoder.eval(), gen.eval(), _latent_avg(obj, gen.n_latent), opts
+
+
+# --- writers of the public formats (benchmarks and tests make checkpoints without the real weights)
+def save_stylegan2(path: Path, generator: Generator, latent_avg: torch.Tensor | None = None) -> Path:
+    """A rosinality-format file: ``g_ema`` state dict, ``latent_avg`` (style_dim,) and ``args``."""
+    obj: dict[str, Any] = {"g_ema": generator.state_dict(), "args": argparse.Namespace(size=generator.config.size, channel_multiplier=2)}
+    if latent_avg is not None:
+        obj["latent_avg"] = latent_avg
+    torch.save(obj, path)
+    return Path(path)
+
+
+def save_psp(path: Path, encoder: StyleEncoder, generator: Generator, latent_avg: torch.Tensor) -> Path:
+    """A pSp / e4e file: ``state_dict`` with ``encoder.`` / ``decoder.`` prefixes, ``latent_avg``, ``opts``."""
+    sd = {f"encoder.{k}": v for k, v in encoder.state_dict().items()} | {f"decoder.{k}": v for k, v in generator.state_dict().items()}
+    opts = {"encoder_type": "Encoder4Editing" if encoder.config.mode == "e4e" else "GradualStyleEncoder", "start_from_latent_avg": True,
+            "output_size": generator.config.size}
+    torch.save({"state_dict": sd, "latent_avg": latent_avg, "opts": opts}, path)
+    return Path(path)

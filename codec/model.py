@@ -14,7 +14,7 @@ from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
 from facetier.codec.face_descriptor import DESCRIPTOR_DIM
-from facetier.codec.prior import StylePrior, pick_device  # noqa: F401  (pick_device: part of this module's API)
+from facetier.codec.prior import TRAIN_AN_ENCODER, StylePrior, pick_device  # noqa: F401  (pick_device: part of this module's API)
 from facetier.codec.layers import (
     ORIGINAL,
     RESIDUAL,
@@ -79,10 +79,7 @@ class FaceCodec:
         self.plan = cfg.plan
         self.prior = StylePrior(bundle, device)
         if self.prior.encoder is None:
-            raise ModelError(
-                f"{cfg.codec_id} ({bundle.weights_hash[:12]}) is a generator without an encoder, so it cannot code faces: train one "
-                "with `facetier train prior --freeze-generator --init-from-bundle BUNDLE --work DIR`, then `facetier train entropy --work DIR`"
-            )
+            raise ModelError(f"{cfg.codec_id} ({bundle.weights_hash[:12]}) is a generator without an encoder, so it cannot code faces: {TRAIN_AN_ENCODER}")
         if not bundle.has_entropy_models:
             raise ModelError(
                 f"{cfg.codec_id} ({bundle.weights_hash[:12]}) is an imported prior without fitted layers, so it cannot code faces yet: "

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from facetier.codec.checkpoints import ModelBundle
+from facetier.codec.checkpoints import ModelBundle, load_generator_weights
 from facetier.codec.encoder import StyleEncoder
 from facetier.codec.stylegan import Generator
 
 from facetier.errors import ModelError
+
+
+TRAIN_AN_ENCODER = ("train one with `facetier train prior --freeze-generator --init-from-bundle BUNDLE --work DIR`, "
+                    "then `facetier train entropy --work DIR --out CODEC_BUNDLE`")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -28,13 +32,7 @@ class StylePrior:
         cfg = bundle.config
         self.device = pick_device(device)
         self.generator = Generator(cfg.generator)
-        # noise buffers are regenerated from a fixed seed, so bundles do not store them
-        try:
-            missing, unexpected = self.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise ModelError(f"generator weights do not fit the configuration: {str(exc)[:300]}") from exc
-        if unexpected or any(not m.startswith("noises.") for m in missing):
-            raise ModelError(f"generator weights do not fit the configuration: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        load_generator_weights(self.generator, bundle.prefixed("generator."), ModelError)
         self.generator.to(self.device).eval()
         self.encoder: StyleEncoder | None = None
         if bundle.has_encoder:
@@ -52,10 +50,7 @@ class StylePrior:
     def encode_wplus(self, crops: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops -> (n, n_latent, style_dim) float32 W+."""
         if self.encoder is None:
-            raise ModelError(
-                f"{self.source} has no encoder, so it cannot encode faces: train one against its generator with "
-                "`facetier train prior --freeze-generator --init-from-bundle BUNDLE --work DIR`"
-            )
+            raise ModelError(f"{self.source} is a generator without an encoder, so it cannot encode faces: {TRAIN_AN_ENCODER}")
         x = torch.from_numpy(np.require(crops, np.uint8, ['C', 'W'])).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         if x.shape[-1] != self.encoder_input_size:
             x = torch.nn.functional.interpolate(x, size=self.encoder_input_size, mode="area")

@@ -109,3 +109,7 @@ class ConcurrentCommitError(TableError):
 
 class QueryError(TableError):
     """A query over the table failed."""
+
+
+class TableCorruptError(TableError):
+    """A committed file of the table cannot be read (truncated, overwritten, missing)."""

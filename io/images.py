@@ -22,6 +22,7 @@ from facetier.errors import (
 
 DEFAULT_MAX_PIXELS = 64_000_000
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"})
+WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16- and 32-bit greyscale
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,40 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
         raise CorruptImageError(f"{fmt} with a damaged header: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"{fmt}: {exc}") from exc
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    rgb = to_rgb8(img)
+    return DecodedImage(rgb=rgb, format=fmt, width=rgb.shape[1], height=rgb.shape[0])
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of any mode Pillow opens, scaled to its full range.
+
+    Pillow's own ``convert("RGB")`` clips 16- and 32-bit greyscale to 255 instead of scaling it,
+    which turns a 16-bit grey PNG almost white (and its face undetectable).
+    """
+    if img.mode in WIDE_GREY_MODES or img.mode == "F":
+        return np.repeat(_grey8(img)[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        background.paste(rgba, mask=rgba.split()[-1])
         img = background
     elif img.mode != "RGB":
-        img = img.convert("RGB")  # greyscale, CMYK (PIL inverts Adobe CMYK), palette, 16-bit
-    rgb = np.asarray(img, dtype=np.uint8)
-    return DecodedImage(rgb=rgb, format=fmt, width=rgb.shape[1], height=rgb.shape[0])
+        img = img.convert("RGB")  # 1-bit, greyscale, CMYK (PIL inverts Adobe CMYK), YCbCr, LAB, palette
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _grey8(img: Image.Image) -> np.ndarray:
+    """8-bit grey from a 16-bit, 32-bit integer or float image.
+
+    ``I;16*`` spans 0-65535. ``I`` (32-bit) holds 16-bit data in practice (TIFF, old PNG
+    readers): 0-65535 when any value exceeds 255, else 0-255. ``F`` is taken as 0-1 when its
+    maximum is at most 1, else as 0-255.
+    """
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        top = 1.0 if np.nanmax(a, initial=0.0) <= 1.0 else 255.0
+    elif img.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        top = 65535.0 if a.max(initial=0) > 255 else 255.0
+    return np.clip(np.rint(np.nan_to_num(a) * (255.0 / top)), 0, 255).astype(np.uint8)

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from facetier.io.table import Manifest, Table, family_schema
 
+from facetier.errors import TableCorruptError
+
 
 class _CountingFile:
     """A read-only file wrapper that counts bytes returned by ``read`` (what Parquet fetched)."""
@@ -58,22 +60,43 @@ def read_family(
     filters: list | None = None,
     manifest: Manifest | None = None,
     counter: ByteCounter | None = None,
+    unreadable: list[str] | None = None,
 ) -> pa.Table:
-    """One column family's committed rows; opens files without read-ahead so projection holds."""
+    """One column family's committed rows; opens files without read-ahead so projection holds.
+
+    A file that cannot be read raises :class:`TableCorruptError` naming it, or, when
+    ``unreadable`` is a list, is appended to it and skipped (so the rest of the table still serves).
+    """
     m = manifest or table.manifest()
     counter = counter or ByteCounter()
     parts = []
-    # cache_type="none": fsspec's default read-ahead would fetch far more than the columns asked for
-    open_kw = {} if _is_local(table) else {"cache_type": "none"}
     for rel in m.files(family):
-        with table.fs.open(table._p(rel), "rb", **open_kw) as fh:
-            source = pa.PythonFile(_CountingFile(fh, counter), mode="r")
-            parts.append(_read_part(source, family, columns, filters))
+        try:
+            parts.append(read_file(table, rel, family, columns=columns, filters=filters, counter=counter))
+        except TableCorruptError:
+            if unreadable is None:
+                raise
+            unreadable.append(rel)
     if not parts:
         schema = family_schema(family)
         empty = schema.empty_table()
         return empty.select(list(columns)) if columns else empty
     return pa.concat_tables(parts)
+
+
+def read_file(table: Table, rel: str, family: str, *, columns: Sequence[str] | None = None, filters: list | None = None,
+              counter: ByteCounter | None = None) -> pa.Table:
+    """One committed file of a family (path relative to the table root), conformed to the family's schema."""
+    if unknown := set(columns or ()) - set(family_schema(family).names):
+        raise ValueError(f"the {family} family has no columns {sorted(unknown)}")
+    # cache_type="none": fsspec's default read-ahead would fetch far more than the columns asked for
+    open_kw = {} if _is_local(table) else {"cache_type": "none"}
+    try:
+        with table.fs.open(table._p(rel), "rb", **open_kw) as fh:
+            source = pa.PythonFile(_CountingFile(fh, counter or ByteCounter()), mode="r")
+            return _read_part(source, family, columns, filters)
+    except (pa.ArrowException, OSError, EOFError) as exc:
+        raise TableCorruptError(f"{table.uri(rel)} ({family} family) cannot be read: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def _read_part(source: pa.PythonFile, family: str, columns: Sequence[str] | None, filters: list | None) -> pa.Table:
@@ -87,9 +110,7 @@ def _read_part(source: pa.PythonFile, family: str, columns: Sequence[str] | None
     # no pre-buffering when projecting: it coalesces neighbouring column chunks into one read
     try:
         return pq.read_table(source, columns=wanted, filters=filters, pre_buffer=columns is None)
-    except pa.ArrowInvalid:
-        if not set(wanted) <= set(schema.names):
-            raise  # a column the family never had: the caller's mistake, not an older file
+    except pa.ArrowInvalid:  # a file older than one of the columns (or a damaged one: the retry tells)
         source.seek(0)
         present = set(pq.read_schema(source).names)
         source.seek(0)

@@ -42,6 +42,28 @@ class SourceRef:
         return SourceRef(key)
 
 
+def key_bytes(key: str) -> bytes:
+    """A source key as bytes, deterministically, for hashing: names that are not UTF-8 reach Python
+    surrogate-escaped (PEP 383); ``surrogatepass`` also takes a lone surrogate no filesystem made."""
+    return key.encode("utf-8", "surrogatepass")
+
+
+def storable_uri(key: str) -> tuple[str, bytes | None]:
+    """(valid UTF-8 text for the tables, the name's raw bytes when the name is not UTF-8, else None).
+
+    The text shows undecodable bytes as ``\\xNN`` escapes; the raw bytes are stored beside it, so
+    ``os.fsdecode(raw)`` opens the very file again.
+    """
+    try:
+        raw = key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (a hand-written list line)
+        return key.encode("utf-8", "backslashreplace").decode("utf-8"), key_bytes(key)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
 def content_id(data: bytes) -> str:
     """Stable photo id: the first 32 hex digits of the SHA-256 of the file's bytes."""
     return hashlib.sha256(data).hexdigest()[:32]
@@ -80,8 +102,8 @@ def list_sources(src: str) -> list[SourceRef]:
         files = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
     elif fs.isfile(path):
         if path.lower().endswith(LIST_SUFFIXES):
-            with fs.open(path, "rt") as fh:
-                lines = [ln.strip() for ln in fh]
+            with fs.open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is a name like any other
+                lines = [ln.decode("utf-8", "surrogateescape").strip() for ln in fh]
             base = _protocol_uri(fs, posixpath.dirname(path))
             return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(_resolve(ln, base, fs))})
         files = [path]

@@ -47,6 +47,7 @@ FACES_SCHEMA = pa.schema(
         ("photo_id", pa.string()),
         ("face_index", pa.int32()),
         ("source_uri", pa.string()),
+        ("source_uri_raw", pa.binary()),  # the name's bytes when they are not UTF-8 (source_uri then shows \xNN escapes)
         ("box", pa.list_(pa.float32(), 4)),
         ("landmarks", pa.list_(pa.float32(), 10)),
         ("transform", pa.list_(pa.float32(), 6)),
@@ -75,8 +76,10 @@ ATTRIBUTE_FIELDS = (
     pa.field("smile", pa.float32()),
 )
 BASE_SCHEMA = pa.schema([*LAYER_SCHEMA, *ATTRIBUTE_FIELDS, pa.field("identity", pa.list_(pa.float32(), IDENTITY_DIM))])
-ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
-REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("photo_id", pa.string()), ("error_class", pa.string()), ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
+ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("payload", pa.binary()),
+                             ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
+REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("photo_id", pa.string()), ("error_class", pa.string()),
+                           ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
 
 
 def family_schema(family: str) -> pa.Schema:

@@ -92,7 +92,7 @@ def _round_trip(scheme: str, sample_archive: Path, tmp_path: Path) -> None:
     assert res.bytes_read < res.table_bytes / 2
     t = Table(root)
     fid = read_family(t, "faces", columns=["face_id"], counter=ByteCounter()).column("face_id")[0].as_py()
-    files = run_decode(root, [fid], "middle", str(tmp_path / scheme), device="cpu")
+    files = run_decode(root, [fid], "middle", str(tmp_path / scheme), device="cpu").files
     assert Path(files[0].path).exists()
     again = run_encode(src, root, EncodeOptions(engine="local", shard_size=4, progress=False))
     assert again.faces == 0 and again.skipped == again.inputs

@@ -79,10 +79,10 @@ def test_decode_each_prefix_and_the_original(local_table, tmp_path, sample_archi
     faces = read_family(Table(root), "faces").to_pylist()
     fid = sorted(f["face_id"] for f in faces)[0]
     for upto in ("basic", "middle", "enhanced", "residual"):
-        files = run_decode(root, [fid], upto, str(tmp_path), device="cpu")
+        files = run_decode(root, [fid], upto, str(tmp_path), device="cpu").files
         assert len(files) == 1 and Path(files[0].path).exists() and files[0].generated
         assert files[0].layers_used[-1] == upto
-    orig = run_decode(root, [fid.rsplit("-", 1)[0]], "original", str(tmp_path))
+    orig = run_decode(root, [fid.rsplit("-", 1)[0]], "original", str(tmp_path)).files
     src = next(f for f in faces if f["face_id"] == fid)["source_uri"]
     if "!" not in src:
         assert Path(orig[0].path).read_bytes() == Path(src).read_bytes()

@@ -125,12 +125,37 @@ def test_freezing_the_generator_of_a_joint_run_continues_with_a_fresh_optimiser(
 def test_cli_gan_then_frozen_encoder(tmp_path, monkeypatch):
     """`train gan` then `train prior --freeze-generator` through the CLI glue: the encoder starts
     from the GAN's EMA generator and trains without the adversarial term."""
+    from facetier.cli import build_parser
     from facetier.pipelines.training import stages as train_stages
 
-    monkeypatch.setattr(train_stages, "_faces", lambda a: np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8))
-    common = {"work": str(tmp_path), "steps": 1, "minutes": None, "batch_size": 2, "device": "cpu", "seed": 0, "overrides": [], "adv_weight": 0.02}
-    assert train_stages.run_train(argparse.Namespace(stage="gan", freeze_generator=False, **common)) == 0
-    assert train_stages.run_train(argparse.Namespace(stage="prior", freeze_generator=True, **common)) == 0
+    monkeypatch.setattr(train_stages, "_faces", lambda a, alignment: np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8))
+    common = ["--work", str(tmp_path), "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    assert train_stages.run_train(build_parser().parse_args(["train", "gan", *common])) == 0
+    assert train_stages.run_train(build_parser().parse_args(["train", "prior", "--freeze-generator", *common])) == 0
     prior, gan = _state(tmp_path / "prior_ckpt.pt"), _state(tmp_path / "gan_ckpt.pt")
     assert "disc" not in prior and int(prior["step"]) == 1
     assert all(torch.equal(prior["model"][f"generator.{k}"], v) for k, v in gan["ema"].items())
+
+
+def test_the_embedded_lineage_keeps_its_names(tmp_path):
+    """A work folder with no imported prior is the embedded design: same face cache, codec id and default output as ever."""
+    from facetier.cli import build_parser
+    from facetier.pipelines.training.bundles import EMBEDDED_ALIGNMENT, PriorSetup
+    from facetier.pipelines.training.stages import EMBEDDED_OUT, _out, face_cache_path
+
+    setup = PriorSetup.load(tmp_path)
+    assert setup == PriorSetup.embedded() and setup.codec_id == "facetier-prior-128-v1"
+    assert face_cache_path(tmp_path, EMBEDDED_ALIGNMENT).name == "faces_128_s080.npy"
+    args = build_parser().parse_args(["train", "entropy", "--work", str(tmp_path)])
+    assert str(_out(args, setup)) == EMBEDDED_OUT == "codec/assets/facetier-prior-128.safetensors"
+    with pytest.raises(ConfigError, match="give --out"):
+        _out(build_parser().parse_args(["train", "entropy", "--from-bundle", "x.safetensors"]))
+    with pytest.raises(ConfigError, match="--codec-id"):
+        train_stages_run(["train", "prior", "--codec-id", "x", "--work", str(tmp_path)])
+
+
+def train_stages_run(argv: list[str]) -> int:
+    from facetier.cli import build_parser
+    from facetier.pipelines.training.stages import run_train
+
+    return run_train(build_parser().parse_args(argv))

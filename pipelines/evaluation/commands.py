@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from facetier.errors import ConfigError
+
 
 def _measure(a: argparse.Namespace) -> int:
     from facetier.pipelines.evaluation.measure import measure_folder
@@ -55,7 +57,10 @@ def _eval_semantic(a: argparse.Namespace) -> int:
 def _bench_prior(a: argparse.Namespace) -> int:
     from facetier.pipelines.evaluation.prior_speed import render, run_prior_speed
 
-    sizes = [int(s) for s in a.sizes.split(",")]
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sizes takes comma-separated integers, not {a.sizes!r}") from None
     print(render(run_prior_speed(sizes, faces=a.faces, batch=a.batch_size, device=a.device, report=a.report)))
     return 0
 

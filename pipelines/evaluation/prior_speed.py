@@ -20,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from facetier.codec.checkpoints import load_bundle
+from facetier.codec.checkpoints import load_bundle, save_psp
 from facetier.codec.encoder import EncoderConfig, StyleEncoder
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.model import FaceCodec
-from facetier.codec.prior import StylePrior
 from facetier.codec.stylegan import Generator, GeneratorConfig
-from facetier.pipelines.training.bundles import export_fitted_bundle
+from facetier.pipelines.training.bundles import bundle_wplus, export_fitted_bundle
 from facetier.pipelines.training.entropy_fit import EntropyTrainConfig
 from facetier.pipelines.training.import_prior import import_prior, psp_encoder_config
+
+from facetier.errors import ConfigError, FacetierError
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +71,19 @@ def _timed(fn, repeats: int) -> float:
 def measure_size(size: int, *, faces: int = 4, batch: int = 2, device: str = "cpu", work: Path | None = None,
                  generator: GeneratorConfig | None = None, encoder: EncoderConfig | None = None) -> PriorSpeed:
     """Build a random-weight bundle at ``size`` px with the public widths (or the configs given) and time its codec on ``faces`` faces."""
-    work = work or Path(tempfile.mkdtemp(prefix=f"facetier-prior-speed-{size}-"))
+    if work is None:  # the checkpoints are GBs at the public widths: never leave them behind
+        with tempfile.TemporaryDirectory(prefix=f"facetier-prior-speed-{size}-") as tmp:
+            return measure_size(size, faces=faces, batch=batch, device=device, work=Path(tmp), generator=generator, encoder=encoder)
     torch.manual_seed(0)
     gen = Generator(generator or GeneratorConfig.ffhq(size))
     enc = StyleEncoder(encoder or psp_encoder_config(gen.config))
-    sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()} | {f"decoder.{k}": v for k, v in gen.state_dict().items()}
-    torch.save({"state_dict": sd, "latent_avg": torch.zeros(gen.n_latent, gen.config.style_dim),
-                "opts": {"encoder_type": "GradualStyleEncoder", "start_from_latent_avg": True}}, work / "psp.pt")
-    del sd
+    save_psp(work / "psp.pt", enc, gen, torch.zeros(gen.n_latent, gen.config.style_dim))
     imported = import_prior(work / "imported.safetensors", encoder=work / "psp.pt")
     bundle = load_bundle(imported.path)
     rng = np.random.default_rng(0)
     # random crops through the real encoder: the fitted layers are meaningless, their cost is not
-    prior = StylePrior(bundle, device=device)
     side = enc.config.input_size
-    fit_crops = rng.integers(0, 256, (64, side, side, 3), dtype=np.uint8)
-    wplus = np.concatenate([prior.encode_wplus(fit_crops[i : i + 8]) for i in range(0, len(fit_crops), 8)])
-    del prior
+    wplus = bundle_wplus(bundle, rng.integers(0, 256, (64, side, side, 3), dtype=np.uint8), device=device, progress=False)
     fitted = work / "codec.safetensors"
     export_fitted_bundle(bundle, wplus, fitted, entropy_cfg=EntropyTrainConfig(steps=50, batch_size=64))
     codec = FaceCodec.load(fitted, device=device)
@@ -108,13 +105,15 @@ def measure_size(size: int, *, faces: int = 4, batch: int = 2, device: str = "cp
 
 
 def run_prior_speed(sizes: list[int], *, faces: int, batch: int, device: str, report: str | None) -> list[PriorSpeed]:
+    if bad := [s for s in sizes if s < 8 or s & (s - 1)]:
+        raise ConfigError(f"--sizes must be powers of two (StyleGAN2 resolutions), not {bad}")
     rows = []
     for size in sizes:
         code = ("import json,dataclasses;from facetier.pipelines.evaluation.prior_speed import measure_size;"
                 f"print(json.dumps(dataclasses.asdict(measure_size({size}, faces={faces}, batch={batch}, device={device!r}))))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"bench-prior at {size} px failed:\n{proc.stderr[-2000:]}")
+            raise FacetierError(f"bench-prior at {size} px failed:\n{proc.stderr[-2000:]}")
         rows.append(PriorSpeed(**json.loads(proc.stdout.strip().splitlines()[-1])))
         log.info("%d px done", size)
     if report:

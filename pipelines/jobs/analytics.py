@@ -19,7 +19,7 @@ from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.sources import SourceRef, read_source
-from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, Table, family_schema
+from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, REJECT_FAMILY, Table, family_schema
 
 from facetier.errors import ConfigError, InputError, QueryError
 
@@ -47,18 +47,38 @@ def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
     return [n for n in schema.names if n.lower() in words]
 
 
+QUERY_FAMILIES = (INDEX_FAMILY, BASE_FAMILY, REJECT_FAMILY)
+
+
+def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Accept exactly one SELECT (WITH ... SELECT included); anything else is a QueryError before it runs."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc)) from exc
+    if len(statements) != 1:
+        raise QueryError(f"query takes exactly one SQL statement, got {len(statements)}")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryError(f"query is read-only: a SELECT, not a {statements[0].type.name} statement")
+
+
 def run_query(table_root: str, sql: str) -> QueryResult:
-    """SQL (DuckDB) over the faces index (``faces``) and the base family (``basic``) only."""
+    """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family) and ``rejects``.
+
+    The connection cannot touch files (external access off, configuration locked): the families
+    registered here are all a query can read, so ``bytes_read`` counts everything it touched.
+    """
     table = Table(table_root)
     manifest = table.manifest()
     counter = ByteCounter()
     words = sql_words(sql)
     # closed explicitly: a connection left to interpreter teardown can abort the process on exit
-    with duckdb.connect() as con:
-        for family in (INDEX_FAMILY, BASE_FAMILY):
+    with duckdb.connect(config={"enable_external_access": False, "lock_configuration": True}) as con:
+        read_only_statement(con, sql)
+        for family in QUERY_FAMILIES:
             if family not in words:
                 continue
-            cols = referenced_columns(sql, family_schema(family)) or ["face_id"]
+            cols = referenced_columns(sql, family_schema(family)) or [family_schema(family).names[0]]
             con.register(family, read_family(table, family, manifest=manifest, columns=cols, counter=counter))
         try:
             result = con.sql(sql).to_arrow_table()

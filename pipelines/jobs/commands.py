@@ -33,11 +33,20 @@ def _decode(a: argparse.Namespace) -> int:
     ids = list(a.ids or [])
     if a.ids_file:
         ids += [s.strip() for s in Path(a.ids_file).read_text().split() if s.strip()]
-    files = run_decode(a.table, ids, a.upto, a.out, weights=a.weights, fmt=a.format, device=a.device)
-    for f in files:
+    result = run_decode(a.table, ids, a.upto, a.out, weights=a.weights, fmt=a.format, device=a.device)
+    for f in result.files:
         kind = "GENERATED from layers" if f.generated else "source file, layer"
         print(f"{f.path}\t{kind} {'+'.join(f.layers_used)}")
-    return 0
+    return _report_failures(result.failures, len(result.files))
+
+
+def _report_failures(failures: tuple, written: int) -> int:
+    """Failed faces on stderr, one line each; exit 4 when any (the others were written)."""
+    for f in failures:
+        print(f"FAILED {f.id}\t{f.error_class}: {f.message}", file=sys.stderr)
+    if failures:
+        print(f"-- {written} written, {len(failures)} failed", file=sys.stderr)
+    return 4 if failures else 0
 
 
 def _query(a: argparse.Namespace) -> int:
@@ -67,7 +76,7 @@ def _edit(a: argparse.Namespace) -> int:
     print(f"edited {res.edited} faces -> {where}")
     for o in res.outputs[:20]:
         print(f"  {o}")
-    return 0
+    return _report_failures(res.failures, res.edited)
 
 
 def _warehouse_ddl(a: argparse.Namespace) -> int:

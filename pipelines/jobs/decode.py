@@ -7,20 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from facetier.codec.layers import ORIGINAL, LayerCode, LayeredCode
-from facetier.codec.model import FaceCodec
+from facetier.codec.layers import ORIGINAL, LayeredCode
+from facetier.codec.model import DecodedFace, FaceCodec
 from facetier.io.images import sniff_format
-from facetier.io.reader import read_family
-from facetier.io.table import (
-    INDEX_FAMILY,
-    LAYER_FAMILIES,
-    ORIGINAL_FAMILY,
-    Manifest,
-    Table,
-)
+from facetier.io.table import Table
+from facetier.pipelines.jobs.stored_codes import FaceFailure, index_rows, read_codes, read_originals
 from PIL import Image
 
-from facetier.errors import ConfigError, MissingLayerError
+from facetier.errors import ConfigError, FacetierError
 
 log = logging.getLogger(__name__)
 
@@ -33,61 +27,64 @@ class DecodedFile:
     generated: bool
 
 
-def run_decode(table_root: str, ids: Sequence[str], upto: str, out_dir: str, *, weights: str | None = None, fmt: str = "png", device: str = "auto") -> list[DecodedFile]:
-    """Decode faces (by face id or photo id) at ``upto`` into ``out_dir``; ``original`` writes the source file."""
+@dataclass(frozen=True)
+class DecodeResult:
+    """What a decode wrote and what it could not: selected = written + failed."""
+
+    files: tuple[DecodedFile, ...]
+    failures: tuple[FaceFailure, ...]
+
+    @property
+    def selected(self) -> int:
+        return len(self.files) + len(self.failures)
+
+
+def run_decode(table_root: str, ids: Sequence[str], upto: str, out_dir: str, *, weights: str | None = None, fmt: str = "png",
+               device: str = "auto") -> DecodeResult:
+    """Decode faces (by face id or photo id) at ``upto`` into ``out_dir``; ``original`` writes the source file.
+
+    A face whose stored layers fail their checks, or sit in a file that cannot be read, is a
+    failure of this run (typed, naming the file); the other faces are still written.
+    """
     table = Table(table_root)
     manifest = table.manifest()
-    wanted = set(ids)
-    index = read_family(table, INDEX_FAMILY, manifest=manifest).to_pylist()
-    rows = [r for r in index if r["face_id"] in wanted or r["photo_id"] in wanted]
-    missing = wanted - {r["face_id"] for r in rows} - {r["photo_id"] for r in rows}
-    if missing:
-        raise ConfigError(f"not in table {table_root}: {sorted(missing)[:5]}")
+    rows, failures = index_rows(table, ids, manifest)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if upto == ORIGINAL:
-        photos = sorted({r["photo_id"] for r in rows})
-        orig = read_family(table, ORIGINAL_FAMILY, manifest=manifest, filters=[("photo_id", "in", photos)]).to_pylist()
-        from facetier.codec.image_layers import decode_original
-
+        originals, failed = read_originals(table, sorted({r["photo_id"] for r in rows}), manifest)
         written = []
-        for r in orig:
-            data = decode_original(r["payload"])
+        for pid, data in sorted(originals.items()):
             ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(sniff_format(data) or "", "bin")
-            p = out / f"{r['photo_id']}.{ext}"
+            p = out / f"{pid}.{ext}"
             p.write_bytes(data)
-            written.append(DecodedFile(r["photo_id"], str(p), (ORIGINAL,), generated=False))
-        return written
+            written.append(DecodedFile(pid, str(p), (ORIGINAL,), generated=False))
+        return DecodeResult(tuple(written), tuple(failures + failed))
     codec = FaceCodec.load(weights, device=device)
     if upto not in codec.layer_names or upto == ORIGINAL:
         raise ConfigError(f"--upto must be one of {codec.layer_names}")
     needed = list(codec.plan.names[: codec.plan.index(upto) + 1]) if upto in codec.plan.names else list(codec.plan.names) + [upto]
-    codes = layered_codes(table, rows, needed, manifest=manifest)
-    decoded = codec.decode_many(codes, upto)
+    codes, failed = read_codes(table, rows, needed, manifest)
+    failures += failed
     written = []
-    for r, d in zip(rows, decoded):
-        p = out / f"{r['face_id']}_{upto}.{fmt}"
-        Image.fromarray(np.ascontiguousarray(d.image)).save(p)
-        written.append(DecodedFile(r["face_id"], str(p), d.layers_used, d.generated))
-    return written
+    for fid, decoded in decode_each(codec, codes, upto, failures):
+        p = out / f"{fid}_{upto}.{fmt}"
+        Image.fromarray(np.ascontiguousarray(decoded.image)).save(p)
+        written.append(DecodedFile(fid, str(p), decoded.layers_used, decoded.generated))
+    return DecodeResult(tuple(written), tuple(failures))
 
 
-def layered_codes(table: Table, rows: list[dict], families: Sequence[str], *, manifest: Manifest | None = None) -> list[LayeredCode]:
-    """The coded layers ``families`` (lowest first) of the faces in ``rows`` (rows of the faces index)."""
-    manifest = manifest or table.manifest()
-    face_ids = [r["face_id"] for r in rows]
-    payloads: dict[str, dict[str, bytes]] = {fid: {} for fid in face_ids}
-    for fam in families:
-        if fam not in LAYER_FAMILIES:
-            continue
-        for r in read_family(table, fam, manifest=manifest, columns=["face_id", "payload"], filters=[("face_id", "in", face_ids)]).to_pylist():
-            payloads[r["face_id"]][fam] = r["payload"]
-    codes = []
-    for r in rows:
-        layers = []
-        for fam in families:
-            if fam not in payloads[r["face_id"]]:
-                raise MissingLayerError(f"face {r['face_id']} has no {fam!r} layer in the table")
-            layers.append(LayerCode(fam, payloads[r["face_id"]][fam]))
-        codes.append(LayeredCode(r["codec_id"], r["weights_hash"], tuple(layers)))
-    return codes
+def decode_each(codec: FaceCodec, codes: dict[str, LayeredCode], upto: str, failures: list[FaceFailure]) -> list[tuple[str, DecodedFace]]:
+    """Decode ``codes`` in one batch; if the batch fails, face by face, so one bad stream fails alone (into ``failures``)."""
+    ids = sorted(codes)
+    try:
+        return list(zip(ids, codec.decode_many([codes[i] for i in ids], upto)))
+    except FacetierError:
+        pass
+    out = []
+    for fid in ids:
+        try:
+            out.append((fid, codec.decode_many([codes[fid]], upto)[0]))
+        except FacetierError as exc:
+            failures.append(FaceFailure.of(fid, exc))
+    return out

@@ -34,7 +34,7 @@ def run_demo(out: Path, *, engine: str = "local", workers: int = 1, faces: int =
     ids = [r["face_id"] for r in res.table.to_pylist()[:3]]
     echo(f"== 4. facetier decode {table} --ids {' '.join(ids)} --upto LAYER --out {decoded}")
     for upto in ("basic", "enhanced", "residual", "original"):
-        for f in run_decode(table, ids if upto != "original" else [i.rsplit("-", 1)[0] for i in ids], upto, str(decoded)):
+        for f in run_decode(table, ids if upto != "original" else [i.rsplit("-", 1)[0] for i in ids], upto, str(decoded)).files:
             echo(f"{f.path}\t{'GENERATED from' if f.generated else 'source file,'} {'+'.join(f.layers_used)}")
     echo(f"== 5. facetier search {table} --like {ids[0]} -k 3   (identity embeddings of the base family)")
     echo(search(table, ids[0], k=3).table.to_pandas().to_string(index=False))

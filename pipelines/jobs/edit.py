@@ -10,17 +10,16 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from facetier.codec.layers import LayeredCode
 from facetier.codec.model import FaceCodec
-from facetier.io.reader import read_family
-from facetier.io.table import INDEX_FAMILY, Table
+from facetier.io.table import Table
 from facetier.pipelines.jobs.analytics import run_query
-from facetier.pipelines.jobs.decode import layered_codes
 from facetier.pipelines.jobs.records import JobContext, write_shard
+from facetier.pipelines.jobs.stored_codes import FaceFailure, index_rows, read_codes
 from PIL import Image
 
 from facetier.errors import ConfigError
@@ -33,6 +32,7 @@ class EditResult:
     edited: int
     outputs: tuple[str, ...]  # image paths, or the new face ids when writing to a table
     table_version: int | None
+    failures: tuple[FaceFailure, ...] = ()  # selected faces whose stored layers failed their checks
 
 
 def _select(table_root: str, where: str) -> list[str]:
@@ -40,11 +40,13 @@ def _select(table_root: str, where: str) -> list[str]:
     return res.table.column("face_id").to_pylist()
 
 
-def _codes(table: Table, face_ids: list[str], families: Sequence[str]) -> tuple[list[LayeredCode], list[dict]]:
+def _codes(table: Table, face_ids: list[str], families: Sequence[str]) -> tuple[list[LayeredCode], list[dict], list[FaceFailure]]:
+    """The verified codes of the faces that have them (with their index rows), and the faces that fail."""
     manifest = table.manifest()
-    index = {r["face_id"]: r for r in read_family(table, INDEX_FAMILY, manifest=manifest, filters=[("face_id", "in", face_ids)]).to_pylist()}
-    rows = [index[f] for f in face_ids]
-    return layered_codes(table, rows, families, manifest=manifest), rows
+    rows, failures = index_rows(table, face_ids, manifest)
+    codes, failed = read_codes(table, rows, families, manifest)
+    kept = [r for r in rows if r["face_id"] in codes]
+    return [codes[r["face_id"]] for r in kept], kept, failures + failed
 
 
 def edit(
@@ -72,14 +74,16 @@ def edit(
     if not face_ids:
         return EditResult(0, (), None)
     families = list(codec.plan.names[: codec.plan.index(upto) + 1])
-    codes, rows = _codes(table, face_ids, families)
+    codes, rows, failures = _codes(table, face_ids, families)
+    if not codes:
+        return EditResult(0, (), None, tuple(failures))
     symbols = [codec.decode_symbols(c, upto) for c in codes]
     edited = codec.semantic.edit(np.stack([s[0] for s in symbols]).astype(np.float64), edits)
     coder0 = codec.coders[0]
     edited_sym = [coder0.quantise(e, np.zeros(0, np.int64)) for e in edited]
     wplus = np.stack([codec.wplus_from_symbols([e, *s[1:]]) for e, s in zip(edited_sym, symbols)])
     if as_table or Table(out).exists():
-        return _write_rows(codec, out, rows, edited_sym, symbols, edits)
+        return replace(_write_rows(codec, out, rows, edited_sym, symbols, edits), failures=tuple(failures))
     images = codec.synthesise(wplus)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +93,7 @@ def edit(
         p = folder / f"{row['face_id']}_{tag}.png"
         Image.fromarray(np.ascontiguousarray(img)).save(p)
         paths.append(str(p))
-    return EditResult(len(paths), tuple(paths), None)
+    return EditResult(len(paths), tuple(paths), None, tuple(failures))
 
 
 def _edit_tag(edits: Mapping[str, str]) -> str:

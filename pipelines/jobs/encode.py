@@ -21,7 +21,7 @@ from typing import Literal
 from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
-from facetier.io.sources import list_sources
+from facetier.io.sources import key_bytes, list_sources
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
 from tqdm import tqdm
@@ -87,11 +87,11 @@ class EncodeSummary:
 
 
 def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int) -> list[ShardSpec]:
-    skip_digest = hashlib.sha256("\n".join(sorted(skip_ids)).encode()).hexdigest()
+    skip_digest = hashlib.sha256(key_bytes("\n".join(sorted(skip_ids)))).hexdigest()
     shards = []
     for i in range(0, len(sources), shard_size):
         chunk = tuple(sources[i : i + shard_size])
-        h = hashlib.sha256("\n".join((weights_hash, skip_digest, *chunk)).encode()).hexdigest()[:20]
+        h = hashlib.sha256(key_bytes("\n".join((weights_hash, skip_digest, *chunk)))).hexdigest()[:20]
         shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk))
     return shards
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from facetier.io.sources import key_bytes
 from facetier.pipelines.jobs.records import (
     FacePreparer,
     JobContext,
@@ -24,7 +25,8 @@ class Prepare:
         self.preparer = FacePreparer(ctx)
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        items = self.preparer.prepare(row["shard_id"], row["source"])
+        # sources travel as bytes: Arrow strings must be UTF-8, and a file name need not be
+        items = self.preparer.prepare(row["shard_id"], row["source"].decode("utf-8", "surrogatepass"))
         return [{"shard_id": row["shard_id"], "item": pickle.dumps(it)} for it in items]
 
 
@@ -68,7 +70,7 @@ def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, addr
     import torch
 
     init_ray(workers, address)
-    rows = [{"shard_id": s.shard_id, "source": src} for s in shards for src in s.sources]
+    rows = [{"shard_id": s.shard_id, "source": key_bytes(src)} for s in shards for src in s.sources]
     if not rows:
         return
     gpus = 1 if (ctx.device in ("auto", "cuda") and torch.cuda.is_available()) else 0

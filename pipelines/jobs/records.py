@@ -26,7 +26,7 @@ from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.io.images import decode_image
-from facetier.io.sources import SourceRef, content_id, read_source
+from facetier.io.sources import SourceRef, content_id, read_source, storable_uri
 from facetier.io.table import (
     ATTRIBUTE_FIELDS,
     BASE_FAMILY,
@@ -140,7 +140,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     for r in faces:
         meta = json.loads(r["meta"])
         face_id = f"{r['photo_id']}-{r['face_index']}"
-        add(INDEX_FAMILY, face_id=face_id, photo_id=r["photo_id"], face_index=r["face_index"], source_uri=r["source_uri"], box=meta["box"],
+        uri, raw = storable_uri(r["source_uri"])
+        add(INDEX_FAMILY, face_id=face_id, photo_id=r["photo_id"], face_index=r["face_index"], source_uri=uri, source_uri_raw=raw, box=meta["box"],
             landmarks=meta["landmarks"], transform=meta["transform"], source_width=meta["source_size"][0], source_height=meta["source_size"][1],
             detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded")
         for name, payload in r["layers"].items():
@@ -148,9 +149,11 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
                 extra = {f: (r.get("semantic") or {}).get(f) for f in BASE_COLUMNS} if name == BASE_FAMILY else {}
                 add(name, face_id=face_id, photo_id=r["photo_id"], payload=payload, nbytes=len(payload), crc32=zlib.crc32(payload), **extra)
         if r.get("original") is not None:
-            add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=r["source_uri"], payload=r["original"], nbytes=len(r["original"]), source_bytes=r["source_bytes"])
+            add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=uri, source_uri_raw=raw, payload=r["original"], nbytes=len(r["original"]),
+                source_bytes=r["source_bytes"])
     for r in rejects:
-        add(REJECT_FAMILY, source_uri=r["source_uri"], photo_id=r["photo_id"], error_class=r["error_class"], message=r["message"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
+        uri, raw = storable_uri(r["source_uri"])
+        add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
     files, rows, nbytes = {}, {}, {}
     for family, data in cols.items():
         arrow = pa.Table.from_pydict(data, schema=family_schema(family))

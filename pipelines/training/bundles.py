@@ -23,10 +23,12 @@ from facetier.codec.checkpoints import (
     PartSource,
     encoder_config_from_json,
     generator_config_from_json,
+    load_generator_weights,
     save_bundle,
 )
 from facetier.codec.encoder import EncoderConfig
 from facetier.codec.layers import LayerPlan, LayerSpec
+from facetier.codec.prior import StylePrior
 from facetier.codec.semantic import SemanticConfig
 from facetier.codec.stylegan import GeneratorConfig
 from facetier.pipelines.training.entropy_fit import (
@@ -47,6 +49,7 @@ from facetier.pipelines.training.semantic_fit import (
     export_semantic,
     train_semantic,
 )
+from tqdm import tqdm
 
 from facetier.errors import ModelError
 
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_ALIGNMENT = AlignmentConfig(size=128, crop_scale=0.8)  # the framing the embedded prior is trained on
 EMBEDDED_CODEC_ID = "facetier-prior-128-v1"
+SEMANTIC_SUFFIX = "-semantic"
 PRIOR_SETUP = "prior_setup.json"
 
 
@@ -97,13 +101,15 @@ class PriorSetup:
 
 def prior_from_bundle(work: Path, bundle: ModelBundle) -> Path:
     """Start ``train prior`` from a bundle's generator (and encoder, when it has one): checkpoint at step 0 and the setup."""
-    setup = PriorSetup.of_bundle(bundle)
+    # the weights will change here: a new codec id, so streams never name the source model for them
+    setup = replace(PriorSetup.of_bundle(bundle), codec_id=f"{bundle.config.codec_id.removesuffix(SEMANTIC_SUFFIX)}-tuned")
     model = PriorModel(setup.generator, setup.encoder)
-    missing, unexpected = model.generator.load_state_dict(bundle.prefixed("generator."), strict=False)
-    if unexpected or any(not m.startswith("noises.") for m in missing):
-        raise ModelError(f"generator weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    load_generator_weights(model.generator, bundle.prefixed("generator."), ModelError)
     if bundle.has_encoder:
-        model.encoder.load_state_dict(bundle.prefixed("encoder."))
+        try:
+            model.encoder.load_state_dict(bundle.prefixed("encoder."))
+        except RuntimeError as exc:
+            raise ModelError(f"encoder weights do not fit the configuration: {str(exc)[:300]}") from exc
     with torch.no_grad():
         model.latent_avg.copy_(bundle.tensors["latent_avg"].float())
     setup.save(work)
@@ -169,10 +175,32 @@ def export_fitted_bundle(bundle: ModelBundle, wplus: np.ndarray, out_path: Path,
     cfg = bundle.config
     plan = LayerPlan.default(cfg.generator.n_latent) if cfg.plan.is_semantic else cfg.plan
     layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig())
-    keep = {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
-    sources = tuple(s for s in cfg.sources if s.part not in ("layers", "semantic")) + (PartSource("layers", "facetier train entropy", "", ""),)
-    config = replace(cfg, codec_id=codec_id or cfg.codec_id, plan=plan, semantic=None, sources=sources)
-    return save_bundle(out_path, config, keep | export_layers(layers, plan))
+    sources = fitted_sources(cfg.sources, PartSource("layers", "facetier train entropy", "", ""))
+    config = replace(cfg, codec_id=codec_id or cfg.codec_id.removesuffix(SEMANTIC_SUFFIX), plan=plan, semantic=None, sources=sources)
+    return save_bundle(out_path, config, prior_tensors(bundle) | export_layers(layers, plan))
+
+
+def prior_tensors(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The bundle's generator, encoder and mean W+: what a refit of its layers keeps."""
+    return {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
+
+
+def fitted_sources(sources: tuple[PartSource, ...], *fitted: PartSource) -> tuple[PartSource, ...]:
+    """Provenance after a refit: earlier fitted parts replaced by ``fitted``. Bundles facetier trained from
+    scratch record no sources (the model card covers them), and keep recording none."""
+    if not sources:
+        return ()
+    return tuple(s for s in sources if s.part not in ("layers", "semantic")) + fitted
+
+
+@torch.no_grad()
+def bundle_wplus(bundle: ModelBundle, faces: np.ndarray, *, device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """W+ the bundle's encoder gives ``faces``, in batches sized to the encoder's input."""
+    prior = StylePrior(bundle, device=device)
+    batch = 128 if prior.encoder_input_size <= 128 else 16
+    starts = range(0, len(faces), batch)
+    return np.concatenate([prior.encode_wplus(np.asarray(faces[i : i + batch]))
+                           for i in tqdm(starts, desc="W+ of training faces", unit="batch", disable=not progress)])
 
 
 def export_semantic_bundle(
@@ -204,12 +232,9 @@ def export_semantic_bundle(
         for name, t in net.named_buffers():
             t.copy_(t.half().float())
     layers = train_entropy(wplus, plan, entropy_cfg or EntropyTrainConfig(), semantic=net, semantic_inputs=inputs)
-    keep = {k: v for k, v in bundle.tensors.items() if k.startswith(("generator.", "encoder.")) or k == "latent_avg"}
     sem = export_semantic(net, prior)
-    tensors = keep | {k: (v.half() if k.startswith("semantic.") else v) for k, v in sem.items()} | export_layers(layers, plan)
-    sources = tuple(s for s in cfg.sources if s.part not in ("layers", "semantic"))
-    if sources:  # bundles facetier trained from scratch keep recording no sources (the model card covers them)
-        sources += (PartSource("layers", "facetier train semantic", "", ""), PartSource("semantic", "facetier train semantic", "", ""))
+    tensors = prior_tensors(bundle) | {k: (v.half() if k.startswith("semantic.") else v) for k, v in sem.items()} | export_layers(layers, plan)
+    sources = fitted_sources(cfg.sources, PartSource("layers", "facetier train semantic", "", ""), PartSource("semantic", "facetier train semantic", "", ""))
     config = ModelConfig(codec_id=codec_id, generator=cfg.generator, encoder=cfg.encoder, alignment=cfg.alignment, plan=plan,
                          residual_quality=cfg.residual_quality, semantic=semantic_cfg, sources=sources)
     return save_bundle(out_path, config, tensors), figures

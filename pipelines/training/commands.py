@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--freeze-generator", action="store_true",
                    help="prior stage: train the encoder only (no adversarial term), against a frozen generator: the work folder's "
                         "prior checkpoint's if there is one, else the `gan` stage's")
-    t.add_argument("--out", default="codec/assets/facetier-prior-128.safetensors", help="entropy and semantic stages: where to write the bundle")
+    t.add_argument("--out", help="entropy and semantic stages: where to write the bundle (default, for the embedded model's own "
+                                 "lineage only: codec/assets/facetier-prior-128.safetensors)")
     t.add_argument("--from-bundle", help="entropy and semantic stages: fit the layers on this bundle's prior as it is (e.g. one from "
                                          "`facetier import-prior`) instead of the work folder's trained prior; semantic default: the embedded model")
     t.add_argument("--init-from-bundle", help="prior stage: start the work folder from this bundle's generator (and encoder, if it has one); "
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ip.add_argument("--encoder", help="pSp or e4e checkpoint (state_dict with encoder./decoder., latent_avg, opts); its decoder is the "
                                       "generator when --stylegan is not given")
     ip.add_argument("--out", required=True, help="the bundle to write (.safetensors)")
-    ip.add_argument("--codec-id", help="default: stylegan2-<size>-<psp|e4e|noencoder>")
+    ip.add_argument("--codec-id", help="default: stylegan2-<size>, with -psp or -e4e when an encoder is given")
     ip.add_argument("--generator-license", default="", help="the generator's licence as you hold it (recorded; shown by `facetier info`)")
     ip.add_argument("--encoder-license", default="", help="the encoder's licence as you hold it")
     ip.add_argument("--new-encoder", choices=["psp", "compact"], default="psp",

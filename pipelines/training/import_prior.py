@@ -91,7 +91,8 @@ def psp_encoder_config(gen_cfg: GeneratorConfig) -> EncoderConfig:
     return replace(EncoderConfig.psp(gen_cfg.size), n_styles=gen_cfg.n_latent, style_dim=gen_cfg.style_dim)
 
 
-def _generator_tensors(generator: Generator) -> dict[str, torch.Tensor]:
+def _generator_tensors(generator: Generator | None) -> dict[str, torch.Tensor]:
+    assert generator is not None  # import_prior has checked that one of the files gave a generator
     return {k: v.detach().float() for k, v in generator.state_dict().items() if not k.startswith("noises.")}
 
 
@@ -129,7 +130,7 @@ def import_prior(
                               "give only --encoder to use the generator it was trained with")
         if generator is None:
             generator = decoder
-            sources.append(PartSource("generator", f"{Path(encoder).name} (decoder)", file_sha256(Path(encoder)), encoder_license))
+            sources.append(PartSource("generator", f"{Path(encoder).name} (decoder)", file_sha256(Path(encoder)), generator_license or encoder_license))
         sources.append(PartSource("encoder", Path(encoder).name, file_sha256(Path(encoder)), encoder_license))
         enc_cfg = enc_model.config
         enc_tensors = {f"encoder.{k}": v.detach().float() for k, v in enc_model.state_dict().items()}
@@ -146,13 +147,12 @@ def import_prior(
             enc_cfg = compact_encoder_config(generator.config) if new_encoder == "compact" else psp_encoder_config(generator.config)
         if (enc_cfg.n_styles, enc_cfg.style_dim) != (generator.n_latent, generator.config.style_dim):
             raise ConfigError(f"the new encoder must output {generator.n_latent} styles of {generator.config.style_dim}")
-    assert generator is not None
     gen_cfg = generator.config
     if avg is None:
         log.info("no latent_avg in the checkpoints: averaging the mapping network over %d samples", MEAN_LATENT_SAMPLES)
         avg = mean_latent(generator)
         sources.append(PartSource("latent_avg", f"mean of {MEAN_LATENT_SAMPLES} mapped samples", "", ""))
-    codec_id = codec_id or f"stylegan2-{gen_cfg.size}-{mode or 'noencoder'}"
+    codec_id = codec_id or f"stylegan2-{gen_cfg.size}" + (f"-{mode}" if mode else "")
     plan = LayerPlan.default(gen_cfg.n_latent)
     tensors = {f"generator.{k}": v for k, v in _generator_tensors(generator).items()} | enc_tensors | {"latent_avg": avg.float().contiguous()}
     config = ModelConfig(codec_id=codec_id, generator=gen_cfg, encoder=enc_cfg,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -11,9 +12,11 @@ import numpy as np
 from facetier.codec.align import AlignmentConfig
 from facetier.codec.checkpoints import ModelBundle, PartSource, load_bundle
 from facetier.codec.model import embedded_weights_path, pick_device
-from facetier.codec.prior import StylePrior
+from facetier.codec.prior import TRAIN_AN_ENCODER
 from facetier.pipelines.training.bundles import (
+    SEMANTIC_SUFFIX,
     PriorSetup,
+    bundle_wplus,
     export_bundle,
     export_fitted_bundle,
     load_prior,
@@ -28,13 +31,13 @@ from facetier.pipelines.training.prior import (
     train_prior,
 )
 from facetier.pipelines.training.semantic_fit import SemanticTrainConfig
-from tqdm import tqdm
 
-from facetier.errors import ConfigError
+from facetier.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
 SEMANTIC_CODEC_ID = "facetier-prior-128-v3"
+EMBEDDED_OUT = "codec/assets/facetier-prior-128.safetensors"
 ENTROPY_FIT_FACES = 6000
 
 
@@ -75,6 +78,23 @@ def _check_flags(a: argparse.Namespace) -> None:
         raise ConfigError(f"--from-bundle applies to the entropy and semantic stages only, not to {a.stage!r}")
     if a.entropy_steps and a.stage != "semantic":
         raise ConfigError(f"--entropy-steps applies to the semantic stage's refit of the upper layers; the {a.stage!r} stage takes --steps")
+    if a.codec_id and a.stage not in ("entropy", "semantic"):
+        raise ConfigError(f"--codec-id names the bundle the entropy and semantic stages write, not {a.stage!r}")
+
+
+def _out(a: argparse.Namespace, setup: PriorSetup | None = None) -> Path:
+    """Where the bundle goes. Only facetier's own embedded lineage may default to the shipped model's path."""
+    if a.out:
+        return Path(a.out)
+    if a.from_bundle or (setup is not None and setup != PriorSetup.embedded()):
+        raise ConfigError("give --out: without it the bundle would replace the embedded model (codec/assets)")
+    return Path(EMBEDDED_OUT)
+
+
+def _fit_subset(faces: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted indices of the faces the entropy stage fits on (all of them up to ENTROPY_FIT_FACES)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
 
 
 def _entropy_cfg(steps: int | None) -> EntropyTrainConfig:
@@ -109,12 +129,12 @@ def run_train(a: argparse.Namespace) -> int:
     ckpt = work / PRIOR_CHECKPOINT
     if not ckpt.exists():
         raise ConfigError(f"no prior checkpoint at {ckpt}; run `facetier train prior` first")
+    out = _out(a, setup)
     model, _ = load_prior(ckpt, setup.generator, setup.encoder)
-    rng = np.random.default_rng(a.seed)
-    subset = np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
-    digest = export_bundle(model, faces[subset], Path(a.out), codec_id=a.codec_id or setup.codec_id, alignment=setup.alignment,
+    subset = _fit_subset(faces, a.seed)
+    digest = export_bundle(model, faces[subset], out, codec_id=a.codec_id or setup.codec_id, alignment=setup.alignment,
                            entropy_cfg=_entropy_cfg(a.steps), sources=_trained_sources(work, setup))
-    log.info("wrote %s (weights %s)", a.out, digest)
+    log.info("wrote %s (weights %s)", out, digest)
     return 0
 
 
@@ -132,37 +152,46 @@ def _trained_sources(work: Path, setup: PriorSetup) -> tuple[PartSource, ...]:
     if not setup.sources:
         return ()
     trained = json.loads((work / "prior_config.json").read_text())["train"] if (work / "prior_config.json").exists() else {}
-    out = []
-    for s in setup.sources:
-        if trained and (s.part == "encoder" or (s.part == "generator" and trained.get("train_generator"))):
-            s = replace(s, origin=f"{s.origin}, fine-tuned by facetier train prior")
-        out.append(s)
+    changed = {"encoder", "latent_avg"} | ({"generator"} if trained.get("train_generator") else set()) if trained else set()
+    out = [replace(s, origin=f"{s.origin}, fine-tuned by facetier train prior") if s.part in changed else s
+           for s in setup.sources if s.part not in ("layers", "semantic")]
     if trained and not any(s.part == "encoder" for s in setup.sources):
         out.append(PartSource("encoder", "facetier train prior" + ("" if trained.get("train_generator") else " --freeze-generator"), "", ""))
     return tuple(out) + (PartSource("layers", "facetier train entropy", "", ""),)
 
 
-def _bundle_wplus(bundle: ModelBundle, faces: np.ndarray, work: Path, device: str) -> np.ndarray:
-    """W+ the bundle's encoder gives ``faces``, cached in ``work`` by weights hash."""
+def _cached_wplus(bundle: ModelBundle, faces: np.ndarray, key: str, work: Path, device: str) -> np.ndarray:
+    """W+ the bundle's encoder gives ``faces``; cached in ``work`` under the weights hash and ``key`` (which faces)."""
     cache = work / f"wplus_{bundle.weights_hash[:12]}.npy"
-    if cache.exists() and len(np.load(cache, mmap_mode="r")) == len(faces):
+    stamp = cache.with_suffix(".json")
+    if cache.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         return np.load(cache)
-    prior = StylePrior(bundle, device=device)
-    wplus = np.concatenate([prior.encode_wplus(np.asarray(faces[i : i + 32])) for i in tqdm(range(0, len(faces), 32), desc="W+ of training faces", unit="batch")])
+    wplus = bundle_wplus(bundle, faces, device=device)
     work.mkdir(parents=True, exist_ok=True)
     np.save(cache, wplus)
+    stamp.write_text(json.dumps({"key": key}))
     return wplus
+
+
+def _faces_key(a: argparse.Namespace, alignment: AlignmentConfig, subset: np.ndarray | None = None) -> str:
+    """Which faces: the face cache's own key (its files and framing), and the subset taken of them."""
+    index = json.loads(face_cache_path(Path(a.work), alignment).with_suffix(".json").read_text())
+    chosen = "all" if subset is None else hashlib.sha256(subset.astype(np.int64).tobytes()).hexdigest()[:16]
+    return f"{index['key']}:{chosen}"
 
 
 def _fit_bundle_layers(a: argparse.Namespace, work: Path) -> int:
     """``train entropy --from-bundle``: the bundle's prior as it is, its layers fitted on the faces of ``--lists``."""
     bundle = load_bundle(Path(a.from_bundle))
-    faces = _faces(a, _coding_alignment(bundle))
-    rng = np.random.default_rng(a.seed)
-    subset = np.sort(rng.choice(len(faces), min(ENTROPY_FIT_FACES, len(faces)), replace=False))
-    wplus = _bundle_wplus(bundle, np.asarray(faces[subset]), work / "entropy", a.device)
-    digest = export_fitted_bundle(bundle, wplus, Path(a.out), codec_id=a.codec_id, entropy_cfg=_entropy_cfg(a.steps))
-    log.info("wrote %s (weights %s), layers fitted on %d faces", a.out, digest, len(subset))
+    if not bundle.has_encoder:
+        raise ModelError(f"{a.from_bundle} is a generator without an encoder: {TRAIN_AN_ENCODER}")
+    out = _out(a)
+    alignment = _coding_alignment(bundle)
+    faces = _faces(a, alignment)
+    subset = _fit_subset(faces, a.seed)
+    wplus = _cached_wplus(bundle, np.asarray(faces[subset]), _faces_key(a, alignment, subset), work / "entropy", a.device)
+    digest = export_fitted_bundle(bundle, wplus, out, codec_id=a.codec_id, entropy_cfg=_entropy_cfg(a.steps))
+    log.info("wrote %s (weights %s), layers fitted on %d faces", out, digest, len(subset))
     return 0
 
 
@@ -194,7 +223,8 @@ def _utk_labels(lists: list[str]) -> Path | None:
 
 
 def _semantic_codec_id(bundle: ModelBundle) -> str:
-    return SEMANTIC_CODEC_ID if bundle.config.codec_id.startswith("facetier-prior-128") else f"{bundle.config.codec_id}-semantic"
+    cid = bundle.config.codec_id
+    return SEMANTIC_CODEC_ID if cid.startswith("facetier-prior-128") else f"{cid.removesuffix(SEMANTIC_SUFFIX)}{SEMANTIC_SUFFIX}"
 
 
 def _train_semantic(a: argparse.Namespace, work: Path) -> int:
@@ -207,10 +237,11 @@ def _train_semantic(a: argparse.Namespace, work: Path) -> int:
 
     source = Path(a.from_bundle) if a.from_bundle else embedded_weights_path()
     bundle = load_bundle(source)
+    out = _out(a)
     alignment = _coding_alignment(bundle)
     faces = _faces(a, alignment)
     log.info("%d aligned training faces", len(faces))
-    wplus = _bundle_wplus(bundle, faces, work, a.device)
+    wplus = _cached_wplus(bundle, faces, _faces_key(a, alignment), work, a.device)
     cache = face_cache_path(work, alignment)
     labels_file = work / "face_labels.npz" if cache.stem == "faces_128_s080" else work / f"face_labels_{cache.stem}.npz"
     raw, embs = measure_crops(faces, labels_file)
@@ -220,10 +251,10 @@ def _train_semantic(a: argparse.Namespace, work: Path) -> int:
     log.info("expression ranges (5th, 95th percentile): %s", ranges)
     cfg = with_overrides(SemanticTrainConfig(steps=a.steps or SemanticTrainConfig.steps, seed=a.seed), a.overrides)
     log.info("semantic training settings: %s", cfg)
-    digest, figures = export_semantic_bundle(bundle, wplus, labels, Path(a.out), codec_id=a.codec_id or _semantic_codec_id(bundle),
+    digest, figures = export_semantic_bundle(bundle, wplus, labels, out, codec_id=a.codec_id or _semantic_codec_id(bundle),
                                              semantic_cfg=SemanticConfig(image_size=64, descriptor=DESCRIPTOR_ID), train_cfg=cfg,
                                              entropy_cfg=_entropy_cfg(a.entropy_steps), crops=faces, descriptors=embs)
     log.info("held-out training faces: %s", figures)
     (work / "semantic_report.json").write_text(json.dumps({"figures": figures, "expression_ranges": ranges, "weights_hash": digest, "from": str(source)}, indent=2))
-    log.info("wrote %s (weights %s)", a.out, digest)
+    log.info("wrote %s (weights %s)", out, digest)
     return 0
