@@ -20,7 +20,10 @@ from facetier.errors import ConfigError, SourceReadError, UnsafeMemberError
 MEMBER_SEP = "!"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 LIST_SUFFIXES = (".txt", ".lst")
-MAX_SOURCE_BYTES = 256 * 1024 * 1024
+# A source is held whole while it is hashed, decoded and recompressed into the original layer (JPEG XL
+# needs the whole file), so this bound is what bounds an encode worker's memory per input. Sizes
+# come from listings and archive headers: a larger input is rejected without being read.
+MAX_SOURCE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, order=True)

@@ -6,7 +6,9 @@ Layout under the table root (local path, ``gs://`` or ``s3://``)::
     basic/ middle/ enhanced/   one family per generative layer (payload bytes + crc32)
     residual/ original/        the pixel layers (original: one row per photo)
     rejects/<shard>.parquet    inputs that produced no face: error class and message
-    _staging/<shard>.json      a shard's stats, written last: the shard's done marker
+    aliases/<shard>.parquet    further names of photos whose bytes another name already brought
+    _staging/<shard>.json      a shard's stats, written last: the shard's done marker (removed
+                               once its run has committed, or found nothing to commit)
     _manifest/v00000001.json   committed versions; the highest one is the table
 
 Shard files are written at their final paths but are invisible until a manifest lists them,
@@ -37,7 +39,9 @@ INDEX_FAMILY = "faces"
 BASE_FAMILY = "basic"
 ORIGINAL_FAMILY = "original"
 REJECT_FAMILY = "rejects"
-ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY)
+ALIAS_FAMILY = "aliases"
+ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY, ALIAS_FAMILY)
+PHOTO_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY)  # rows keyed by photo id
 # Heavy families get small row groups so a point lookup for one face reads little.
 ROW_GROUP_ROWS = {"residual": 64, ORIGINAL_FAMILY: 16}
 
@@ -80,6 +84,7 @@ ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string
                              ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("photo_id", pa.string()), ("error_class", pa.string()),
                            ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
+ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary())])
 
 
 def family_schema(family: str) -> pa.Schema:
@@ -89,6 +94,8 @@ def family_schema(family: str) -> pa.Schema:
         return ORIGINAL_SCHEMA
     if family == REJECT_FAMILY:
         return REJECT_SCHEMA
+    if family == ALIAS_FAMILY:
+        return ALIAS_SCHEMA
     if family == BASE_FAMILY:
         return BASE_SCHEMA
     return LAYER_SCHEMA
@@ -104,16 +111,20 @@ class ShardEntry:
     nbytes: dict[str, int]
     photo_ids: tuple[str, ...] = field(default=(), repr=False)
     stats: dict[str, Any] = field(default_factory=dict)
-    unread_sources: tuple[str, ...] = field(default=(), repr=False)  # rejected before any byte was hashed
+    # rejected before any byte was hashed, for what the name is (an unsafe archive member): done
+    unread_sources: tuple[str, ...] = field(default=(), repr=False)
+    # rejected because reading failed (permissions, a dangling link, a mount): tried again next run
+    retry_sources: tuple[str, ...] = field(default=(), repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"shard_id": self.shard_id, "codec_id": self.codec_id, "weights_hash": self.weights_hash, "files": self.files,
                 "rows": self.rows, "nbytes": self.nbytes, "photo_ids": list(self.photo_ids), "stats": self.stats,
-                "unread_sources": list(self.unread_sources)}
+                "unread_sources": list(self.unread_sources), "retry_sources": list(self.retry_sources)}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> ShardEntry:
-        return ShardEntry(d["shard_id"], d["codec_id"], d["weights_hash"], dict(d["files"]), dict(d["rows"]), dict(d["nbytes"]), tuple(d.get("photo_ids", ())), dict(d.get("stats", {})), tuple(d.get("unread_sources", ())))
+        return ShardEntry(d["shard_id"], d["codec_id"], d["weights_hash"], dict(d["files"]), dict(d["rows"]), dict(d["nbytes"]),
+                          tuple(d.get("photo_ids", ())), dict(d.get("stats", {})), tuple(d.get("unread_sources", ())), tuple(d.get("retry_sources", ())))
 
 
 @dataclass(frozen=True)
@@ -179,14 +190,19 @@ class Table:
         target = self._p(MANIFEST_DIR, f"v{new.version:08d}.json")
         self.fs.makedirs(self._p(MANIFEST_DIR), exist_ok=True)
         if _is_local(self.fs):
-            try:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                raise ConcurrentCommitError(f"version {new.version} of {self.root} was committed by another run; rerun to add what is missing") from None
-            with os.fdopen(fd, "wb") as fh:
+            # the whole body first, then a hard link under the version's name: creating the name is
+            # atomic and exclusive, and a kill at any point never leaves a half-written version
+            tmp = f"{target}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
                 fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise ConcurrentCommitError(f"version {new.version} of {self.root} was committed by another run; rerun to add what is missing") from None
+            finally:
+                os.unlink(tmp)
         else:
             # Object stores: check, write, then read back; the loser of a race sees another body.
             if self.fs.exists(target):
@@ -220,6 +236,78 @@ class Table:
         self.fs.makedirs(self._p(STAGING_DIR), exist_ok=True)
         self.fs.pipe_file(self._p(STAGING_DIR, f"{entry.shard_id}.json"), json.dumps(entry.to_json()).encode())
 
+    def remove_done_markers(self, shard_ids: list[str]) -> None:
+        """Forget finished shards once their run has committed (or found nothing to commit): a later run
+        must read its inputs again, so content that changed under an unchanged name is seen."""
+        paths = [self._p(STAGING_DIR, f"{s}.json") for s in shard_ids]
+        for p in paths:
+            try:
+                self.fs.rm_file(p)
+            except FileNotFoundError:
+                pass
+
+    def rewrite_shard(self, entry: ShardEntry, tag: str, *, drop_photo_ids: frozenset[str] = frozenset(),
+                      drop_retried: frozenset[str] = frozenset(), alias_dropped: bool = False) -> ShardEntry:
+        """A copy of a shard without the rows of ``drop_photo_ids`` (every family) and the rejects of its
+        ``retry_sources`` that are in ``drop_retried`` (read again by a later run); with ``alias_dropped`` the
+        dropped rows' names become rows of ``aliases``.
+
+        New files are written beside the old ones (``<shard>.<tag>.parquet``); the old ones stay until no
+        committed version references them (``facetier check --repair``).
+        """
+        files, rows, nbytes, aliases = dict(entry.files), dict(entry.rows), dict(entry.nbytes), []
+        for family, rel in entry.files.items():
+            with self.fs.open(self._p(rel), "rb") as fh:
+                data = pq.read_table(fh)
+            keep = [True] * data.num_rows
+            pids = data.column("photo_id").to_pylist() if "photo_id" in data.column_names else [None] * data.num_rows
+            if family in PHOTO_FAMILIES:
+                keep = [p not in drop_photo_ids for p in pids]
+            retried = drop_retried & set(entry.retry_sources)
+            if family == REJECT_FAMILY and retried:
+                names = [storable_key(u, raw) for u, raw in zip(data.column("source_uri").to_pylist(), data.column("source_uri_raw").to_pylist())]
+                keep = [k and not (p is None and n in retried) for k, p, n in zip(keep, pids, names)]
+            if all(keep):
+                continue
+            if alias_dropped and family in (INDEX_FAMILY, REJECT_FAMILY):
+                gone = data.filter(pa.array([not k for k in keep]))
+                aliases += [{"photo_id": r["photo_id"], "source_uri": r["source_uri"], "source_uri_raw": r["source_uri_raw"]}
+                            for r in gone.select(["photo_id", "source_uri", "source_uri_raw"]).to_pylist()]
+            kept = data.filter(pa.array(keep))
+            files[family], nbytes[family] = self.write_family(family, f"{entry.shard_id}.{tag}", kept, entry.codec_id, entry.weights_hash)
+            rows[family] = kept.num_rows
+        if aliases:
+            old = []
+            if ALIAS_FAMILY in entry.files:
+                with self.fs.open(self._p(entry.files[ALIAS_FAMILY]), "rb") as fh:
+                    old = pq.read_table(fh).to_pylist()
+            unique = {(a["photo_id"], a["source_uri"]): a for a in old + aliases}
+            table = pa.Table.from_pylist(sorted(unique.values(), key=lambda a: (a["photo_id"], a["source_uri"])), schema=ALIAS_SCHEMA)
+            files[ALIAS_FAMILY], nbytes[ALIAS_FAMILY] = self.write_family(ALIAS_FAMILY, f"{entry.shard_id}.{tag}", table, entry.codec_id, entry.weights_hash)
+            rows[ALIAS_FAMILY] = table.num_rows
+        stats = dict(entry.stats)
+        stats["faces"] = rows.get(INDEX_FAMILY, 0)
+        stats["aliases"] = rows.get(ALIAS_FAMILY, 0)
+        return ShardEntry(entry.shard_id, entry.codec_id, entry.weights_hash, files, rows, nbytes,
+                          tuple(p for p in entry.photo_ids if p not in drop_photo_ids), stats, entry.unread_sources,
+                          tuple(u for u in entry.retry_sources if u not in drop_retried))
+
+    def referenced_files(self) -> set[str]:
+        """Every family file any committed version lists (relative paths): what time travel and readers may need."""
+        return {rel for v in self.versions() for s in self.manifest(v).shards for rel in s.files.values()}
+
+    def stored_files(self) -> dict[str, dict[str, Any]]:
+        """Family files and done markers on storage (relative path -> fsspec info), whatever references them."""
+        out = {}
+        for folder in (*ALL_FAMILIES, STAGING_DIR):
+            try:
+                found = self.fs.find(self._p(folder), detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in found.items():
+                out[posixpath.relpath(path, self.path)] = info
+        return out
+
     def family_bytes(self, manifest: Manifest | None = None) -> dict[str, int]:
         m = manifest or self.manifest()
         out: dict[str, int] = {}
@@ -227,6 +315,11 @@ class Table:
             for fam, n in s.nbytes.items():
                 out[fam] = out.get(fam, 0) + n
         return out
+
+
+def storable_key(uri: str, raw: bytes | None) -> str:
+    """The source key a stored (source_uri, source_uri_raw) pair was written from."""
+    return raw.decode("utf-8", "surrogateescape") if raw is not None else uri
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -19,7 +19,7 @@ from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.sources import SourceRef, read_source
-from facetier.io.table import BASE_FAMILY, INDEX_FAMILY, REJECT_FAMILY, Table, family_schema
+from facetier.io.table import ALIAS_FAMILY, BASE_FAMILY, INDEX_FAMILY, REJECT_FAMILY, Table, family_schema
 
 from facetier.errors import ConfigError, InputError, QueryError
 
@@ -47,7 +47,7 @@ def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
     return [n for n in schema.names if n.lower() in words]
 
 
-QUERY_FAMILIES = (INDEX_FAMILY, BASE_FAMILY, REJECT_FAMILY)
+QUERY_FAMILIES = (INDEX_FAMILY, BASE_FAMILY, REJECT_FAMILY, ALIAS_FAMILY)
 
 
 def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -63,7 +63,7 @@ def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def run_query(table_root: str, sql: str) -> QueryResult:
-    """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family) and ``rejects``.
+    """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family), ``rejects`` and ``aliases``.
 
     The connection cannot touch files (external access off, configuration locked): the families
     registered here are all a query can read, so ``bytes_read`` counts everything it touched.

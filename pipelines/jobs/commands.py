@@ -21,7 +21,7 @@ def _encode(a: argparse.Namespace) -> int:
         raise ConfigError("encode needs SRC and TABLE (arguments, or $FACETIER_SOURCE and $FACETIER_TABLE)")
     opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
                          layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
-                         ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet)
+                         ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, max_source_mb=a.max_source_mb)
     summary = run_encode(a.src, a.table, opts)
     print(summary.render())
     return 0 if summary.balanced else 3
@@ -79,6 +79,14 @@ def _edit(a: argparse.Namespace) -> int:
     return _report_failures(res.failures, res.edited)
 
 
+def _check(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.check import check_table
+
+    report = check_table(a.table, repair=a.repair, retention_hours=a.retention_hours, progress=not a.quiet)
+    print(report.render())
+    return 0 if report.healthy else 5
+
+
 def _warehouse_ddl(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.warehouse import bigquery_ddl
 
@@ -123,6 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--ray-address", help="address of a running Ray cluster (default: start one in-process)")
     e.add_argument("--beam-arg", action="append", help="extra Beam pipeline option, e.g. --beam-arg=--runner=DataflowRunner")
+    e.add_argument("--max-source-mb", type=float, default=64.0,
+                   help="larger inputs are rejected without being read (an input is held whole while it is encoded: this bounds a worker's memory)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_encode)
 
@@ -163,6 +173,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--weights")
     ed.add_argument("--device", default="auto")
     ed.set_defaults(func=_edit)
+
+    ck = sub.add_parser("check", help="verify every committed file, row count and checksum; list (and with --repair remove) what no commit references")
+    ck.add_argument("table")
+    ck.add_argument("--repair", action="store_true", help="remove unreferenced files and leftover done markers older than the retention window")
+    ck.add_argument("--retention-hours", type=float, default=24.0, help="never remove files younger than this: a running job may still commit them")
+    ck.add_argument("--quiet", action="store_true", help="no progress bar")
+    ck.set_defaults(func=_check)
 
     wh = sub.add_parser("warehouse-ddl", help="BigQuery external tables over the committed faces index and base family")
     wh.add_argument("table")

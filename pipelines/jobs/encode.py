@@ -1,9 +1,16 @@
 """The encode job: plan shards, run an engine, commit a new table version, summarise.
 
 Incremental and resumable by construction:
-  * inputs whose content hash the table already holds under this model are skipped;
-  * a shard's id is a hash of (model, its inputs, the skip set), so a restarted run finds the
-    shards an interrupted run finished (their done markers) and does only the rest;
+  * every input is read and hashed on every run; inputs whose content hash the table already
+    holds under this model are skipped, so content decides, not names: a file whose bytes changed
+    is encoded again (the old photo's rows stay: they are another photo), and one that could not
+    be read is tried again (its old reject row is dropped when it is retried); only a name
+    rejected for what it is (an archive member escaping its archive) is not read again;
+  * a shard's id is a hash of (model, table version, its inputs, the skip set), so a restarted
+    run finds the shards an interrupted run finished (their done markers) and does only the rest;
+    markers are removed once the run has committed or found nothing to commit;
+  * the same bytes under several names in one run are stored once, under the first name in
+    sorted order, the other names as rows of ``aliases``;
   * nothing is visible until the manifest commit; a racing commit fails with a clear error.
 """
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Literal
 from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
-from facetier.io.sources import key_bytes, list_sources
+from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
 from tqdm import tqdm
@@ -45,6 +52,7 @@ class EncodeOptions:
     ray_address: str | None = None
     beam_args: tuple[str, ...] = ()
     progress: bool = True
+    max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
 
 
 @dataclass(frozen=True)
@@ -86,14 +94,28 @@ class EncodeSummary:
         return "\n".join(lines)
 
 
-def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int) -> list[ShardSpec]:
+def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int, base_version: int = 0) -> list[ShardSpec]:
     skip_digest = hashlib.sha256(key_bytes("\n".join(sorted(skip_ids)))).hexdigest()
     shards = []
     for i in range(0, len(sources), shard_size):
         chunk = tuple(sources[i : i + shard_size])
-        h = hashlib.sha256(key_bytes("\n".join((weights_hash, skip_digest, *chunk)))).hexdigest()[:20]
+        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), skip_digest, *chunk)))).hexdigest()[:20]
         shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk))
     return shards
+
+
+def once_per_photo(table: Table, entries: list[ShardEntry], tag: str) -> list[ShardEntry]:
+    """Entries in which each photo is stored by one shard only: the same bytes found under names in
+    different shards keep their rows in the first shard (by id), and become aliases in the others."""
+    owner: dict[str, str] = {}
+    for e in sorted(entries, key=lambda e: e.shard_id):
+        for p in e.photo_ids:
+            owner.setdefault(p, e.shard_id)
+    out = []
+    for e in entries:
+        dup = frozenset(p for p in e.photo_ids if owner[p] != e.shard_id)
+        out.append(table.rewrite_shard(e, tag, drop_photo_ids=dup, alias_dropped=True) if dup else e)
+    return out
 
 
 def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, enabled: bool) -> None:
@@ -127,11 +149,11 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     skip_ids = frozenset(manifest.photo_ids(bundle.weights_hash))
     skip_sources = frozenset(manifest.unread_sources(bundle.weights_hash))
     sources = [r.key for r in list_sources(src)]
-    shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size)
+    shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size, manifest.version)
     done = {s.shard_id for s in shards if table.done_marker(s.shard_id) is not None}
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size,
-                     descriptor=cfg.semantic.descriptor if cfg.semantic else "")
+                     descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=int(opts.max_source_mb * 2**20))
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)
@@ -166,11 +188,19 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     notes = []
     if stale_kept:
         notes.append(f"{len(stale_kept)} shard(s) encoded with older weights were kept: their sources were not all in this run")
+    tag = f"v{manifest.version + 1}"
+    entries = once_per_photo(table, entries, tag)
+    retried = frozenset(sources)
+    superseded = [s for s in current if set(s.retry_sources) & retried]
+    current = [table.rewrite_shard(s, tag, drop_retried=retried) if s in superseded else s for s in current]
     fresh = [e for e in entries if e.files]
-    if fresh or len(stale_kept) != len(stale) or not table.exists():
-        committed = table.commit(manifest.version, current + stale_kept + fresh)
-    else:
-        committed = manifest  # nothing new: the table stays at its version
+    try:
+        if fresh or superseded or len(stale_kept) != len(stale) or not table.exists():
+            committed = table.commit(manifest.version, current + stale_kept + fresh)
+        else:
+            committed = manifest  # nothing new: the table stays at its version
+    finally:  # committed, or lost to a racing run whose version these shards were not planned on
+        table.remove_done_markers([s.shard_id for s in shards])
     stats = [e.stats for e in entries]
     rejects: Counter[str] = Counter()
     for st in stats:

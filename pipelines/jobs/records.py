@@ -26,8 +26,9 @@ from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.io.images import decode_image
-from facetier.io.sources import SourceRef, content_id, read_source, storable_uri
+from facetier.io.sources import MAX_SOURCE_BYTES, SourceRef, content_id, read_source, storable_uri
 from facetier.io.table import (
+    ALIAS_FAMILY,
     ATTRIBUTE_FIELDS,
     BASE_FAMILY,
     INDEX_FAMILY,
@@ -43,6 +44,8 @@ from facetier.errors import FacetierError, InputError
 
 log = logging.getLogger(__name__)
 
+# read failures that may pass (permissions, a dangling link, a mount): such inputs are read again next run
+RETRIED = frozenset({"SourceReadError"})
 BASE_COLUMNS = tuple(f.name for f in ATTRIBUTE_FIELDS) + ("identity",)
 
 
@@ -65,10 +68,11 @@ class JobContext:
     alignment: AlignmentConfig
     layers: tuple[str, ...]
     skip_photo_ids: frozenset[str]
-    skip_sources: frozenset[str] = frozenset()
+    skip_sources: frozenset[str] = frozenset()  # rejected for their names by an earlier run
     device: str = "auto"
     batch_size: int = 16
     descriptor: str = ""  # the model's face descriptor: computed while preparing, on the CPU stage
+    max_source_bytes: int = MAX_SOURCE_BYTES
 
 
 def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str) -> dict[str, Any]:
@@ -82,7 +86,7 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
     if source in ctx.skip_sources:
         return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": None}]
     try:
-        data = read_source(SourceRef.parse(source))
+        data = read_source(SourceRef.parse(source), ctx.max_source_bytes)
         photo_id = content_id(data)
         if photo_id in ctx.skip_photo_ids:
             return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id}]
@@ -130,6 +134,11 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     faces = [r for r in results if r["kind"] == "face"]
     rejects = [r for r in results if r["kind"] == "reject"]
     skipped = [r for r in results if r["kind"] == "skip"]
+    # the same bytes under several names: stored once (under the first name), the other names as aliases
+    first_name: dict[str, str] = {}
+    for r in faces + [r for r in rejects if r["photo_id"]]:
+        first_name.setdefault(r["photo_id"], r["source_uri"])
+    duplicates = {(r["photo_id"], r["source_uri"]) for r in faces + rejects if r["photo_id"] and first_name[r["photo_id"]] != r["source_uri"]}
     cols: dict[str, dict[str, list]] = {}
 
     def add(family: str, **row: Any) -> None:
@@ -138,6 +147,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
             fam[k].append(v)
 
     for r in faces:
+        if (r["photo_id"], r["source_uri"]) in duplicates:
+            continue
         meta = json.loads(r["meta"])
         face_id = f"{r['photo_id']}-{r['face_index']}"
         uri, raw = storable_uri(r["source_uri"])
@@ -151,7 +162,12 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         if r.get("original") is not None:
             add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=uri, source_uri_raw=raw, payload=r["original"], nbytes=len(r["original"]),
                 source_bytes=r["source_bytes"])
+    for photo_id, source in sorted(duplicates):
+        uri, raw = storable_uri(source)
+        add(ALIAS_FAMILY, photo_id=photo_id, source_uri=uri, source_uri_raw=raw)
     for r in rejects:
+        if (r["photo_id"], r["source_uri"]) in duplicates:
+            continue
         uri, raw = storable_uri(r["source_uri"])
         add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
     files, rows, nbytes = {}, {}, {}
@@ -163,13 +179,15 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     stats = {
         "inputs": len(sources),
         "encoded_inputs": len({r["source_uri"] for r in faces}),
-        "faces": len(faces),
+        "faces": len(faces) - sum(1 for r in faces if (r["photo_id"], r["source_uri"]) in duplicates),
+        "aliases": len(duplicates),
         "rejected": len(rejects),
         "skipped": len(skipped),
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
     }
     entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes, tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats,
-                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"])))
+                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] not in RETRIED)),
+                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] in RETRIED)))
     table.write_done_marker(entry)
     return entry
 

@@ -1,0 +1,139 @@
+"""``facetier check TABLE [--repair]``: verify a committed table end to end, and clean what nothing needs.
+
+Verifies that every file the current version lists opens, holds the rows its commit recorded,
+that every stored payload matches its crc32 and every original hashes to its photo id, and that
+every face of the index has a row in each layer family its shard stored (and no layer row lacks
+its face). Lists files no committed version references (a killed run's shards, a racing run that
+lost its commit, files a rewrite replaced) and leftover done markers; ``--repair`` removes those
+older than the retention window, so a run still writing is never touched.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from facetier.codec.image_layers import decode_original
+from facetier.io.reader import read_file
+from facetier.io.sources import content_id
+from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, Table
+from tqdm import tqdm
+
+from facetier.errors import FacetierError, TableCorruptError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION_HOURS = 24.0
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    table: str
+    version: int
+    files_checked: int
+    rows_checked: int
+    problems: tuple[str, ...]
+    unreferenced: tuple[str, ...]  # relative paths no committed version lists (family files and done markers)
+    removed: tuple[str, ...] = field(default=())
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        lines = [f"table {self.table} version {self.version}: {self.files_checked} files, {self.rows_checked} rows checked",
+                 "OK: every committed file reads, matches its commit record and its checksums" if self.healthy
+                 else f"{len(self.problems)} problem(s):"]
+        lines += [f"  PROBLEM {p}" for p in self.problems]
+        lines.append(f"{len(self.unreferenced)} file(s) no committed version references" + (":" if self.unreferenced else ""))
+        lines += [f"  {u}" for u in self.unreferenced[:50]] + ([f"  ... {len(self.unreferenced) - 50} more"] if len(self.unreferenced) > 50 else [])
+        if self.removed:
+            lines.append(f"removed {len(self.removed)} of them (older than the retention window)")
+        return "\n".join(lines)
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """Seconds since the epoch a stored file was last written, from whichever key the filesystem reports."""
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        try:
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def _check_shard(table: Table, shard, problems: list[str]) -> tuple[int, int]:
+    """Check one shard's files; returns (files, rows) checked."""
+    files = rows = 0
+    faces: set[str] | None = None
+    layer_faces: dict[str, set[str]] = {}
+    for family, rel in sorted(shard.files.items()):
+        columns = {INDEX_FAMILY: ["face_id", "photo_id", "face_index"], ORIGINAL_FAMILY: ["photo_id", "payload"]}.get(
+            family, ["face_id", "payload", "crc32"] if family in LAYER_FAMILIES else None)
+        try:
+            data = read_file(table, rel, family, columns=columns)
+        except TableCorruptError as exc:
+            problems.append(str(exc))
+            continue
+        files += 1
+        rows += data.num_rows
+        if data.num_rows != shard.rows.get(family, data.num_rows):
+            problems.append(f"{table.uri(rel)}: {data.num_rows} rows, its commit recorded {shard.rows[family]}")
+        if family == INDEX_FAMILY:
+            faces = set(data.column("face_id").to_pylist())
+        elif family in LAYER_FAMILIES:
+            ids = data.column("face_id").to_pylist()
+            layer_faces[family] = set(ids)
+            for fid, payload, crc in zip(ids, data.column("payload").to_pylist(), data.column("crc32").to_pylist()):
+                if zlib.crc32(payload) != crc:
+                    problems.append(f"{table.uri(rel)}: face {fid}'s payload fails its crc32")
+        elif family == ORIGINAL_FAMILY:
+            for pid, payload in zip(data.column("photo_id").to_pylist(), data.column("payload").to_pylist()):
+                try:
+                    ok = content_id(decode_original(payload)) == pid
+                except FacetierError:
+                    ok = False
+                if not ok:
+                    problems.append(f"{table.uri(rel)}: photo {pid}'s original does not reproduce the bytes it was hashed from")
+    if faces is not None:
+        for family, present in sorted(layer_faces.items()):
+            for fid in sorted(faces - present)[:5]:
+                problems.append(f"shard {shard.shard_id}: face {fid} has no row in its {family} family")
+            for fid in sorted(present - faces)[:5]:
+                problems.append(f"shard {shard.shard_id}: {family} holds face {fid}, which the faces index does not")
+    return files, rows
+
+
+def check_table(table_root: str, *, repair: bool = False, retention_hours: float = DEFAULT_RETENTION_HOURS, progress: bool = True) -> CheckReport:
+    table = Table(table_root)
+    manifest = table.manifest()
+    problems: list[str] = []
+    files = rows = 0
+    for shard in tqdm(manifest.shards, desc="check", unit="shard", disable=not progress):
+        f, r = _check_shard(table, shard, problems)
+        files, rows = files + f, rows + r
+    referenced = table.referenced_files()
+    stored = table.stored_files()
+    unreferenced = sorted(rel for rel in stored if rel not in referenced)
+    removed = []
+    if repair:
+        cutoff = time.time() - retention_hours * 3600
+        for rel in unreferenced:
+            written = _modified(stored[rel])
+            if written is None or written > cutoff:  # unknown age, or young enough to belong to a running job
+                continue
+            table.fs.rm_file(table._p(rel))
+            removed.append(rel)
+        log.info("removed %d unreferenced files (%d kept within the %.1f h retention window)", len(removed), len(unreferenced) - len(removed), retention_hours)
+    return CheckReport(table_root, manifest.version, files, rows, tuple(problems), tuple(unreferenced), tuple(removed))
+

@@ -1,0 +1,176 @@
+"""Incremental runs decide by content: retried reads, changed files, duplicate bytes, clean staging, fsck.
+
+Every case here was a silent skip or a duplicate row before: an input that failed to read was
+skipped forever, a file whose bytes changed under the same name was never encoded again, and the
+same bytes under several names were stored several times.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from facetier.cli import main
+from facetier.io.reader import read_family
+from facetier.io.table import Table
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.check import check_table
+from facetier.pipelines.jobs.decode import run_decode
+from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+
+OPTS = EncodeOptions(engine="local", shard_size=2, progress=False)
+
+
+@pytest.fixture()
+def photos(sample_archive: Path, tmp_path: Path) -> Path:
+    """Three generated face photos and the archive with an unsafe member name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted(sample_archive.glob("generated-*.jpg"))[:3]:
+        shutil.copy(p, src / p.name)
+    shutil.copy(sample_archive / "broken-archive.tar", src / "broken-archive.tar")
+    return src
+
+
+def _faces(root: str) -> list[dict]:
+    return read_family(Table(root), "faces").to_pylist()
+
+
+def test_an_input_that_failed_to_read_is_tried_again(photos: Path, sample_archive: Path, tmp_path: Path):
+    link = photos / "later.jpg"
+    link.symlink_to(tmp_path / "not-there-yet.jpg")  # dangling: reading fails now, may work later
+    root = str(tmp_path / "table")
+    first = run_encode(str(photos), root, OPTS)
+    assert first.balanced and first.rejects_by_class.get("SourceReadError") == 1
+    shutil.copy(sorted(sample_archive.glob("generated-*.jpg"))[4], tmp_path / "not-there-yet.jpg")
+    second = run_encode(str(photos), root, OPTS)
+    assert second.balanced and second.faces == 1 and second.encoded_inputs == 1, second.render()
+    assert second.skipped == second.inputs - 1  # the escaping archive member was rejected for its name: done
+    assert any(f["source_uri"].endswith("later.jpg") for f in _faces(root))
+    rejects = read_family(Table(root), "rejects").to_pylist()
+    assert not [r for r in rejects if r["source_uri"].endswith("later.jpg")], "the superseded reject row is gone"
+    assert [r["error_class"] for r in rejects] == ["UnsafeMemberError"]
+    assert check_table(root, progress=False).healthy
+
+
+def test_a_file_whose_bytes_changed_under_the_same_name_is_encoded_again(photos: Path, sample_archive: Path, tmp_path: Path):
+    root = str(tmp_path / "table")
+    run_encode(str(photos), root, OPTS)
+    nothing = run_encode(str(photos), root, OPTS)  # a no-op run: nothing new, no new version
+    assert nothing.faces == 0 and nothing.skipped == nothing.inputs
+    assert not any((Path(root) / "_staging").glob("*.json")), "done markers are removed once their run is over"
+    before = {f["photo_id"] for f in _faces(root)}
+    target = sorted(photos.glob("generated-*.jpg"))[0]
+    shutil.copy(sorted(sample_archive.glob("generated-*.jpg"))[3], target)  # new bytes, same name
+    changed = run_encode(str(photos), root, OPTS)
+    assert changed.faces == 1 and changed.balanced, changed.render()
+    new = {f["photo_id"] for f in _faces(root)} - before
+    assert len(new) == 1  # the old photo's rows stay: they are another photo, documented in the README
+
+
+def test_the_same_bytes_under_several_names_are_stored_once(photos: Path, tmp_path: Path, capsys):
+    original = sorted(photos.glob("generated-*.jpg"))[0]
+    for name in ("a-copy.jpg", "zz-copy.jpg"):  # one in the same shard as the original, one in another
+        shutil.copy(original, photos / name)
+    root = str(tmp_path / "table")
+    summary = run_encode(str(photos), root, EncodeOptions(engine="local", shard_size=2, progress=False))
+    # four distinct photos: the three generated ones (one of them under three names) and the tar's good member
+    assert summary.balanced and summary.faces == 4 and summary.encoded_inputs == 6, summary.render()
+    faces = _faces(root)
+    assert len({f["face_id"] for f in faces}) == len(faces) == 4, "one row per face, whatever the names"
+    aliases = run_query(root, "select photo_id, source_uri from aliases order by source_uri").table.to_pylist()
+    dup = [f for f in faces if f["source_uri"].endswith(("a-copy.jpg", "zz-copy.jpg", original.name))]
+    assert len(dup) == 1 and len(aliases) == 2 and {a["photo_id"] for a in aliases} == {dup[0]["photo_id"]}
+    out = run_decode(root, [dup[0]["photo_id"]], "original", str(tmp_path / "out"))
+    assert len(out.files) == 1 and not out.failures
+    assert check_table(root, progress=False).healthy
+
+
+def test_check_finds_damage_and_repair_removes_only_what_no_commit_needs(photos: Path, tmp_path: Path, capsys):
+    root = str(tmp_path / "table")
+    run_encode(str(photos), root, OPTS)
+    report = check_table(root, progress=False)
+    assert report.healthy and report.files_checked > 0 and not report.unreferenced
+    # what a killed or losing run leaves: shard files no version lists, and a done marker
+    stray = Path(root) / "middle" / "s99999-deadbeef.parquet"
+    shutil.copy(next((Path(root) / "middle").glob("*.parquet")), stray)
+    (Path(root) / "_staging").mkdir(exist_ok=True)
+    (Path(root) / "_staging" / "s99999-deadbeef.json").write_text("{}")
+    found = check_table(root, progress=False)
+    assert set(found.unreferenced) == {"middle/s99999-deadbeef.parquet", "_staging/s99999-deadbeef.json"} and found.healthy
+    young = check_table(root, repair=True, retention_hours=1.0, progress=False)
+    assert young.removed == () and stray.exists()  # within the retention window: a running job's
+    old = time.time() - 7200
+    os.utime(stray, (old, old))
+    os.utime(Path(root) / "_staging" / "s99999-deadbeef.json", (old, old))
+    assert main(["check", root, "--repair", "--retention-hours", "1", "--quiet"]) == 0
+    assert not stray.exists() and not check_table(root, progress=False).unreferenced
+    # damage: a payload that fails its crc32 and a truncated file are problems, exit 5
+    index = next((Path(root) / "faces").glob("*.parquet"))
+    enhanced = next((Path(root) / "enhanced").glob("*.parquet"))
+    t = pq.read_table(enhanced).to_pylist()
+    t[0]["payload"] = bytes([t[0]["payload"][0] ^ 1]) + t[0]["payload"][1:]
+    pq.write_table(pq.read_table(enhanced).from_pylist(t, schema=pq.read_table(enhanced).schema), enhanced)
+    index.write_bytes(index.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["check", root, "--quiet"]) == 5
+    out = capsys.readouterr().out
+    assert "fails its crc32" in out and index.name in out
+
+
+def _table_rows(root: str) -> dict[str, list]:
+    t = Table(root)
+    fams = {"faces": ["face_id", "photo_id", "source_uri"], "basic": ["face_id", "payload"], "middle": ["face_id", "payload"],
+            "enhanced": ["face_id", "payload"], "residual": ["face_id", "payload"], "original": ["photo_id", "payload"],
+            "rejects": ["source_uri", "error_class"], "aliases": ["photo_id", "source_uri"]}
+    return {f: sorted(read_family(t, f, columns=c).to_pylist(), key=lambda r: tuple(str(v) for v in r.values())) for f, c in fams.items()}
+
+
+@pytest.mark.slow
+def test_random_kills_then_one_clean_run_give_the_uninterrupted_table(embedded_codec, tmp_path: Path):
+    """kill -9 at 20+ random points of encodes (loading, encoding, writing shards, committing), each
+    episode finished by one clean run: every episode's table has the rows of a run never interrupted."""
+    from facetier.pipelines.jobs.sample_archive import build_sample_archive
+
+    src = tmp_path / "src"
+    build_sample_archive(src, embedded_codec, n_faces=16, seed=3)  # long enough that kills land mid-encode
+    shutil.copy(src / "generated-000.jpg", src / "zz-duplicate.jpg")
+    opts = EncodeOptions(engine="local", shard_size=1, progress=False)
+
+    def encode_in_a_process(root: str) -> subprocess.Popen:
+        code = ("from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
+                f"run_encode({str(src)!r}, {root!r}, EncodeOptions(engine='local', shard_size=1, progress=False))")
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    reference = str(tmp_path / "reference")
+    start = time.monotonic()
+    assert encode_in_a_process(reference).wait() == 0
+    whole = time.monotonic() - start  # start-up, model load, every shard, the commit
+    expected = _table_rows(reference)
+    rng = random.Random(0)
+    kills = episodes = 0
+    while kills < 20:
+        root = str(tmp_path / f"killed-{episodes}")
+        for _ in range(8):  # killed attempts at one table, each resuming what the last one left
+            proc = encode_in_a_process(root)
+            try:
+                proc.wait(timeout=rng.uniform(0.2, 0.9) * whole)
+                break  # it finished before its kill: this episode's table is complete
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+        final = run_encode(str(src), root, opts)  # the clean run that ends the episode
+        assert final.balanced
+        assert _table_rows(root) == expected, f"episode {episodes} after {kills} kills"
+        assert check_table(root, progress=False).healthy
+        episodes += 1
+        assert episodes < 15, f"kills keep missing the encode ({kills} in {episodes} episodes)"
+    print(f"{kills} kills in {episodes} episodes, each ended by a clean run equal to the uninterrupted table")
