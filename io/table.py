@@ -16,6 +16,7 @@ so a killed run leaves the committed table exactly as it was.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from facetier.io.sources import storable_uri
 
 from facetier.errors import ConcurrentCommitError, TableNotFoundError
 
@@ -101,6 +103,22 @@ def family_schema(family: str) -> pa.Schema:
     return LAYER_SCHEMA
 
 
+_RAW_KEY = "\x00raw:"  # no file name starts with NUL
+
+
+def key_to_json(key: str) -> str:
+    """A source key as valid Unicode for JSON: names that are not UTF-8 as the base64 of their bytes."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return _RAW_KEY + base64.b64encode(key.encode("utf-8", "surrogatepass")).decode("ascii")
+
+
+def key_from_json(text: str) -> str:
+    return base64.b64decode(text[len(_RAW_KEY):]).decode("utf-8", "surrogatepass") if text.startswith(_RAW_KEY) else text
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     shard_id: str
@@ -119,12 +137,13 @@ class ShardEntry:
     def to_json(self) -> dict[str, Any]:
         return {"shard_id": self.shard_id, "codec_id": self.codec_id, "weights_hash": self.weights_hash, "files": self.files,
                 "rows": self.rows, "nbytes": self.nbytes, "photo_ids": list(self.photo_ids), "stats": self.stats,
-                "unread_sources": list(self.unread_sources), "retry_sources": list(self.retry_sources)}
+                "unread_sources": [key_to_json(k) for k in self.unread_sources], "retry_sources": [key_to_json(k) for k in self.retry_sources]}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> ShardEntry:
         return ShardEntry(d["shard_id"], d["codec_id"], d["weights_hash"], dict(d["files"]), dict(d["rows"]), dict(d["nbytes"]),
-                          tuple(d.get("photo_ids", ())), dict(d.get("stats", {})), tuple(d.get("unread_sources", ())), tuple(d.get("retry_sources", ())))
+                          tuple(d.get("photo_ids", ())), dict(d.get("stats", {})), tuple(key_from_json(k) for k in d.get("unread_sources", ())),
+                          tuple(key_from_json(k) for k in d.get("retry_sources", ())))
 
 
 @dataclass(frozen=True)
@@ -198,7 +217,7 @@ class Table:
                 fh.flush()
                 os.fsync(fh.fileno())
             try:
-                os.link(tmp, target)
+                _link_exclusive(tmp, target)
             except FileExistsError:
                 raise ConcurrentCommitError(f"version {new.version} of {self.root} was committed by another run; rerun to add what is missing") from None
             finally:
@@ -220,8 +239,9 @@ class Table:
                 b"facetier_codec_id": codec_id.encode(), b"facetier_weights_hash": weights_hash.encode()}
         table = table.replace_schema_metadata(meta)
         self.fs.makedirs(self._p(family), exist_ok=True)
-        with self.fs.open(self._p(rel), "wb") as fh:
-            pq.write_table(table, fh, compression="zstd", row_group_size=ROW_GROUP_ROWS.get(family, 65536))
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS.get(family, 65536))
+        self._put(self._p(rel), buf.getvalue().to_pybytes())
         return rel, int(self.fs.size(self._p(rel)))
 
     def done_marker(self, shard_id: str) -> dict[str, Any] | None:
@@ -231,10 +251,23 @@ class Table:
                 return json.load(fh)
         except FileNotFoundError:
             return None
+        except ValueError:  # cut short by a kill on a filesystem without atomic writes: the shard is not done
+            log.warning("ignoring the unreadable done marker %s; its shard runs again", self.uri(f"{STAGING_DIR}/{shard_id}.json"))
+            return None
 
     def write_done_marker(self, entry: ShardEntry) -> None:
         self.fs.makedirs(self._p(STAGING_DIR), exist_ok=True)
-        self.fs.pipe_file(self._p(STAGING_DIR, f"{entry.shard_id}.json"), json.dumps(entry.to_json()).encode())
+        self._put(self._p(STAGING_DIR, f"{entry.shard_id}.json"), json.dumps(entry.to_json()).encode())
+
+    def _put(self, path: str, body: bytes) -> None:
+        """Write a whole file so that no reader ever sees part of it: a rename on local disk, one PUT on object stores."""
+        if _is_local(self.fs):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, body)
 
     def remove_done_markers(self, shard_ids: list[str]) -> None:
         """Forget finished shards once their run has committed (or found nothing to commit): a later run
@@ -252,8 +285,8 @@ class Table:
         ``retry_sources`` that are in ``drop_retried`` (read again by a later run); with ``alias_dropped`` the
         dropped rows' names become rows of ``aliases``.
 
-        New files are written beside the old ones (``<shard>.<tag>.parquet``); the old ones stay until no
-        committed version references them (``facetier check --repair``).
+        New files are written beside the old ones (``<shard>.<tag>.parquet``, ``tag`` unique to the run); the
+        old ones stay referenced by the earlier versions.
         """
         files, rows, nbytes, aliases = dict(entry.files), dict(entry.rows), dict(entry.nbytes), []
         for family, rel in entry.files.items():
@@ -263,10 +296,10 @@ class Table:
             pids = data.column("photo_id").to_pylist() if "photo_id" in data.column_names else [None] * data.num_rows
             if family in PHOTO_FAMILIES:
                 keep = [p not in drop_photo_ids for p in pids]
-            retried = drop_retried & set(entry.retry_sources)
+            retried = {storable_uri(k) for k in drop_retried & set(entry.retry_sources)}
             if family == REJECT_FAMILY and retried:
-                names = [storable_key(u, raw) for u, raw in zip(data.column("source_uri").to_pylist(), data.column("source_uri_raw").to_pylist())]
-                keep = [k and not (p is None and n in retried) for k, p, n in zip(keep, pids, names)]
+                stored = zip(data.column("source_uri").to_pylist(), data.column("source_uri_raw").to_pylist())
+                keep = [k and not (p is None and (u, raw) in retried) for k, p, (u, raw) in zip(keep, pids, stored)]
             if all(keep):
                 continue
             if alias_dropped and family in (INDEX_FAMILY, REJECT_FAMILY):
@@ -317,9 +350,21 @@ class Table:
         return out
 
 
-def storable_key(uri: str, raw: bytes | None) -> str:
-    """The source key a stored (source_uri, source_uri_raw) pair was written from."""
-    return raw.decode("utf-8", "surrogateescape") if raw is not None else uri
+def _link_exclusive(tmp: str, target: str) -> None:
+    """Give ``tmp`` the name ``target`` only if nothing has it: a hard link (atomic and whole), or, where the
+    filesystem has no hard links (some FUSE, SMB, exFAT mounts), an exclusive create and copy."""
+    try:
+        os.link(tmp, target)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as out, open(tmp, "rb") as src:
+        out.write(src.read())
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -10,6 +10,7 @@ older than the retention window, so a run still writing is never touched.
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 from facetier.codec.image_layers import decode_original
 from facetier.io.reader import read_file
 from facetier.io.sources import content_id
-from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, Table
+from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, STAGING_DIR, Table
 from tqdm import tqdm
 
 from facetier.errors import FacetierError, TableCorruptError
@@ -95,12 +96,12 @@ def _check_shard(table: Table, shard, problems: list[str]) -> tuple[int, int]:
             ids = data.column("face_id").to_pylist()
             layer_faces[family] = set(ids)
             for fid, payload, crc in zip(ids, data.column("payload").to_pylist(), data.column("crc32").to_pylist()):
-                if zlib.crc32(payload) != crc:
+                if payload is None or crc is None or zlib.crc32(payload) != crc:
                     problems.append(f"{table.uri(rel)}: face {fid}'s payload fails its crc32")
         elif family == ORIGINAL_FAMILY:
             for pid, payload in zip(data.column("photo_id").to_pylist(), data.column("payload").to_pylist()):
                 try:
-                    ok = content_id(decode_original(payload)) == pid
+                    ok = payload is not None and content_id(decode_original(payload)) == pid
                 except FacetierError:
                     ok = False
                 if not ok:
@@ -128,9 +129,17 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
     removed = []
     if repair:
         cutoff = time.time() - retention_hours * 3600
-        for rel in unreferenced:
+
+        def young(rel: str) -> bool:  # unknown age counts as young: never guess in favour of deleting
             written = _modified(stored[rel])
-            if written is None or written > cutoff:  # unknown age, or young enough to belong to a running job
+            return written is None or written > cutoff
+
+        # a shard whose done marker is young belongs to a run that may still commit (encode refreshes the
+        # markers of the shards it resumes), however old the shard's own files are
+        live = {posixpath.basename(rel)[: -len(".json")] for rel in unreferenced if rel.startswith(f"{STAGING_DIR}/") and young(rel)}
+        for rel in unreferenced:
+            shard = posixpath.basename(rel).split(".")[0]
+            if young(rel) or shard in live:
                 continue
             table.fs.rm_file(table._p(rel))
             removed.append(rel)

@@ -120,10 +120,13 @@ def _write_rows(codec: FaceCodec, out: str, rows: list[dict], edited_sym: list[n
     table = Table(out)
     manifest = table.manifest_or_empty()
     shard_id = "edit-" + hashlib.sha256((spec + "|" + ",".join(r["face_id"] for r in rows)).encode()).hexdigest()[:16]
+    ids = tuple(f"{it['photo_id']}-0" for it in items)
+    if any(s.shard_id == shard_id for s in manifest.shards):  # the same edit of the same faces is in the table already
+        return EditResult(len(items), ids, manifest.version)
     for it in items:
         it["shard_id"] = shard_id
     ctx = JobContext(out, "", codec.codec_id, codec.weights_hash, codec.config.alignment, tuple(codec.plan.names), frozenset())
     entry = write_shard(ctx, shard_id, items)
-    kept = [s for s in manifest.shards if s.shard_id != shard_id]
-    new = table.commit(manifest.version, kept + [entry])
-    return EditResult(len(items), tuple(f"{it['photo_id']}-0" for it in items), new.version)
+    new = table.commit(manifest.version, [*manifest.shards, entry])
+    table.remove_done_markers([shard_id])
+    return EditResult(len(items), ids, new.version)

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
 from tqdm import tqdm
 
-from facetier.errors import ConfigError, TableError
+from facetier.errors import ConcurrentCommitError, ConfigError, TableError
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,14 @@ class EncodeSummary:
         return "\n".join(lines)
 
 
-def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int, base_version: int = 0) -> list[ShardSpec]:
+def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int, base_version: int = 0,
+                options: str = "") -> list[ShardSpec]:
+    """Shards of ``shard_size`` inputs; ids hash everything that decides their rows (``options``: layers, limits)."""
     skip_digest = hashlib.sha256(key_bytes("\n".join(sorted(skip_ids)))).hexdigest()
     shards = []
     for i in range(0, len(sources), shard_size):
         chunk = tuple(sources[i : i + shard_size])
-        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), skip_digest, *chunk)))).hexdigest()[:20]
+        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, skip_digest, *chunk)))).hexdigest()[:20]
         shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk))
     return shards
 
@@ -149,11 +152,18 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     skip_ids = frozenset(manifest.photo_ids(bundle.weights_hash))
     skip_sources = frozenset(manifest.unread_sources(bundle.weights_hash))
     sources = [r.key for r in list_sources(src)]
-    shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size, manifest.version)
-    done = {s.shard_id for s in shards if table.done_marker(s.shard_id) is not None}
+    max_source_bytes = int(opts.max_source_mb * 2**20)
+    shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size, manifest.version,
+                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes}")
+    done = set()
+    for s in shards:
+        marker = table.done_marker(s.shard_id)
+        if marker is not None:
+            table.write_done_marker(ShardEntry.from_json(marker))  # fresh again: `check --repair` keeps a resumed run's shards
+            done.add(s.shard_id)
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size,
-                     descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=int(opts.max_source_mb * 2**20))
+                     descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes)
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)
@@ -188,19 +198,24 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     notes = []
     if stale_kept:
         notes.append(f"{len(stale_kept)} shard(s) encoded with older weights were kept: their sources were not all in this run")
-    tag = f"v{manifest.version + 1}"
+    tag = f"v{manifest.version + 1}-{uuid.uuid4().hex[:8]}"  # unique to this run: a racing run never writes the same name
     entries = once_per_photo(table, entries, tag)
     retried = frozenset(sources)
     superseded = [s for s in current if set(s.retry_sources) & retried]
     current = [table.rewrite_shard(s, tag, drop_retried=retried) if s in superseded else s for s in current]
     fresh = [e for e in entries if e.files]
+    if missing := [rel for e in fresh for rel in e.files.values() if not table.fs.exists(table._p(rel))]:
+        raise TableError(f"{len(missing)} file(s) of this run's shards are gone (e.g. {table.uri(missing[0])}: removed by `check --repair`?); "
+                         "nothing was committed, rerun")
     try:
         if fresh or superseded or len(stale_kept) != len(stale) or not table.exists():
             committed = table.commit(manifest.version, current + stale_kept + fresh)
         else:
             committed = manifest  # nothing new: the table stays at its version
-    finally:  # committed, or lost to a racing run whose version these shards were not planned on
+    except ConcurrentCommitError:  # planned on a version that is no longer the table's: these shards are of no further use
         table.remove_done_markers([s.shard_id for s in shards])
+        raise
+    table.remove_done_markers([s.shard_id for s in shards])
     stats = [e.stats for e in entries]
     rejects: Counter[str] = Counter()
     for st in stats:

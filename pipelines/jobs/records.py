@@ -44,8 +44,9 @@ from facetier.errors import FacetierError, InputError
 
 log = logging.getLogger(__name__)
 
-# read failures that may pass (permissions, a dangling link, a mount): such inputs are read again next run
-RETRIED = frozenset({"SourceReadError"})
+# inputs rejected before hashing for what their name is: never read again. Every other input rejected
+# before hashing (a read that failed: permissions, a dangling link, a mount, a network error) is retried.
+PERMANENT = frozenset({"UnsafeMemberError"})
 BASE_COLUMNS = tuple(f.name for f in ATTRIBUTE_FIELDS) + ("identity",)
 
 
@@ -119,6 +120,8 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
             codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted,
                                        descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
         except FacetierError as exc:
+            if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
+                return [out for it in items for out in encode_items(codec, [it], layers)]
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
         described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
         for item, code, columns in zip(faces, codes, described):
@@ -181,13 +184,14 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         "encoded_inputs": len({r["source_uri"] for r in faces}),
         "faces": len(faces) - sum(1 for r in faces if (r["photo_id"], r["source_uri"]) in duplicates),
         "aliases": len(duplicates),
-        "rejected": len(rejects),
+        # per input: one with any face stored is encoded, even if another of its faces was rejected
+        "rejected": len({r["source_uri"] for r in rejects} - {r["source_uri"] for r in faces}),
         "skipped": len(skipped),
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
     }
     entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes, tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats,
-                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] not in RETRIED)),
-                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] in RETRIED)))
+                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] in PERMANENT)),
+                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] not in PERMANENT)))
     table.write_done_marker(entry)
     return entry
 

@@ -59,11 +59,12 @@ def index_rows(table: Table, ids: Sequence[str], manifest: Manifest) -> tuple[li
     return rows, [FaceFailure(m, TableCorruptError.__name__, f"{m} is not in the readable part of the faces index; unreadable: {files}") for m in missing]
 
 
-def _shards_of(manifest: Manifest) -> dict[str, ShardEntry]:
-    out: dict[str, ShardEntry] = {}
+def _shards_of(manifest: Manifest) -> dict[tuple[str, str], ShardEntry]:
+    """(photo id, weights hash) -> the shard holding that photo's rows written by those weights."""
+    out: dict[tuple[str, str], ShardEntry] = {}
     for s in manifest.shards:
         for p in s.photo_ids:
-            out.setdefault(p, s)
+            out.setdefault((p, s.weights_hash), s)
     return out
 
 
@@ -72,8 +73,8 @@ def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], mani
     shard_of = _shards_of(manifest)
     by_shard: dict[str, list[str]] = defaultdict(list)
     for r in rows:
-        if r["photo_id"] in shard_of:
-            by_shard[shard_of[r["photo_id"]].shard_id].append(r["face_id"])
+        if (r["photo_id"], r["weights_hash"]) in shard_of:
+            by_shard[shard_of[(r["photo_id"], r["weights_hash"])].shard_id].append(r["face_id"])
     shards = {s.shard_id: s for s in manifest.shards}
     payloads: dict[str, dict[str, bytes]] = defaultdict(dict)
     failed: dict[str, FaceFailure] = {}
@@ -89,7 +90,7 @@ def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], mani
                 failed |= {f: FaceFailure.of(f, exc) for f in todo}
                 continue
             for fid, payload, crc in zip(*(part.column(c).to_pylist() for c in ("face_id", "payload", "crc32"))):
-                if zlib.crc32(payload) != crc:
+                if payload is None or crc is None or zlib.crc32(payload) != crc:
                     failed[fid] = FaceFailure.of(fid, ChecksumError(f"face {fid}: its {fam} payload fails its crc32 check in {table.uri(rel)}"))
                 else:
                     payloads[fid][fam] = payload
