@@ -14,6 +14,7 @@ import pytest
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.table import Table
 from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.check import check_table
 from facetier.pipelines.jobs.decode import run_decode
 from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 
@@ -96,6 +97,12 @@ def _round_trip(scheme: str, sample_archive: Path, tmp_path: Path) -> None:
     assert Path(files[0].path).exists()
     again = run_encode(src, root, EncodeOptions(engine="local", shard_size=4, progress=False))
     assert again.faces == 0 and again.skipped == again.inputs
+    # check on object storage: healthy, nothing left in staging; a stray file is listed, then repaired away
+    report = check_table(root, progress=False)
+    assert report.healthy and report.files_checked > 0 and not report.unreferenced
+    fs.pipe_file(f"{bucket}/table/middle/s99999-stray.parquet", b"left by a killed run")
+    assert check_table(root, progress=False).unreferenced == ("middle/s99999-stray.parquet",)
+    assert check_table(root, repair=True, retention_hours=-1, progress=False).removed == ("middle/s99999-stray.parquet",)
 
 
 def test_s3_encode_query_decode(s3_server, sample_archive, tmp_path):
