@@ -95,6 +95,11 @@ def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=y.shape[2:], mode="bilinear", align_corners=True) + y
 
 
+def to_encoder_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images in [-1, 1] at the encoder's input size: pSp reads 256 px whatever the generator's size."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=size, mode="area")
+
+
 class StyleEncoder(nn.Module):
     """Image in [-1, 1] (batch, 3, S, S) -> W+ offsets (batch, n_styles, style_dim)."""
 

@@ -14,7 +14,7 @@ from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
 from facetier.codec.face_descriptor import DESCRIPTOR_DIM
-from facetier.codec.prior import TRAIN_AN_ENCODER, StylePrior, pick_device  # noqa: F401  (pick_device: part of this module's API)
+from facetier.codec.prior import TRAIN_AN_ENCODER, StylePrior
 from facetier.codec.layers import (
     ORIGINAL,
     RESIDUAL,
@@ -86,7 +86,7 @@ class FaceCodec:
                 "run `facetier train entropy --from-bundle BUNDLE --out CODEC_BUNDLE` (README: 'Bring your own prior')"
             )
         self.device = self.prior.device
-        self.generator, self.encoder, self.latent_avg = self.prior.generator, self.prior.encoder, self.prior.latent_avg
+        self.latent_avg = self.prior.latent_avg
         self.semantic: SemanticCodec | None = None
         if cfg.plan.is_semantic:
             if cfg.semantic is None:

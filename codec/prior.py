@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from facetier.codec.checkpoints import ModelBundle, load_generator_weights
-from facetier.codec.encoder import StyleEncoder
+from facetier.codec.encoder import StyleEncoder, to_encoder_input
 from facetier.codec.stylegan import Generator
 
 from facetier.errors import ModelError
@@ -52,9 +52,7 @@ class StylePrior:
         if self.encoder is None:
             raise ModelError(f"{self.source} is a generator without an encoder, so it cannot encode faces: {TRAIN_AN_ENCODER}")
         x = torch.from_numpy(np.require(crops, np.uint8, ['C', 'W'])).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        if x.shape[-1] != self.encoder_input_size:
-            x = torch.nn.functional.interpolate(x, size=self.encoder_input_size, mode="area")
-        w = self.encoder(x) + self.latent_avg.to(self.device)[None]
+        w = self.encoder(to_encoder_input(x, self.encoder_input_size)) + self.latent_avg.to(self.device)[None]
         return w.float().cpu().numpy()
 
     @torch.no_grad()

@@ -289,7 +289,12 @@ class Table:
         old ones stay referenced by the earlier versions.
         """
         files, rows, nbytes, aliases = dict(entry.files), dict(entry.rows), dict(entry.nbytes), []
+        dropping = set(PHOTO_FAMILIES) if drop_photo_ids & set(entry.photo_ids) else set()
+        if drop_retried & set(entry.retry_sources):
+            dropping.add(REJECT_FAMILY)
         for family, rel in entry.files.items():
+            if family not in dropping:  # e.g. a retried reject: the heavy layer files are not read at all
+                continue
             with self.fs.open(self._p(rel), "rb") as fh:
                 data = pq.read_table(fh)
             keep = [True] * data.num_rows

@@ -44,10 +44,10 @@ def index_rows(table: Table, ids: Sequence[str], manifest: Manifest) -> tuple[li
     """Rows of the faces index for face ids or photo ids; ids only an unreadable index file could hold are failures."""
     wanted = set(ids)
     unreadable: list[str] = []
-    index = read_family(table, INDEX_FAMILY, manifest=manifest, filters=[("face_id", "in", sorted(wanted))], unreadable=unreadable)
-    by_photo = read_family(table, INDEX_FAMILY, manifest=manifest, filters=[("photo_id", "in", sorted(wanted))], unreadable=unreadable)
+    either = [[("face_id", "in", sorted(wanted))], [("photo_id", "in", sorted(wanted))]]  # one pass: face ids OR photo ids
+    index = read_family(table, INDEX_FAMILY, manifest=manifest, filters=either, unreadable=unreadable)
     seen, rows = set(), []
-    for r in index.to_pylist() + by_photo.to_pylist():
+    for r in index.to_pylist():
         if r["face_id"] not in seen:  # a face listed twice (the same bytes under two names) decodes once
             seen.add(r["face_id"])
             rows.append(r)

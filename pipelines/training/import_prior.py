@@ -91,8 +91,7 @@ def psp_encoder_config(gen_cfg: GeneratorConfig) -> EncoderConfig:
     return replace(EncoderConfig.psp(gen_cfg.size), n_styles=gen_cfg.n_latent, style_dim=gen_cfg.style_dim)
 
 
-def _generator_tensors(generator: Generator | None) -> dict[str, torch.Tensor]:
-    assert generator is not None  # import_prior has checked that one of the files gave a generator
+def _generator_tensors(generator: Generator) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in generator.state_dict().items() if not k.startswith("noises.")}
 
 
@@ -141,6 +140,7 @@ def import_prior(
         elif enc_avg is not None:
             avg = enc_avg
     else:
+        assert generator is not None  # no --encoder: --stylegan gave it
         if isinstance(new_encoder, EncoderConfig):
             enc_cfg = new_encoder
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from facetier.codec.encoder import EncoderConfig, StyleEncoder
+from facetier.codec.encoder import EncoderConfig, StyleEncoder, to_encoder_input
 from facetier.codec.metrics import ms_ssim
 from facetier.codec.stylegan import Generator, GeneratorConfig
 from torch import nn
@@ -77,10 +77,7 @@ class PriorModel(nn.Module):
         self.latent_avg = nn.Parameter(torch.zeros(gen_cfg.n_latent, gen_cfg.style_dim))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.encoder.config.input_size
-        if x.shape[-1] != size:  # pSp reads 256 px whatever the generator's size (as StylePrior.encode_wplus)
-            x = F.interpolate(x, size=size, mode="area")
-        return self.encoder(x) + self.latent_avg[None]
+        return self.encoder(to_encoder_input(x, self.encoder.config.input_size)) + self.latent_avg[None]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.encode(x)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from facetier.codec.align import AlignmentConfig
 from facetier.codec.checkpoints import ModelBundle, PartSource, load_bundle
-from facetier.codec.model import embedded_weights_path, pick_device
-from facetier.codec.prior import TRAIN_AN_ENCODER
+from facetier.codec.model import embedded_weights_path
+from facetier.codec.prior import TRAIN_AN_ENCODER, pick_device
 from facetier.pipelines.training.bundles import (
     SEMANTIC_SUFFIX,
     PriorSetup,
