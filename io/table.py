@@ -272,10 +272,13 @@ class Table:
     def remove_done_markers(self, shard_ids: list[str]) -> None:
         """Forget finished shards once their run has committed (or found nothing to commit): a later run
         must read its inputs again, so content that changed under an unchanged name is seen."""
-        paths = [self._p(STAGING_DIR, f"{s}.json") for s in shard_ids]
-        for p in paths:
+        self.remove_files([f"{STAGING_DIR}/{s}.json" for s in shard_ids])
+
+    def remove_files(self, rels: list[str]) -> None:
+        """Delete files (paths relative to the root) that may already be gone."""
+        for rel in rels:
             try:
-                self.fs.rm_file(p)
+                self.fs.rm_file(self._p(rel))
             except FileNotFoundError:
                 pass
 

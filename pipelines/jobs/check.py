@@ -141,8 +141,8 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
             shard = posixpath.basename(rel).split(".")[0]
             if young(rel) or shard in live:
                 continue
-            table.fs.rm_file(table._p(rel))
             removed.append(rel)
+        table.remove_files(removed)
         log.info("removed %d unreferenced files (%d kept within the %.1f h retention window)", len(removed), len(unreferenced) - len(removed), retention_hours)
     return CheckReport(table_root, manifest.version, files, rows, tuple(problems), tuple(unreferenced), tuple(removed))
 

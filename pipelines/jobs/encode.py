@@ -199,6 +199,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     if stale_kept:
         notes.append(f"{len(stale_kept)} shard(s) encoded with older weights were kept: their sources were not all in this run")
     tag = f"v{manifest.version + 1}-{uuid.uuid4().hex[:8]}"  # unique to this run: a racing run never writes the same name
+    written = {rel for e in entries for rel in e.files.values()}
     entries = once_per_photo(table, entries, tag)
     retried = frozenset(sources)
     superseded = [s for s in current if set(s.retry_sources) & retried]
@@ -216,6 +217,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         table.remove_done_markers([s.shard_id for s in shards])
         raise
     table.remove_done_markers([s.shard_id for s in shards])
+    # files this run wrote and then replaced by a rewrite (duplicate photos) were never in any version
+    table.remove_files(sorted(written - {rel for s in committed.shards for rel in s.files.values()}))
     stats = [e.stats for e in entries]
     rejects: Counter[str] = Counter()
     for st in stats:
