@@ -91,7 +91,8 @@ class FaceCodec:
         if cfg.plan.is_semantic:
             if cfg.semantic is None:
                 raise ModelError("the layer plan has a semantic base layer but the bundle has no semantic configuration")
-            self.semantic = SemanticCodec(cfg.semantic, bundle.prefixed("semantic."), (cfg.generator.n_latent, cfg.generator.style_dim))
+            self.semantic = SemanticCodec(cfg.semantic, bundle.prefixed("semantic."), (cfg.generator.n_latent, cfg.generator.style_dim),
+                                          crop_scale=cfg.alignment.crop_scale, device=self.device)
         models, tables = frozen_layers_from_bundle(bundle)
         self.coders = [LayerEntropyCoder(m, tables) for m in models]
         self.detector = FaceDetector(cfg.alignment)
@@ -184,13 +185,15 @@ class FaceCodec:
     ) -> list[LayeredCode]:
         """Layered codes for aligned crops (without the ``original`` layer, which needs the source file).
 
-        ``descriptors``: the crops' face descriptors when a CPU stage already computed them; the
-        semantic layer computes them itself otherwise.
+        ``descriptors``: the crops' face descriptors when a CPU stage already computed them (the
+        detected-chip method does); computed here in one batch otherwise.
         """
         wanted = self._wanted(layers)
         if descriptors is not None and np.shape(descriptors) != (len(crops), DESCRIPTOR_DIM):
             raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
         wplus = self.encode_wplus(crops)
+        if descriptors is None and self.semantic is not None and self.semantic.cfg.descriptor:
+            descriptors = self.semantic.descriptors(crops)  # one batched call, not one per face
         codes_layers: list[list[LayerCode]] = []
         quantised = []
         for i, (w, crop) in enumerate(zip(wplus, crops)):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from facetier.codec.face_descriptor import DESCRIPTOR_DIM, DESCRIPTOR_ID, FaceDescriptor
+from facetier.codec.face_descriptor import DESCRIPTOR_DIM, DESCRIPTOR_IDS, FaceDescriptor
 from torch import nn
 
 from facetier.errors import ConfigError
@@ -67,14 +67,14 @@ class SemanticConfig:
     attributes: tuple[AttributeSpec, ...] = default_attributes()
     image_size: int = 0  # > 0: the code also reads the aligned crop at this size through a small CNN
     image_features: int = 256
-    descriptor: str = ""  # DESCRIPTOR_ID: the code also reads dlib's identity descriptor of the crop
+    descriptor: str = ""  # one of DESCRIPTOR_IDS: the code also reads dlib's identity descriptor of the crop
 
     def __post_init__(self) -> None:
         used = [c for a in self.attributes for c in a.coords]
         if len(used) != len(set(used)) or any(c < 0 or c >= self.code_dim for c in used):
             raise ConfigError(f"attribute coordinates {used} overlap or fall outside a {self.code_dim}-d code")
-        if self.descriptor not in ("", DESCRIPTOR_ID):
-            raise ConfigError(f"unknown face descriptor {self.descriptor!r}; this facetier knows {DESCRIPTOR_ID!r}")
+        if self.descriptor not in ("", *DESCRIPTOR_IDS):
+            raise ConfigError(f"unknown face descriptor {self.descriptor!r}; this facetier knows {', '.join(DESCRIPTOR_IDS)}")
 
     def attribute(self, name: str) -> AttributeSpec:
         for a in self.attributes:
@@ -192,8 +192,11 @@ class SemanticNet(nn.Module):
 class SemanticCodec:
     """Runtime side: float code from W+, W+ from (integer) codes, attribute columns, edits."""
 
-    def __init__(self, cfg: SemanticConfig, tensors: Mapping[str, torch.Tensor], wplus_shape: tuple[int, int]) -> None:
+    def __init__(self, cfg: SemanticConfig, tensors: Mapping[str, torch.Tensor], wplus_shape: tuple[int, int],
+                 crop_scale: float = 1.0, device: str | torch.device = "cpu") -> None:
         self.cfg = cfg
+        self.crop_scale = crop_scale
+        self.descriptor_device = device
         self.wplus_shape = wplus_shape
         self.net = SemanticNet(cfg, wplus_shape[0] * wplus_shape[1])
         self.net.load_state_dict({k: v.float() for k, v in tensors.items()})
@@ -201,9 +204,9 @@ class SemanticCodec:
         self._descriptor: FaceDescriptor | None = None
 
     def descriptors(self, crops: np.ndarray) -> np.ndarray:
-        """dlib descriptors of (n, S, S, 3) uint8 crops; its models load on first use."""
+        """dlib descriptors of (n, S, S, 3) uint8 crops; its network loads on first use."""
         if self._descriptor is None:
-            self._descriptor = FaceDescriptor()
+            self._descriptor = FaceDescriptor(self.cfg.descriptor, self.crop_scale, self.descriptor_device)
         return self._descriptor.embed_crops(crops)
 
     @torch.no_grad()

@@ -148,7 +148,8 @@ def test_descriptors_from_the_cpu_stage_give_the_same_bytes(embedded_codec, gene
 
     crops = generated_faces[:2]
     inside = embedded_codec.encode_crops(crops, layers=["basic", "middle"])
-    prepared = embedded_codec.encode_crops(crops, layers=["basic", "middle"], descriptors=FaceDescriptor().embed_crops(crops))
+    cpu_stage = FaceDescriptor(embedded_codec.semantic.cfg.descriptor, embedded_codec.config.alignment.crop_scale)
+    prepared = embedded_codec.encode_crops(crops, layers=["basic", "middle"], descriptors=cpu_stage.embed_crops(crops))
     assert [c.layers for c in inside] == [c.layers for c in prepared]
 
 

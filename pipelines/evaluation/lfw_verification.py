@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from facetier.codec.face_descriptor import FaceDescriptor
+from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
@@ -43,7 +43,7 @@ class LfwReport:
 def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int, ...] = EVAL_FOLDS, max_pairs_per_fold: int | None = None, report: str | None = None) -> LfwReport:
     pairs = select_pairs(lfw_dir, folds, max_pairs_per_fold)
     codec = FaceCodec.load(weights, device="cpu")
-    emb = FaceDescriptor()
+    emb = FaceDescriptor(DETECTED_CHIP_ID)
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     variants = ["original photo", "aligned crop", *codec.plan.names, RESIDUAL]
     vecs: dict[str, dict[str, np.ndarray]] = {v: {} for v in variants}

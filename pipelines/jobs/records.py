@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
-from facetier.codec.face_descriptor import FaceDescriptor
+from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.io.images import decode_image
@@ -72,7 +72,7 @@ class JobContext:
     skip_sources: frozenset[str] = frozenset()  # rejected for their names by an earlier run
     device: str = "auto"
     batch_size: int = 16
-    descriptor: str = ""  # the model's face descriptor: computed while preparing, on the CPU stage
+    descriptor: str = ""  # the model's face descriptor id (the detected-chip method runs on the CPU stage)
     max_source_bytes: int = MAX_SOURCE_BYTES
 
 
@@ -94,7 +94,7 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
         image = decode_image(data, draft_size=None)
         faces = align_faces(image.rgb, detector)
         original = encode_original(data, is_jpeg=image.format == "JPEG") if ORIGINAL in ctx.layers else None
-        descriptors = [descriptor.crop_embedding(f.crop) if descriptor is not None else None for f in faces]
+        descriptors = list(descriptor.embed_crops(np.stack([f.crop for f in faces]))) if descriptor is not None else [None] * len(faces)
     except InputError as exc:
         return [_reject(shard_id, source, photo_id, exc.error_class, str(exc))]
     except Exception as exc:  # a bug or an unexpected library error must not kill the job or lose the record
@@ -197,12 +197,14 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
 
 
 class FacePreparer:
-    """The CPU stage's models for one worker: the face detector and, when the model reads it, dlib's descriptor."""
+    """The CPU stage's models for one worker: the face detector and, for models that re-detect the
+    face in the crop (``dlib-resnet-v1``), dlib's descriptor. The fixed-chip descriptor is a batched
+    model call, made with the encoder's batch instead."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self.detector = FaceDetector(ctx.alignment)
-        self.descriptor = FaceDescriptor() if ctx.descriptor else None
+        self.descriptor = FaceDescriptor(ctx.descriptor, ctx.alignment.crop_scale, "cpu") if ctx.descriptor == DETECTED_CHIP_ID else None
 
     def prepare(self, shard_id: str, source: str) -> list[dict[str, Any]]:
         """The face, reject or skip items of one input (see ``prepare_source``)."""

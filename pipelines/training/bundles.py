@@ -276,5 +276,5 @@ def make_random_bundle(out_path: Path, *, size: int = 32, seed: int = 0, entropy
     scfg = SemanticConfig(code_dim=16, pca_dim=8, hidden=16, image_size=16, image_features=8, descriptor=DESCRIPTOR_ID)
     digest, _ = export_semantic_bundle(linear, wplus, labels, out_path, codec_id=f"facetier-tiny-semantic-{size}", semantic_cfg=scfg,
                                        train_cfg=SemanticTrainConfig(steps=entropy_steps, batch_size=32, seed=seed), entropy_cfg=cfg,
-                                       upper_dims=(8, 8), crops=faces, descriptors=FaceDescriptor().embed_crops(faces))
+                                       upper_dims=(8, 8), crops=faces, descriptors=FaceDescriptor(DESCRIPTOR_ID, alignment.crop_scale).embed_crops(faces))
     return digest

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--minutes", type=float, help="stop (and checkpoint) after this many minutes; rerun to resume")
     t.add_argument("--batch-size", type=int, help="prior and gan stages: faces a step (default 8, sized for CPU; a GPU wants 32-64)")
     t.add_argument("--adv-weight", type=float, default=0.02, help="prior stage: weight of the adversarial term (0 turns the discriminator off)")
+    t.add_argument("--id-weight", type=float, default=0.0,
+                   help="prior stage: weight of the identity term (dlib descriptor distance, crop vs reconstruction); 0 turns it off")
     t.add_argument("--freeze-generator", action="store_true",
                    help="prior stage: train the encoder only (no adversarial term), against a frozen generator: the work folder's "
                         "prior checkpoint's if there is one, else the `gan` stage's")

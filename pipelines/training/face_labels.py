@@ -2,7 +2,8 @@
 
 The semantic base layer ties coordinates to attributes. Age, gender and race come from
 UTKFace's labels; head pose and expression are *measured* on every training crop from dlib's
-68-point landmarks, and the identity target is dlib's 128-d embedding. Definitions:
+68-point landmarks (dlib's HOG detector re-finds the face on a 256 px upscale of the crop for
+them), and the identity target is dlib's 128-d descriptor of the crop. Definitions:
 
 * ``yaw``, ``pitch`` - degrees, from ``cv2.solvePnP`` of six landmarks against a generic 3-D face.
   Roll is not an attribute: alignment removes it from the crop, so no code of the crop holds it.
@@ -20,7 +21,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from facetier.codec.face_descriptor import UPSCALE, FaceDescriptor
+from facetier.codec.face_descriptor import DETECTED_CHIP_ID, UPSCALE, FaceDescriptor
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -34,18 +35,21 @@ _MODEL_3D = np.array(
 _PNP_IDX = (30, 8, 36, 45, 48, 54)
 
 
-class DlibFaceModels(FaceDescriptor):
-    """The face descriptor's models plus dlib's 68-point landmarks (training labels only)."""
+class LandmarkLabeller:
+    """dlib's HOG detector and 68-point landmarks on an upscaled crop (training labels only)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.shape68 = self.dlib.shape_predictor(str(self.models_dir / "shape_predictor_68_face_landmarks.dat"))
+        from facetier.codec.face_descriptor import dlib_models
 
-    def crop_labels(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(measured attributes in ``MEASURED`` order, 128-d descriptor) of one aligned crop."""
-        img, rect = self.upscaled(crop)
+        self.finder = FaceDescriptor(DETECTED_CHIP_ID)
+        dlib, models = dlib_models()
+        self.shape68 = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
+
+    def crop_labels(self, crop: np.ndarray) -> np.ndarray:
+        """Measured attributes of one aligned crop, in ``MEASURED`` order."""
+        img, rect = self.finder.upscaled(crop)
         pts = np.array([(p.x, p.y) for p in self.shape68(img, rect).parts()], np.float64)
-        return measure_landmarks(pts, UPSCALE), self.descriptor_at(img, rect)
+        return measure_landmarks(pts, UPSCALE)
 
 
 def measure_landmarks(pts: np.ndarray, size: int) -> np.ndarray:
@@ -72,27 +76,40 @@ def measure_landmarks(pts: np.ndarray, size: int) -> np.ndarray:
     return np.array([yaw if ok else 0.0, pitch if ok else 0.0, eyes, mouth_open, smile], np.float32)
 
 
-def measure_crops(crops: np.ndarray, out_file: Path, chunk: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Labels for every crop, saved in chunks so an interrupted run resumes where it stopped."""
+def measure_crops(crops: np.ndarray, out_file: Path, chunk: int = 500) -> np.ndarray:
+    """Landmark labels for every crop, saved in chunks so an interrupted run resumes where it stopped."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
     part = out_file.with_suffix(".part.npz")
     attrs = np.full((len(crops), len(MEASURED)), np.nan, np.float32)
-    embs = np.full((len(crops), 128), np.nan, np.float32)
     start = 0
     if out_file.exists():
         d = np.load(out_file)
         if len(d["attrs"]) == len(crops):
-            return d["attrs"], d["embs"]
+            return d["attrs"]
     if part.exists():
         d = np.load(part)
         if len(d["attrs"]) == len(crops):
-            attrs, embs, start = d["attrs"].copy(), d["embs"].copy(), int(d["done"])
+            attrs, start = d["attrs"].copy(), int(d["done"])
             log.info("resuming face labels at %d of %d", start, len(crops))
-    models = DlibFaceModels()
+    labeller = LandmarkLabeller()
     for i in tqdm(range(start, len(crops)), desc="measuring face labels", unit="face", initial=start, total=len(crops), mininterval=10):
-        attrs[i], embs[i] = models.crop_labels(crops[i])
+        attrs[i] = labeller.crop_labels(crops[i])
         if (i + 1) % chunk == 0:
-            np.savez(part, attrs=attrs, embs=embs, done=i + 1)
-    np.savez(out_file, attrs=attrs, embs=embs)
+            np.savez(part, attrs=attrs, done=i + 1)
+    np.savez(out_file, attrs=attrs)
     part.unlink(missing_ok=True)
-    return attrs, embs
+    return attrs
+
+
+def crop_descriptors(crops: np.ndarray, method: str, crop_scale: float, out_file: Path, device: str = "cpu") -> np.ndarray:
+    """dlib descriptors of every crop by ``method`` (cached: the detected-chip method takes minutes)."""
+    if out_file.exists():
+        cached = np.load(out_file)
+        if len(cached) == len(crops):
+            return cached
+    desc = FaceDescriptor(method, crop_scale, device)
+    step = 256
+    out = np.concatenate([desc.embed_crops(crops[i:i + step])
+                          for i in tqdm(range(0, len(crops), step), desc=f"dlib descriptors ({method})", unit="batch", mininterval=10)])
+    np.save(out_file, out)
+    return out

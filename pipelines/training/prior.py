@@ -3,8 +3,11 @@
 The generator and encoder are trained together as an autoencoder over W+ (reconstruction:
 L1 + MS-SSIM on the aligned crops, plus a small penalty that keeps W+ rows close to one
 another so the layers compress), with an optional adversarial term from a small
-discriminator (non-saturating loss, lazy R1) that sharpens the decodes. No pretrained
-perceptual or identity network exists offline, so none is used.
+discriminator (non-saturating loss, lazy R1) that sharpens the decodes, and an optional identity
+term: the distance between dlib's descriptors (its ResNet run in torch, :mod:`codec.dlib_resnet`)
+of the crop and of its reconstruction, both taken through the fixed, differentiable warp to
+dlib's 150 px chip. The verification judge uses dlib's own detection and landmarks on the
+decoded face instead of that warp, and reports guards (JPEG + resize, a second network) beside it.
 
 Runs are seeded and resumable: the batch for step ``t`` is a pure function of (seed, t), and a
 checkpoint holds weights, EMA weights, optimiser states and the step.
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from facetier.codec.encoder import EncoderConfig, StyleEncoder, to_encoder_input
+from facetier.codec.face_descriptor import FIXED_CHIP_ID, FaceDescriptor
 from facetier.codec.metrics import ms_ssim
 from facetier.codec.stylegan import Generator, GeneratorConfig
 from torch import nn
@@ -49,6 +53,8 @@ class PriorTrainConfig:
     seed: int = 0
     train_generator: bool = True  # False: encoder only, against a frozen generator (e.g. the GAN's)
     ema_start: int = 500  # the EMA copies the model until this step (its early weights are not worth averaging)
+    id_weight: float = 0.0  # > 0 adds dlib's descriptor distance between crop and reconstruction
+    crop_scale: float = 1.0  # the crops' framing, which places dlib's chip in them
 
 
 class Discriminator(nn.Module):
@@ -98,12 +104,26 @@ def sample_batch(faces: np.ndarray, step: int, batch_size: int, seed: int) -> np
     return batch
 
 
-def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cfg: PriorTrainConfig) -> dict[str, torch.Tensor]:
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cfg: PriorTrainConfig,
+                        judge: FaceDescriptor | None = None) -> dict[str, torch.Tensor]:
     l1 = (x - y).abs().mean()
     ms = 1 - ms_ssim((x + 1) / 2, (y.clamp(-1, 1) + 1) / 2).mean()
     delta = ((w - w.mean(1, keepdim=True)) ** 2).mean()
     total = l1 + cfg.ms_ssim_weight * ms + cfg.w_delta_weight * delta
-    return {"loss": total, "l1": l1, "ms_ssim_loss": ms, "w_delta": delta}
+    out = {"l1": l1, "ms_ssim_loss": ms, "w_delta": delta}
+    if judge is not None and cfg.id_weight > 0:
+        out["id_dist"] = identity_distance(judge, x, y)
+        total = total + cfg.id_weight * out["id_dist"]
+    return {"loss": total, **out}
+
+
+def identity_distance(judge: FaceDescriptor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean distance between dlib's descriptors of crops ``x`` and reconstructions ``y`` (both in [-1, 1]).
+
+    The dlib threshold for "same person" is 0.6 on this distance."""
+    with torch.no_grad():
+        target = judge.embed_tensor((x + 1) * 127.5)
+    return (judge.embed_tensor((y.clamp(-1, 1) + 1) * 127.5) - target).norm(dim=1).mean()
 
 
 def save_checkpoint(state: dict[str, object], path: Path) -> None:
@@ -166,12 +186,13 @@ def train_prior(
             state |= {"disc": disc.state_dict(), "opt_d": opt_d.state_dict()}
         save_checkpoint(state, ckpt_path)
 
+    judge = FaceDescriptor(FIXED_CHIP_ID, cfg.crop_scale, device) if cfg.id_weight > 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", mininterval=10)
     model.train()
     while step < cfg.steps and time.monotonic() < deadline:
         x = to_tensor(sample_batch(faces, step, cfg.batch_size, cfg.seed), device)
         y, w = model(x)
-        losses = reconstruction_loss(x, y, w, cfg)
+        losses = reconstruction_loss(x, y, w, cfg, judge)
         use_adv = disc is not None and step >= cfg.adv_start
         if use_adv:
             g_adv = F.softplus(-disc(y)).mean()

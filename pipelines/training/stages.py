@@ -80,6 +80,8 @@ def _check_flags(a: argparse.Namespace) -> None:
         raise ConfigError(f"--entropy-steps applies to the semantic stage's refit of the upper layers; the {a.stage!r} stage takes --steps")
     if a.codec_id and a.stage not in ("entropy", "semantic"):
         raise ConfigError(f"--codec-id names the bundle the entropy and semantic stages write, not {a.stage!r}")
+    if a.id_weight and a.stage != "prior":
+        raise ConfigError(f"--id-weight applies to the prior stage only, not to {a.stage!r}")
 
 
 def _out(a: argparse.Namespace, setup: PriorSetup | None = None) -> Path:
@@ -123,7 +125,8 @@ def run_train(a: argparse.Namespace) -> int:
         if a.freeze_generator and not (work / PRIOR_CHECKPOINT).exists():
             prior_from_gan(work, setup.generator, setup.encoder)
         cfg = PriorTrainConfig(steps=a.steps or 30000, batch_size=a.batch_size or PriorTrainConfig.batch_size,
-                               adv_weight=0.0 if a.freeze_generator else a.adv_weight, seed=a.seed, train_generator=not a.freeze_generator)
+                               adv_weight=0.0 if a.freeze_generator else a.adv_weight, seed=a.seed, train_generator=not a.freeze_generator,
+                               id_weight=a.id_weight, crop_scale=setup.alignment.crop_scale)
         train_prior(faces, work, setup.generator, setup.encoder, cfg, pick_device(a.device), max_minutes=a.minutes)
         return 0
     ckpt = work / PRIOR_CHECKPOINT
@@ -232,7 +235,7 @@ def _train_semantic(a: argparse.Namespace, work: Path) -> int:
     from facetier.codec.face_descriptor import DESCRIPTOR_ID
     from facetier.codec.semantic import SemanticConfig
     from facetier.pipelines.training.bundles import export_semantic_bundle
-    from facetier.pipelines.training.face_labels import measure_crops
+    from facetier.pipelines.training.face_labels import crop_descriptors, measure_crops
     from facetier.pipelines.training.semantic_fit import build_labels, expression_ranges
 
     source = Path(a.from_bundle) if a.from_bundle else embedded_weights_path()
@@ -244,7 +247,9 @@ def _train_semantic(a: argparse.Namespace, work: Path) -> int:
     wplus = _cached_wplus(bundle, faces, _faces_key(a, alignment), work, a.device)
     cache = face_cache_path(work, alignment)
     labels_file = work / "face_labels.npz" if cache.stem == "faces_128_s080" else work / f"face_labels_{cache.stem}.npz"
-    raw, embs = measure_crops(faces, labels_file)
+    raw = measure_crops(faces, labels_file)
+    embs = crop_descriptors(faces, DESCRIPTOR_ID, alignment.crop_scale, work / f"descriptors_{DESCRIPTOR_ID}_{cache.stem}.npy",
+                            str(pick_device(a.device)))
     files = json.loads(cache.with_suffix(".json").read_text())["files"]
     ranges = expression_ranges(raw)
     labels = build_labels(files, raw, embs, _utk_labels(a.lists), ranges)
