@@ -27,8 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from facetier.codec.dlib_resnet import (
+    CHIP_SIZE,
+    DlibFaceNet,
+    chips_tensor,
+    load_dlib_facenet,
+)
 
-from facetier.codec.dlib_resnet import CHIP_SIZE, DlibFaceNet, chips_tensor, load_dlib_facenet
 from facetier.errors import ConfigError
 
 DETECTED_CHIP_ID = "dlib-resnet-v1"

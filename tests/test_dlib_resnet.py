@@ -4,7 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from facetier.codec.dlib_resnet import CHIP_SIZE, DlibFormatError, chips_tensor, load_dlib_facenet
+from facetier.codec.dlib_resnet import (
+    CHIP_SIZE,
+    DlibFormatError,
+    chips_tensor,
+    load_dlib_facenet,
+)
 from facetier.codec.face_descriptor import (
     CHIP_CENTRE,
     CHIP_SIDE,
