@@ -14,7 +14,6 @@ from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
 from facetier.codec.face_descriptor import DESCRIPTOR_DIM
-from facetier.codec.prior import TRAIN_AN_ENCODER, StylePrior
 from facetier.codec.layers import (
     ORIGINAL,
     RESIDUAL,
@@ -23,7 +22,9 @@ from facetier.codec.layers import (
     LayeredCode,
     all_layer_names,
 )
+from facetier.codec.prior import TRAIN_AN_ENCODER, StylePrior
 from facetier.codec.semantic import SemanticCodec
+from facetier.codec.stage_times import StageTimes
 
 from facetier.errors import (
     ConfigError,
@@ -181,37 +182,44 @@ class FaceCodec:
 
     def encode_crops(
         self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None,
-        descriptors: np.ndarray | None = None,
+        descriptors: np.ndarray | None = None, times: StageTimes | None = None,
     ) -> list[LayeredCode]:
         """Layered codes for aligned crops (without the ``original`` layer, which needs the source file).
 
         ``descriptors``: the crops' face descriptors when a CPU stage already computed them (the
-        detected-chip method does); computed here in one batch otherwise.
+        detected-chip method does); computed here in one batch otherwise. ``times`` collects the
+        seconds of each stage.
         """
+        times = StageTimes() if times is None else times
         wanted = self._wanted(layers)
         if descriptors is not None and np.shape(descriptors) != (len(crops), DESCRIPTOR_DIM):
             raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
-        wplus = self.encode_wplus(crops)
+        with times.stage("encoder"):
+            wplus = self.encode_wplus(crops)
         if descriptors is None and self.semantic is not None and self.semantic.cfg.descriptor:
-            descriptors = self.semantic.descriptors(crops)  # one batched call, not one per face
+            with times.stage("descriptor"):
+                descriptors = self.semantic.descriptors(crops)  # one batched call, not one per face
         codes_layers: list[list[LayerCode]] = []
         quantised = []
-        for i, (w, crop) in enumerate(zip(wplus, crops)):
-            symbols = self._symbols(w, crop, None if descriptors is None else descriptors[i])
-            context = np.zeros(0, np.int64)
-            layer_codes = []
-            for coder, sym in zip(self.coders, symbols):
-                if coder.model.name in wanted:
-                    layer_codes.append(LayerCode(coder.model.name, coder.encode(sym, context)))
-                context = np.concatenate([context, sym])
-            codes_layers.append(layer_codes)
-            if RESIDUAL in wanted:  # only the residual needs the generative decode at encode time
-                quantised.append(self.wplus_from_symbols(symbols))
+        with times.stage("semantic_entropy"):
+            for i, (w, crop) in enumerate(zip(wplus, crops)):
+                symbols = self._symbols(w, crop, None if descriptors is None else descriptors[i])
+                context = np.zeros(0, np.int64)
+                layer_codes = []
+                for coder, sym in zip(self.coders, symbols):
+                    if coder.model.name in wanted:
+                        layer_codes.append(LayerCode(coder.model.name, coder.encode(sym, context)))
+                    context = np.concatenate([context, sym])
+                codes_layers.append(layer_codes)
+                if RESIDUAL in wanted:  # only the residual needs the generative decode at encode time
+                    quantised.append(self.wplus_from_symbols(symbols))
         if RESIDUAL in wanted:
-            generated = self.synthesise(np.stack(quantised))
+            with times.stage("synthesis"):
+                generated = self.synthesise(np.stack(quantised))
             q = residual_quality or self.config.residual_quality
-            for layer_codes, crop, gen in zip(codes_layers, crops, generated):
-                layer_codes.append(LayerCode(RESIDUAL, image_layers.encode_residual(crop, gen, q)))
+            with times.stage("residual_jxl"):
+                for layer_codes, crop, gen in zip(codes_layers, crops, generated):
+                    layer_codes.append(LayerCode(RESIDUAL, image_layers.encode_residual(crop, gen, q)))
         return [LayeredCode(self.codec_id, self.weights_hash, tuple(lc)) for lc in codes_layers]
 
     def encode(self, image: np.ndarray, *, source_bytes: bytes | None = None, source_is_jpeg: bool = False, layers: Sequence[str] | None = None) -> list[EncodedFace]:

@@ -83,8 +83,8 @@ def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
         WorkerOptions,
     )
     from facetier.codec.align import AlignmentConfig
-    from facetier.pipelines.jobs.dataflow import dataflow_pipeline_args, read_env
     from facetier.pipelines.jobs.beam_engine import build_pipeline
+    from facetier.pipelines.jobs.dataflow import dataflow_pipeline_args, read_env
     from facetier.pipelines.jobs.records import JobContext, ShardSpec
 
     env = read_env(INFRA / "dataflow" / "encode.env")
@@ -128,6 +128,7 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists(), reason="ray CLI not installed")
 def test_ray_job_submit_runs_the_rayjob_entrypoint(tmp_path, sample_archive):
+    """The RayJob's entrypoint on a head that declares a GPU: the driver sees no CUDA, the encoder actors still ask for it."""
     pytest.importorskip("ray.dashboard", reason="ray job submit needs ray[default] (in the test extras)")
     ray_cli = str(Path(sys.executable).parent / "ray")
     job = _yaml("ray/rayjob.yaml")
@@ -143,7 +144,7 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint(tmp_path, sample_archive):
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay under 107 characters
     subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash_port}", "--num-cpus=2", "--object-store-memory=300000000", "--include-dashboard=true",
+                    f"--dashboard-port={dash_port}", "--num-cpus=2", "--num-gpus=1", "--object-store-memory=300000000", "--include-dashboard=true",
                     f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
     try:
         table = tmp_path / "table"
@@ -155,6 +156,12 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint(tmp_path, sample_archive):
         from facetier.io.table import Table
 
         assert Table(str(table)).manifest().version == 1
+        listing = subprocess.run([ray_cli, "list", "actors", f"--address=http://127.0.0.1:{dash_port}", "--detail", "--format=json", "--limit=1000"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        actors = json.loads(listing.stdout)
+        encoders = [x for x in actors if "EncoderActor" in json.dumps(x.get("class_name", "")) + json.dumps(x.get("repr_name", ""))]
+        assert encoders, [x.get("class_name") for x in actors]
+        assert all(x["required_resources"].get("GPU") == 1 for x in encoders), [x["required_resources"] for x in encoders]
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)

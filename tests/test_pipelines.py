@@ -200,3 +200,13 @@ def test_ray_gives_the_same_table(sample_archive, tmp_path, local_table):
     import ray
 
     ray.shutdown()
+
+
+def test_ray_asks_for_gpus_from_the_cluster_not_the_driver():
+    from facetier.pipelines.jobs.ray_engine import encoder_gpus
+
+    assert encoder_gpus("auto", cluster_gpus=4) == 1.0  # the driver may be a CPU-only head
+    assert encoder_gpus("cuda", cluster_gpus=0) == 0.0
+    assert encoder_gpus("auto", cluster_gpus=0) == 0.0
+    assert encoder_gpus("cpu", cluster_gpus=4) == 0.0
+    assert encoder_gpus("auto", cluster_gpus=4, gpus_per_worker=0.5) == 0.5

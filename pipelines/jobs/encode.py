@@ -29,6 +29,7 @@ from typing import Literal
 from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
+from facetier.codec.stage_times import StageTimes, render_stages
 from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
@@ -51,6 +52,7 @@ class EncodeOptions:
     weights: str | None = None  # None: the embedded model
     device: str = "auto"
     ray_address: str | None = None
+    gpus_per_worker: float | None = None  # Ray: None decides from the cluster's GPUs
     beam_args: tuple[str, ...] = ()
     progress: bool = True
     max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
@@ -72,10 +74,19 @@ class EncodeSummary:
     shards_reused: int
     stale_shards_kept: int = 0
     notes: tuple[str, ...] = field(default=())
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over this run's shards and faces
+    steady_faces_per_second: float | None = None  # after the first shard finished: engine start-up excluded
+    startup_seconds: float | None = None  # wall time not explained by the steady rate (model loads, engine start)
 
     @property
     def faces_per_second(self) -> float:
         return self.faces / self.seconds if self.seconds > 0 else 0.0
+
+    def render_profile(self) -> str:
+        """Time per stage per face, and start-up apart from steady state."""
+        steady = "n/a (fewer than two shards)" if self.steady_faces_per_second is None else f"{self.steady_faces_per_second:.2f} faces/s"
+        startup = "" if self.startup_seconds is None else f"; start-up {self.startup_seconds:.1f}s"
+        return f"steady state {steady}{startup}\n" + render_stages(self.stage_seconds, self.faces)
 
     @property
     def balanced(self) -> bool:
@@ -121,7 +132,8 @@ def once_per_photo(table: Table, entries: list[ShardEntry], tag: str) -> list[Sh
     return out
 
 
-def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, enabled: bool) -> None:
+def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, enabled: bool, seen: list[tuple[float, int]]) -> None:
+    """Progress from the shards' done markers; ``seen`` gets (time, faces so far) as each one appears."""
     pending = {s.shard_id for s in shards}
     faces = 0
     with tqdm(total=len(shards), desc="encode", unit="shard", disable=not enabled) as bar:
@@ -131,9 +143,18 @@ def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, ena
                 if marker is not None:
                     pending.discard(sid)
                     faces += marker["stats"].get("faces", 0)
+                    seen.append((time.monotonic(), faces))
                     bar.update(1)
                     bar.set_postfix(faces=faces)
-            stop.wait(1.0)
+            stop.wait(0.25)
+
+
+def steady_rate(start: float, seen: Sequence[tuple[float, int]]) -> tuple[float | None, float | None]:
+    """(faces/s after the first shard, start-up seconds) from when shards finished; None with < 2 shards."""
+    if len(seen) < 2 or seen[-1][0] <= seen[0][0] or seen[-1][1] <= seen[0][1]:
+        return None, None
+    rate = (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0])
+    return rate, max(0.0, seen[0][0] - start - seen[0][1] / rate)
 
 
 def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions()) -> EncodeSummary:
@@ -166,7 +187,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
                      descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes)
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)
+    seen: list[tuple[float, int]] = []
+    watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress, seen), daemon=True)
     watcher.start()
     try:
         if todo:
@@ -181,7 +203,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
             elif opts.engine == "ray":
                 from facetier.pipelines.jobs.ray_engine import run_ray
 
-                run_ray(ctx, todo, opts.workers, opts.ray_address)
+                run_ray(ctx, todo, opts.workers, opts.ray_address, opts.gpus_per_worker)
             else:
                 raise ConfigError(f"unknown engine {opts.engine!r}")
     finally:
@@ -221,8 +243,12 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     table.remove_files(sorted(written - {rel for s in committed.shards for rel in s.files.values()}))
     stats = [e.stats for e in entries]
     rejects: Counter[str] = Counter()
+    stage_seconds = StageTimes()
     for st in stats:
         rejects.update(st.get("rejects_by_class", {}))
+    for sid in {s.shard_id for s in todo}:  # this run's work only, not shards an interrupted run left done
+        stage_seconds.add(next(e.stats for e in entries if e.shard_id == sid).get("stage_seconds", {}))
+    steady, startup = steady_rate(start, seen)
     return EncodeSummary(
         table=table_root,
         version=committed.version,
@@ -238,4 +264,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         shards_reused=len(done),
         stale_shards_kept=len(stale_kept),
         notes=tuple(notes),
+        stage_seconds=stage_seconds.ordered(),
+        steady_faces_per_second=steady,
+        startup_seconds=startup,
     )

@@ -34,10 +34,13 @@ class EncoderActor:
     """One codec per actor; Ray gives each actor a GPU when the job asks for ``num_gpus``."""
 
     def __init__(self, ctx: JobContext) -> None:
+        import ray
         from facetier.codec.model import FaceCodec
 
         self.ctx = ctx
         self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
+        if ray.get_gpu_ids() and self.codec.device.type != "cuda":
+            log.warning("this encoder actor holds GPU %s but torch sees no CUDA device: is the CPU build of torch installed?", ray.get_gpu_ids())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [pickle.loads(b) for b in batch["item"]]
@@ -65,15 +68,34 @@ def init_ray(workers: int, address: str | None = None) -> None:
         ray.init(num_cpus=max(1, workers), object_store_memory=512 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
 
 
-def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, address: str | None = None) -> None:
+def encoder_gpus(device: str, cluster_gpus: float, gpus_per_worker: float | None = None) -> float:
+    """GPUs each encoder actor asks Ray for.
+
+    Decided from the cluster's resources, not the driver's: under a KubeRay RayJob the driver runs
+    on the CPU-only head while the GPUs are on the worker group, and an actor that asks for no GPU
+    has the devices hidden from it. An explicit ``gpus_per_worker`` (e.g. 0.5 to share a GPU
+    between two actors) wins; ``--device cpu`` never asks.
+    """
+    if device == "cpu":
+        return 0.0
+    if gpus_per_worker is not None:
+        return gpus_per_worker
+    return 1.0 if cluster_gpus >= 1 else 0.0
+
+
+def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, address: str | None = None,
+            gpus_per_worker: float | None = None) -> None:
     import ray
-    import torch
 
     init_ray(workers, address)
     rows = [{"shard_id": s.shard_id, "source": key_bytes(src)} for s in shards for src in s.sources]
     if not rows:
         return
-    gpus = 1 if (ctx.device in ("auto", "cuda") and torch.cuda.is_available()) else 0
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    gpus = encoder_gpus(ctx.device, cluster_gpus, gpus_per_worker)
+    if gpus > cluster_gpus:
+        log.warning("each encoder actor asks for %g GPU but the cluster has %g: Ray waits for GPU nodes to join", gpus, cluster_gpus)
+    log.info("ray: %d encoder actor(s), %g GPU each (cluster: %g GPU)", workers, gpus, cluster_gpus)
     ds = ray.data.from_items(rows)
     ds = ds.flat_map(Prepare, fn_constructor_args=(ctx,), concurrency=workers)
     ds = ds.map_batches(EncoderActor, fn_constructor_args=(ctx,), batch_size=ctx.batch_size, concurrency=workers, num_gpus=gpus, batch_format="numpy")

@@ -5,18 +5,24 @@ rejected input or per input skipped because the table already holds it with this
 
     kind: "face" | "reject" | "skip";  shard_id; source_uri; photo_id
     face:   face_index, crop (S,S,3 uint8), meta (json), original (bytes | None),
-            descriptor (128 float32, when the model's base layer reads dlib's descriptor)
+            descriptor (128 float32, when the model's descriptor re-detects the face on the CPU stage)
     reject: error_class, message
+    every item: times ({stage: seconds} spent on it; an input's and a batch's time shared by its faces)
 after encoding, faces also carry ``layers``: {layer name: payload bytes}.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -25,8 +31,15 @@ from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
+from facetier.codec.stage_times import StageTimes
 from facetier.io.images import decode_image
-from facetier.io.sources import MAX_SOURCE_BYTES, SourceRef, content_id, read_source, storable_uri
+from facetier.io.sources import (
+    MAX_SOURCE_BYTES,
+    SourceRef,
+    content_id,
+    read_source,
+    storable_uri,
+)
 from facetier.io.table import (
     ALIAS_FAMILY,
     ATTRIBUTE_FIELDS,
@@ -84,29 +97,37 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
                    descriptor: FaceDescriptor | None = None) -> list[dict[str, Any]]:
     """Read, hash, decode and align one input (and describe its faces); never raises for a bad input."""
     photo_id = None
+    times = StageTimes()
     if source in ctx.skip_sources:
-        return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": None}]
+        return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": None, "times": times}]
     try:
-        data = read_source(SourceRef.parse(source), ctx.max_source_bytes)
-        photo_id = content_id(data)
+        with times.stage("read"):
+            data = read_source(SourceRef.parse(source), ctx.max_source_bytes)
+            photo_id = content_id(data)
         if photo_id in ctx.skip_photo_ids:
-            return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id}]
-        image = decode_image(data, draft_size=None)
-        faces = align_faces(image.rgb, detector)
-        original = encode_original(data, is_jpeg=image.format == "JPEG") if ORIGINAL in ctx.layers else None
-        descriptors = list(descriptor.embed_crops(np.stack([f.crop for f in faces]))) if descriptor is not None else [None] * len(faces)
+            return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "times": times}]
+        with times.stage("decode"):
+            image = decode_image(data, draft_size=None)
+        with times.stage("detect_align"):
+            faces = align_faces(image.rgb, detector)
+        with times.stage("original_jxl"):
+            original = encode_original(data, is_jpeg=image.format == "JPEG") if ORIGINAL in ctx.layers else None
+        with times.stage("descriptor"):
+            descriptors = list(descriptor.embed_crops(np.stack([f.crop for f in faces]))) if descriptor is not None else [None] * len(faces)
     except InputError as exc:
-        return [_reject(shard_id, source, photo_id, exc.error_class, str(exc))]
+        return [{**_reject(shard_id, source, photo_id, exc.error_class, str(exc)), "times": times}]
     except Exception as exc:  # a bug or an unexpected library error must not kill the job or lose the record
         log.exception("unexpected error preparing %s", source)
-        return [_reject(shard_id, source, photo_id, f"Unexpected{type(exc).__name__}", str(exc))]
+        return [{**_reject(shard_id, source, photo_id, f"Unexpected{type(exc).__name__}", str(exc)), "times": times}]
     items = []
+    share = StageTimes()
+    share.add(times, 1.0 / len(faces))
     for f, desc in zip(faces, descriptors):
         meta = {"box": list(f.detection.box), "landmarks": f.detection.landmarks.reshape(-1).tolist(), "transform": f.transform.reshape(-1).tolist(),
                 "source_size": list(f.source_size), "score": f.detection.score}
         items.append({"kind": "face", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "face_index": f.face_index,
                       "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None, "source_bytes": len(data),
-                      "descriptor": desc})
+                      "descriptor": desc, "times": StageTimes(share)})
     return items
 
 
@@ -116,22 +137,27 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
     if faces:
         wanted = [n for n in layers if n != ORIGINAL]
         descs = [f.get("descriptor") for f in faces]
+        times = StageTimes()
         try:
-            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted,
+            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted, times=times,
                                        descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
                 return [out for it in items for out in encode_items(codec, [it], layers)]
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
-        described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
+        with times.stage("semantic_entropy"):
+            described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
         for item, code, columns in zip(faces, codes, described):
             item["layers"] = {layer.name: layer.payload for layer in code.layers}
             item["semantic"] = columns
+            item["times"] = StageTimes(item.get("times") or {})
+            item["times"].add(times, 1.0 / len(faces))
     return list(items)
 
 
 def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]]) -> ShardEntry:
     """Write one shard's families, then its done marker (last, so a marker means complete)."""
+    write_started = time.perf_counter()
     results = sorted(results, key=lambda r: (r["source_uri"], r.get("face_index", -1), r["kind"]))
     table = Table(ctx.table_root)
     faces = [r for r in results if r["kind"] == "face"]
@@ -188,12 +214,20 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         "rejected": len({r["source_uri"] for r in rejects} - {r["source_uri"] for r in faces}),
         "skipped": len(skipped),
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
+        "stage_seconds": _stage_seconds(results, time.perf_counter() - write_started),
     }
     entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes, tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats,
                        tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] in PERMANENT)),
                        tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] not in PERMANENT)))
     table.write_done_marker(entry)
     return entry
+
+
+def _stage_seconds(results: Iterable[dict[str, Any]], write_seconds: float) -> dict[str, float]:
+    total = StageTimes(write=write_seconds)
+    for r in results:
+        total.add(r.get("times") or {})
+    return {k: round(v, 6) for k, v in total.ordered().items()}
 
 
 class FacePreparer:
@@ -212,18 +246,48 @@ class FacePreparer:
 
 
 class ShardWorker:
-    """Holds the CPU stage's models and the codec for one worker process; used by the local engine."""
+    """Holds the CPU stage's models and the codec for one worker process; used by the local engine.
 
-    def __init__(self, ctx: JobContext) -> None:
+    Inputs are read, decoded and aligned by a pool of threads (OpenCV, Pillow and JPEG XL release
+    the GIL) while this thread runs the model on full batches; at most ``prefetch`` inputs are in
+    flight, so memory does not grow with the shard.
+    """
+
+    def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
         from facetier.codec.model import FaceCodec
 
         self.ctx = ctx
         self.preparer = FacePreparer(ctx)
         self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
+        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self.prefetch = max(2 * ctx.batch_size, 4 * self.threads)
+        # dlib's detector (the detected-chip descriptor) is not known to be thread-safe: one input at a time then
+        self._serial = threading.Lock() if self.preparer.descriptor is not None else None
+
+    def _prepare(self, shard_id: str, source: str) -> list[dict[str, Any]]:
+        if self._serial is None:
+            return self.preparer.prepare(shard_id, source)
+        with self._serial:
+            return self.preparer.prepare(shard_id, source)
 
     def run(self, shard: ShardSpec) -> ShardEntry:
-        items = [it for src in shard.sources for it in self.preparer.prepare(shard.shard_id, src)]
-        results = []
-        for i in range(0, len(items), self.ctx.batch_size):
-            results += encode_items(self.codec, items[i : i + self.ctx.batch_size], self.ctx.layers)
+        results: list[dict[str, Any]] = []
+        batch: list[dict[str, Any]] = []
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare") as pool:
+            pending: deque[Future[list[dict[str, Any]]]] = deque()
+            sources = iter(shard.sources)
+            for src in islice(sources, self.prefetch):
+                pending.append(pool.submit(self._prepare, shard.shard_id, src))
+            while pending:
+                items = pending.popleft().result()
+                nxt = next(sources, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self._prepare, shard.shard_id, nxt))
+                batch += items
+                if len(batch) >= self.ctx.batch_size:
+                    results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers)
+                    batch = batch[self.ctx.batch_size:]
+        while batch:
+            results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers)
+            batch = batch[self.ctx.batch_size:]
         return write_shard(self.ctx, shard.shard_id, results)
