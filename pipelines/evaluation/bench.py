@@ -1,7 +1,9 @@
-"""``facetier bench``: encode throughput of Beam and Ray against the JPEG-decode ceiling, same files, same run.
+"""``facetier bench``: encode throughput of each engine against the JPEG-decode ceiling, same files, same run.
 
 Each engine configuration runs in its own process (so peak memory is that run's), on the same
-list of inputs, into a fresh table. Machines are shared and noisy: compare the ratios.
+list of inputs, into a fresh table. Reported per run: wall-clock faces/s, the steady-state rate
+after the first shard (engine start-up and model loads excluded) and the start-up it implies,
+time per stage per face, and peak memory. Machines are shared and noisy: compare the ratios.
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ class BenchRow:
     faces_per_second: float
     ratio_to_decode_ceiling: float
     peak_rss_mb: float
+    steady_faces_per_second: float | None = None
+    startup_seconds: float | None = None
+    stage_ms_per_face: dict[str, float] | None = None
+    batch_size: int | None = None
+    device: str = "cpu"
 
 
 def _decode_rate(keys: list[str]) -> float:
@@ -41,7 +48,8 @@ def _decode_rate(keys: list[str]) -> float:
     return len(keys) / (time.perf_counter() - start)
 
 
-def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str | None) -> dict:
+def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str | None, batch_sizes: tuple[int, ...] = (16,),
+              device: str = "auto", weights: str | None = None, shard_size: int = 64) -> dict:
     keys = [r.key for r in list_sources(src)][:limit]
     work = Path(tempfile.mkdtemp(prefix="facetier-bench-"))
     listing = work / "inputs.txt"
@@ -50,24 +58,32 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
     rows = [BenchRow("jpeg-decode-only", len(keys) / ceiling, len(keys), len(keys), ceiling, 1.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
     query = None
     for engine, workers in configs:
-        table = work / f"table-{engine}-{workers}"
-        code = (
-            "import json,resource,sys;from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
-            f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions(engine={engine!r}, workers={workers}, progress=False));"
-            "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
-            "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss}))"
-        )
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        # the largest single process of that run (driver, or a worker it reaped); per run, not cumulative
-        peak = res["rss_kb"] / 1024
-        fps = res["faces"] / res["seconds"]
-        rows.append(BenchRow(f"{engine} x{workers}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak))
-        if query is None:
-            from facetier.pipelines.jobs.analytics import run_query
+        for batch in batch_sizes:
+            table = work / f"table-{engine}-{workers}-{batch}"
+            opts = f"engine={engine!r}, workers={workers}, batch_size={batch}, device={device!r}, weights={weights!r}, shard_size={shard_size}, progress=False"
+            code = (
+                "import json,resource,sys,torch;from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
+                f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions({opts}));"
+                "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+                "from facetier.codec.stage_times import per_face_ms;"
+                "dev='cuda' if torch.cuda.is_available() and " + repr(device) + " != 'cpu' else 'cpu';"
+                "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss, 'steady': s.steady_faces_per_second,"
+                " 'startup': s.startup_seconds, 'stages': per_face_ms(s.stage_seconds, s.faces), 'device': dev}))"
+            )
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench run {engine} x{workers} batch {batch} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            # the largest single process of that run (driver, or a worker it reaped); per run, not cumulative
+            peak = res["rss_kb"] / 1024
+            fps = res["faces"] / res["seconds"]
+            rows.append(BenchRow(f"{engine} x{workers} b{batch}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak,
+                                 res["steady"], res["startup"], res["stages"], batch, res["device"]))
+            if query is None:
+                from facetier.pipelines.jobs.analytics import run_query
 
-            q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
-            query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
+                q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
+                query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
     report = {"inputs": len(keys), "rows": [asdict(r) for r in rows], "base_only_query": query}
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
@@ -75,9 +91,19 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
 
 
 def render(report: dict) -> str:
-    lines = [f"{'run':<18}{'seconds':>9}{'faces':>7}{'faces/s':>9}{'x ceiling':>10}{'peak MB':>9}"]
+    lines = [f"{'run':<20}{'seconds':>9}{'faces':>7}{'faces/s':>9}{'steady/s':>9}{'start-up s':>11}{'x ceiling':>10}{'peak MB':>9}"]
     for r in report["rows"]:
-        lines.append(f"{r['name']:<18}{r['seconds']:>9.1f}{r['faces']:>7}{r['faces_per_second']:>9.2f}{r['ratio_to_decode_ceiling']:>10.4f}{r['peak_rss_mb']:>9.0f}")
+        steady = "" if r.get("steady_faces_per_second") is None else f"{r['steady_faces_per_second']:.2f}"
+        startup = "" if r.get("startup_seconds") is None else f"{r['startup_seconds']:.1f}"
+        lines.append(f"{r['name']:<20}{r['seconds']:>9.1f}{r['faces']:>7}{r['faces_per_second']:>9.2f}{steady:>9}{startup:>11}"
+                     f"{r['ratio_to_decode_ceiling']:>10.4f}{r['peak_rss_mb']:>9.0f}")
+    staged = [r for r in report["rows"] if r.get("stage_ms_per_face")]
+    if staged:
+        names = list(dict.fromkeys(k for r in staged for k in r["stage_ms_per_face"]))
+        lines.append("")
+        lines.append("ms per face by stage " + "".join(f"{r['name']:>20}" for r in staged))
+        for n in names:
+            lines.append(f"{n:<21}" + "".join(f"{r['stage_ms_per_face'].get(n, 0.0):>20.1f}" for r in staged))
     q = report["base_only_query"]
     if q:
         lines.append(f"base-only query read {q['bytes_read']} of {q['table_bytes']} table bytes ({100 * q['fraction']:.2f}%)")

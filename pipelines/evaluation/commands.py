@@ -23,7 +23,9 @@ def _bench(a: argparse.Namespace) -> int:
     from facetier.pipelines.evaluation.bench import render, run_bench
 
     configs = [(e, int(w)) for e in a.engines.split(",") for w in a.workers.split(",")]
-    print(render(run_bench(a.src, limit=a.limit, configs=configs, out=a.report)))
+    batches = tuple(int(b) for b in a.batch_sizes.split(","))
+    print(render(run_bench(a.src, limit=a.limit, configs=configs, out=a.report, batch_sizes=batches, device=a.device, weights=a.weights,
+                           shard_size=a.shard_size)))
     return 0
 
 
@@ -77,8 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="encode throughput of each engine next to the JPEG-decode ceiling, as ratios")
     b.add_argument("src")
     b.add_argument("--limit", type=int, default=300)
-    b.add_argument("--engines", default="beam,ray")
+    b.add_argument("--engines", default="local,beam,ray")
     b.add_argument("--workers", default="1,2")
+    b.add_argument("--batch-sizes", default="16", help="encoder batch sizes to run, comma-separated (a GPU wants 32-256)")
+    b.add_argument("--shard-size", type=int, default=64)
+    b.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    b.add_argument("--weights", help="model bundle (default: the embedded model)")
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_bench)
 
