@@ -19,3 +19,13 @@ def test_bench_reports_stages_and_steady_state(sample_archive, tmp_path):
     assert local["steady_faces_per_second"] > 0 and local["startup_seconds"] >= 0
     text = render(report)
     assert "ms per face by stage" in text and "encoder" in text
+
+
+def test_cross_device_check_on_the_cpu(sample_archive):
+    """Without a GPU the check compares the CPU with itself: everything must agree exactly."""
+    from facetier.pipelines.evaluation.cross_device import check_cross_device
+
+    r = check_cross_device(str(sample_archive), "cpu", limit=12)  # the archive's 6 good faces
+    assert r.faces == 6 and r.device == "cpu"
+    assert r.streams_identical_after_cpu_recode == r.symbols_equal_to_cpu_encode == r.residual_decodes_equal == 6
+    assert r.max_pixel_difference == 0

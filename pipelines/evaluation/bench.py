@@ -49,7 +49,7 @@ def _decode_rate(keys: list[str]) -> float:
 
 
 def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str | None, batch_sizes: tuple[int, ...] = (16,),
-              device: str = "auto", weights: str | None = None, shard_size: int = 64) -> dict:
+              device: str = "auto", weights: str | None = None, shard_size: int = 64, cross_device: int = 0) -> dict:
     keys = [r.key for r in list_sources(src)][:limit]
     work = Path(tempfile.mkdtemp(prefix="facetier-bench-"))
     listing = work / "inputs.txt"
@@ -85,6 +85,10 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
                 q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
                 query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
     report = {"inputs": len(keys), "rows": [asdict(r) for r in rows], "base_only_query": query}
+    if cross_device:
+        from facetier.pipelines.evaluation.cross_device import check_cross_device
+
+        report["cross_device"] = check_cross_device(src, device, cross_device, weights).to_json()
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
     return report
@@ -104,6 +108,10 @@ def render(report: dict) -> str:
         lines.append("ms per face by stage " + "".join(f"{r['name']:>20}" for r in staged))
         for n in names:
             lines.append(f"{n:<21}" + "".join(f"{r['stage_ms_per_face'].get(n, 0.0):>20.1f}" for r in staged))
+    if x := report.get("cross_device"):
+        lines.append(f"cross-device ({x['device']} -> cpu), {x['faces']} faces: streams re-coded identically on the CPU "
+                     f"{x['streams_identical_after_cpu_recode']}, same symbols as a CPU encode {x['symbols_equal_to_cpu_encode']}, "
+                     f"full decodes equal {x['residual_decodes_equal']}, max synthesis difference {x['max_pixel_difference']}/255")
     q = report["base_only_query"]
     if q:
         lines.append(f"base-only query read {q['bytes_read']} of {q['table_bytes']} table bytes ({100 * q['fraction']:.2f}%)")
