@@ -130,3 +130,18 @@ def test_eval_semantic_renders_lfw_accuracies_and_miss_counts():
            "dlib on original photos": 0.9796, "photos without a dlib face": 11}
     text = render(SemanticReport(lfw=lfw))
     assert "96.46%" in text and "97.96%" in text and "photos without a dlib face: 11" in text and "'dlib on original photos': 15" in text
+
+
+def test_eval_lfw_reports_guards_for_every_generative_prefix(tiny_lfw, tmp_path):
+    """eval-lfw on the tiny LFW: the JPEG + resize re-verification, fidelity and the gallery, per prefix."""
+    from facetier.pipelines.evaluation.lfw_verification import GUARD_SUFFIX, degrade, evaluate_lfw, render
+
+    report = evaluate_lfw(tiny_lfw, report=str(tmp_path / "r.json"), gallery=str(tmp_path / "g.png"))
+    names = ("basic", "middle", "enhanced")
+    assert all(f"{n}{GUARD_SUFFIX}" in report.accuracy for n in names)
+    assert set(report.fidelity) == {*names, "residual"}
+    assert report.fidelity["residual"]["psnr_db"] > report.fidelity["basic"]["psnr_db"]
+    assert report.pairs_missing_a_face["basic" + GUARD_SUFFIX] >= 1  # Dan's photo has no face, guards included
+    assert (tmp_path / "g.png").exists() and "MS-SSIM" in render(report)
+    img = np.full((128, 128, 3), 128, np.uint8)
+    assert degrade(img).shape == (115, 115, 3)
