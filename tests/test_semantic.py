@@ -153,10 +153,17 @@ def test_descriptors_from_the_cpu_stage_give_the_same_bytes(embedded_codec, gene
     assert [c.layers for c in inside] == [c.layers for c in prepared]
 
 
-def test_prepared_faces_carry_the_descriptor(sample_archive, embedded_codec):
+def test_only_the_redetecting_descriptor_runs_on_the_cpu_stage(sample_archive, embedded_codec):
+    """dlib-resnet-v1 re-detects the face on the CPU stage; the fixed-chip descriptor is batched with the encoder."""
+    from dataclasses import replace
+
+    from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FIXED_CHIP_ID
     from facetier.pipelines.jobs.records import FacePreparer, JobContext
 
     cfg = embedded_codec.config
-    ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), frozenset(), descriptor=cfg.semantic.descriptor)
+    ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), frozenset(), descriptor=DETECTED_CHIP_ID)
     items = FacePreparer(ctx).prepare("s", str(sample_archive / "generated-000.jpg"))
     assert [i["kind"] for i in items] == ["face"] and items[0]["descriptor"].shape == (128,)
+    assert items[0]["times"]["descriptor"] > 0
+    items = FacePreparer(replace(ctx, descriptor=FIXED_CHIP_ID)).prepare("s", str(sample_archive / "generated-000.jpg"))
+    assert items[0]["descriptor"] is None
