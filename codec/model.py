@@ -216,7 +216,7 @@ class FaceCodec:
         if RESIDUAL in wanted:
             with times.stage("synthesis"):
                 generated = self.synthesise(np.stack(quantised))
-            q = residual_quality or self.config.residual_quality
+            q = self.config.residual_quality if residual_quality is None else residual_quality
             with times.stage("residual_jxl"):
                 for layer_codes, crop, gen in zip(codes_layers, crops, generated):
                     layer_codes.append(LayerCode(RESIDUAL, image_layers.encode_residual(crop, gen, q)))

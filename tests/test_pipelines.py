@@ -17,7 +17,7 @@ from facetier.pipelines.jobs.analytics import run_query
 from facetier.pipelines.jobs.decode import run_decode
 from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 
-from facetier.errors import ConcurrentCommitError
+from facetier.errors import ConcurrentCommitError, ConfigError
 
 EXPECTED_REJECTS = {"EmptyFileError", "NotAnImageError", "CorruptImageError", "NoFaceError", "ImageTooLargeError", "UnsafeMemberError"}
 
@@ -62,6 +62,19 @@ def test_parquet_metadata_and_no_nested_layers(local_table):
         assert meta[b"facetier_family"] == fam.encode() and meta[b"facetier_schema_version"] == b"1"
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         assert not any(str(f.type).startswith("struct") for f in pf.schema_arrow)
+
+
+def test_residual_quality_is_an_encode_option_recorded_with_the_shard(local_table, sample_archive: Path, tmp_path: Path):
+    root, _ = local_table
+    low = str(tmp_path / "low")
+    run_encode(str(sample_archive), low, EncodeOptions(engine="local", shard_size=12, progress=False, residual_quality=5,
+                                                       layers=("basic", "middle", "enhanced", "residual")))
+    shards = Table(low).manifest().shards
+    assert {s.stats["residual_quality"] for s in shards} == {5}
+    assert {s.stats["residual_quality"] for s in Table(root).manifest().shards if s.rows.get("residual")} == {80}
+    assert Table(low).family_bytes()["residual"] < Table(root).family_bytes()["residual"]
+    with pytest.raises(ConfigError, match="outside 0-100"):
+        run_encode(str(sample_archive), low, EncodeOptions(progress=False, residual_quality=101))
 
 
 def test_base_only_query_reads_only_the_base_and_index(local_table):

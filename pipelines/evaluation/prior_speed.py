@@ -92,7 +92,7 @@ def measure_size(size: int, *, faces: int = 4, batch: int = 2, device: str = "cp
     per = 1000 / faces
     w_batches = [codec.encode_wplus(b) for b in batches]
     encoder_ms = _timed(lambda: [codec.encode_wplus(b) for b in batches], 1) * per
-    coding_ms = _timed(lambda: [codec._symbols(w) for wb in w_batches for w in wb], 1) * per  # noqa: SLF001 (the stage, alone)
+    coding_ms = _timed(lambda: [codec._symbols(w) for wb in w_batches for w in wb], 1) * per
     generative = list(codec.plan.names)
     encode_all_ms = _timed(lambda: [codec.encode_crops(b) for b in batches], 1) * per
     codes = [c for b in batches for c in codec.encode_crops(b, layers=[*generative, RESIDUAL])]

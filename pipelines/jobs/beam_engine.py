@@ -32,7 +32,7 @@ class FaceEncoderHandler(ModelHandler[dict, dict, Any]):
         return FaceCodec.load(self._ctx.weights_path, device=self._ctx.device)
 
     def run_inference(self, batch: Sequence[dict], model: Any, inference_args: dict | None = None) -> Iterable[dict]:
-        return encode_items(model, list(batch), self._ctx.layers)
+        return encode_items(model, list(batch), self._ctx.layers, self._ctx.residual_quality)
 
     def batch_elements_kwargs(self) -> dict[str, int]:
         return {"min_batch_size": 1, "max_batch_size": self._ctx.batch_size}

