@@ -113,3 +113,7 @@ class QueryError(TableError):
 
 class TableCorruptError(TableError):
     """A committed file of the table cannot be read (truncated, overwritten, missing)."""
+
+
+class NotInTableError(TableError):
+    """An id asked for is neither a face id nor a photo id of the table."""

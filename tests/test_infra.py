@@ -60,6 +60,24 @@ def test_rayjob_and_cronjob_run_the_same_cli_entrypoint():
     assert parsed.src == env["FACETIER_SOURCE"] and parsed.table == env["FACETIER_TABLE"]
 
 
+def test_decode_rayjob_and_dataflow_launcher_run_the_decode_cli():
+    from facetier.cli import build_parser
+
+    job = _yaml("ray/rayjob-decode.yaml")
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    old = os.environ.get("FACETIER_TABLE")
+    os.environ["FACETIER_TABLE"] = env["FACETIER_TABLE"]
+    try:
+        parsed = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    finally:
+        os.environ.pop("FACETIER_TABLE") if old is None else os.environ.__setitem__("FACETIER_TABLE", old)
+    assert parsed.command == "decode" and parsed.engine == "ray" and parsed.ray_address == "auto" and parsed.table == env["FACETIER_TABLE"]
+    assert parsed.where == "gender = 'female' AND age > 60" and parsed.paste_back and parsed.gallery and parsed.out.startswith("gs://")
+    assert job["spec"]["rayClusterSpec"] == _yaml("ray/rayjob.yaml")["spec"]["rayClusterSpec"]  # the encode's cluster shape
+    launch = (INFRA / "dataflow" / "launch_decode.sh").read_text()
+    assert "facetier.pipelines.jobs.dataflow" in launch and "facetier decode" in launch and "--engine beam" in launch
+
+
 def test_resources_and_gpus_are_requested():
     job = _yaml("ray/rayjob.yaml")["spec"]["rayClusterSpec"]
     head = job["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
@@ -162,6 +180,16 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint(tmp_path, sample_archive):
         encoders = [x for x in actors if "EncoderActor" in json.dumps(x.get("class_name", "")) + json.dumps(x.get("repr_name", ""))]
         assert encoders, [x.get("class_name") for x in actors]
         assert all(x["required_resources"].get("GPU") == 1 for x in encoders), [x["required_resources"] for x in encoders]
+        # the decode RayJob's entrypoint on the same head, into a local folder instead of the bucket
+        args = shlex.split(_yaml("ray/rayjob-decode.yaml")["spec"]["entrypoint"])
+        out = tmp_path / "review"
+        args[args.index("--out") + 1] = str(out)
+        args[args.index("--where") + 1] = "true"
+        proc = subprocess.run([ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash_port}", f"--runtime-env-json={json.dumps(runtime_env)}",
+                               "--", *[shlex.quote(a) for a in args]], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "6 selected: 6 written, 0 already there, 0 failed (balanced)" in proc.stdout
+        assert len(list(out.glob("*_residual_in_photo.png"))) == 6 and (out / "gallery.html").exists()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)

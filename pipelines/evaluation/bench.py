@@ -1,7 +1,8 @@
-"""``facetier bench``: encode throughput of each engine against the JPEG-decode ceiling, same files, same run.
+"""``facetier bench``: encode and decode throughput of each engine against the JPEG-decode ceiling, same files, same run.
 
 Each engine configuration runs in its own process (so peak memory is that run's), on the same
-list of inputs, into a fresh table. Reported per run: wall-clock faces/s, the steady-state rate
+list of inputs, into a fresh table; then (``decode_upto``) the same engine decodes every face of
+that table at that prefix, in its own process too. Reported per run: wall-clock faces/s, the steady-state rate
 after the first shard (engine start-up and model loads excluded) and the start-up it implies,
 time per stage per face, and peak memory. Machines are shared and noisy: compare the ratios.
 """
@@ -48,8 +49,29 @@ def _decode_rate(keys: list[str]) -> float:
     return len(keys) / (time.perf_counter() - start)
 
 
+def _decode_row(table: Path, out: Path, engine: str, workers: int, batch: int, device: str, weights: str | None, upto: str) -> BenchRow:
+    opts = f"engine={engine!r}, workers={workers}, batch_size={batch}, device={device!r}, weights={weights!r}"
+    code = (
+        "import json,resource;from facetier.pipelines.jobs.decode import run_decode, DecodeOptions;"
+        f"r=run_decode({str(table)!r}, None, {upto!r}, {str(out)!r}, DecodeOptions({opts}, where='true'));"
+        "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+        "print(json.dumps({'faces': r.written, 'selected': r.selected, 'seconds': r.seconds, 'rss_kb': rss, 'steady': r.faces_per_second,"
+        " 'startup': r.startup_seconds, 'balanced': r.balanced}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench decode {engine} x{workers} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not res["balanced"]:
+        raise RuntimeError(f"bench decode {engine} x{workers}: selected {res['selected']} but the outputs do not balance")
+    fps = res["faces"] / res["seconds"]
+    return BenchRow(f"decode {upto} {engine} x{workers} b{batch}", res["seconds"], res["selected"], res["faces"], fps, 0.0, res["rss_kb"] / 1024,
+                    res["steady"], res["startup"], None, batch, device)
+
+
 def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str | None, batch_sizes: tuple[int, ...] = (16,),
-              device: str = "auto", weights: str | None = None, shard_size: int = 64, cross_device: int = 0) -> dict:
+              device: str = "auto", weights: str | None = None, shard_size: int = 64, cross_device: int = 0,
+              decode_upto: str | None = "residual") -> dict:
     keys = [r.key for r in list_sources(src)][:limit]
     work = Path(tempfile.mkdtemp(prefix="facetier-bench-"))
     listing = work / "inputs.txt"
@@ -57,6 +79,7 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
     ceiling = _decode_rate(keys)
     rows = [BenchRow("jpeg-decode-only", len(keys) / ceiling, len(keys), len(keys), ceiling, 1.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
     query = None
+    decode_rows: list[BenchRow] = []
     for engine, workers in configs:
         for batch in batch_sizes:
             table = work / f"table-{engine}-{workers}-{batch}"
@@ -79,12 +102,14 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
             fps = res["faces"] / res["seconds"]
             rows.append(BenchRow(f"{engine} x{workers} b{batch}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak,
                                  res["steady"], res["startup"], res["stages"], batch, res["device"]))
+            if decode_upto:
+                decode_rows.append(_decode_row(table, work / f"decoded-{engine}-{workers}-{batch}", engine, workers, batch, device, weights, decode_upto))
             if query is None:
                 from facetier.pipelines.jobs.analytics import run_query
 
                 q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
                 query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
-    report = {"inputs": len(keys), "rows": [asdict(r) for r in rows], "base_only_query": query}
+    report = {"inputs": len(keys), "rows": [asdict(r) for r in rows + decode_rows], "base_only_query": query}
     if cross_device:
         from facetier.pipelines.evaluation.cross_device import check_cross_device
 
@@ -95,12 +120,13 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
 
 
 def render(report: dict) -> str:
-    lines = [f"{'run':<20}{'seconds':>9}{'faces':>7}{'faces/s':>9}{'steady/s':>9}{'start-up s':>11}{'x ceiling':>10}{'peak MB':>9}"]
+    lines = [f"{'run':<28}{'seconds':>9}{'faces':>7}{'faces/s':>9}{'steady/s':>9}{'start-up s':>11}{'x ceiling':>10}{'peak MB':>9}"]
     for r in report["rows"]:
         steady = "" if r.get("steady_faces_per_second") is None else f"{r['steady_faces_per_second']:.2f}"
         startup = "" if r.get("startup_seconds") is None else f"{r['startup_seconds']:.1f}"
-        lines.append(f"{r['name']:<20}{r['seconds']:>9.1f}{r['faces']:>7}{r['faces_per_second']:>9.2f}{steady:>9}{startup:>11}"
-                     f"{r['ratio_to_decode_ceiling']:>10.4f}{r['peak_rss_mb']:>9.0f}")
+        ratio = f"{r['ratio_to_decode_ceiling']:.4f}" if r["ratio_to_decode_ceiling"] else ""
+        lines.append(f"{r['name']:<28}{r['seconds']:>9.1f}{r['faces']:>7}{r['faces_per_second']:>9.2f}{steady:>9}{startup:>11}"
+                     f"{ratio:>10}{r['peak_rss_mb']:>9.0f}")
     staged = [r for r in report["rows"] if r.get("stage_ms_per_face")]
     if staged:
         names = list(dict.fromkeys(k for r in staged for k in r["stage_ms_per_face"]))

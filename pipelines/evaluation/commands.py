@@ -25,7 +25,8 @@ def _bench(a: argparse.Namespace) -> int:
     configs = [(e, int(w)) for e in a.engines.split(",") for w in a.workers.split(",")]
     batches = tuple(int(b) for b in a.batch_sizes.split(","))
     print(render(run_bench(a.src, limit=a.limit, configs=configs, out=a.report, batch_sizes=batches, device=a.device, weights=a.weights,
-                           shard_size=a.shard_size, cross_device=a.cross_device)))
+                           shard_size=a.shard_size, cross_device=a.cross_device,
+                           decode_upto=None if a.decode_upto == 'none' else a.decode_upto)))
     return 0
 
 
@@ -115,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--weights", help="model bundle (default: the embedded model)")
     b.add_argument("--cross-device", type=int, default=0, metavar="N",
                    help="also encode N faces on --device and check they decode and re-code bit-exact on the CPU")
+    b.add_argument("--decode-upto", default="residual", help="after each encode, decode every face of its table at this prefix on the same engine ('none': skip)")
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_bench)
 

@@ -19,7 +19,14 @@ from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.sources import SourceRef, read_source
-from facetier.io.table import ALIAS_FAMILY, BASE_FAMILY, INDEX_FAMILY, REJECT_FAMILY, Table, family_schema
+from facetier.io.table import (
+    ALIAS_FAMILY,
+    BASE_FAMILY,
+    INDEX_FAMILY,
+    REJECT_FAMILY,
+    Table,
+    family_schema,
+)
 
 from facetier.errors import ConfigError, InputError, QueryError
 

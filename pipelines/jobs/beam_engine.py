@@ -1,4 +1,5 @@
-"""Apache Beam adapter: Create(shards) -> prepare -> RunInference(encoder) -> GroupByKey -> write."""
+"""Apache Beam adapters. Encode: Create(shards) -> prepare -> RunInference(encoder) -> GroupByKey -> write.
+Decode and edit: Create(batches) -> Reshuffle -> one ``BatchDecoder`` per worker."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
+from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
 from facetier.pipelines.jobs.records import (
     FacePreparer,
     JobContext,
@@ -76,3 +78,22 @@ def pipeline_options(workers: int, extra_args: Sequence[str] = ()) -> PipelineOp
 def run_beam(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, extra_args: Sequence[str] = ()) -> None:
     with beam.Pipeline(options=pipeline_options(workers, extra_args)) as p:
         build_pipeline(p, ctx, shards)
+
+
+class DecodeBatchDoFn(beam.DoFn):
+    """Loads the codec once per worker; each batch leaves its records in the job folder for the driver."""
+
+    def __init__(self, ctx: DecodeContext) -> None:
+        self._ctx = ctx
+
+    def setup(self) -> None:
+        self._decoder = BatchDecoder(self._ctx)
+
+    def process(self, keyed: tuple[str, list[str]]) -> Iterable[int]:
+        bid, units = keyed
+        yield len(self._decoder.run(units, record_as=bid))
+
+
+def run_beam_decode(ctx: DecodeContext, batches: Sequence[tuple[str, list[str]]], workers: int = 1, extra_args: Sequence[str] = ()) -> None:
+    with beam.Pipeline(options=pipeline_options(workers, extra_args)) as p:
+        _ = p | "Batches" >> beam.Create(list(batches)) | "Spread" >> beam.Reshuffle() | "Decode" >> beam.ParDo(DecodeBatchDoFn(ctx))

@@ -20,7 +20,13 @@ from typing import Any
 from facetier.codec.image_layers import decode_original
 from facetier.io.reader import read_file
 from facetier.io.sources import content_id
-from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, STAGING_DIR, Table
+from facetier.io.table import (
+    INDEX_FAMILY,
+    LAYER_FAMILIES,
+    ORIGINAL_FAMILY,
+    STAGING_DIR,
+    Table,
+)
 from tqdm import tqdm
 
 from facetier.errors import FacetierError, TableCorruptError

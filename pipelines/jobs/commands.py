@@ -30,17 +30,23 @@ def _encode(a: argparse.Namespace) -> int:
     return 0 if summary.balanced else 3
 
 
+def _decode_options(a: argparse.Namespace, **extra: object):
+    from facetier.pipelines.jobs.decode import DecodeOptions
+
+    return DecodeOptions(where=a.where, ids_file=a.ids_file, limit=a.limit, fmt=a.format, quality=a.quality, paste_back=a.paste_back,
+                         gallery=a.gallery, dry_run=a.dry_run, engine=a.engine, workers=a.workers, batch_size=a.batch_size, weights=a.weights,
+                         device=a.device, ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, **extra)
+
+
 def _decode(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.decode import run_decode
 
-    ids = list(a.ids or [])
-    if a.ids_file:
-        ids += [s.strip() for s in Path(a.ids_file).read_text().split() if s.strip()]
-    result = run_decode(a.table, ids, a.upto, a.out, weights=a.weights, fmt=a.format, device=a.device)
-    for f in result.files:
-        kind = "GENERATED from layers" if f.generated else "source file, layer"
-        print(f"{f.path}\t{kind} {'+'.join(f.layers_used)}")
-    return _report_failures(result.failures, len(result.files))
+    if not a.table:
+        raise ConfigError("which table? give TABLE or set FACETIER_TABLE")
+
+    result = run_decode(a.table, a.ids, a.upto, a.out, _decode_options(a))
+    print(result.render())
+    return _report_failures(result.failures, result.written + result.present)
 
 
 def _report_failures(failures: tuple, written: int) -> int:
@@ -74,11 +80,14 @@ def _edit(a: argparse.Namespace) -> int:
     from facetier.codec.semantic import parse_edits
     from facetier.pipelines.jobs.edit import edit
 
-    res = edit(a.table, a.where, parse_edits(a.set), a.out, upto=a.upto, as_table=a.as_table, weights=a.weights, device=a.device, limit=a.limit)
-    where = f"table {a.out} version {res.table_version}" if res.table_version is not None else a.out
-    print(f"edited {res.edited} faces -> {where}")
-    for o in res.outputs[:20]:
-        print(f"  {o}")
+    if not a.table:
+        raise ConfigError("which table? give TABLE or set FACETIER_TABLE")
+    res = edit(a.table, a.where, parse_edits(a.set), a.out, upto=a.upto, as_table=a.as_table, weights=a.weights, device=a.device, limit=a.limit,
+               ids=a.ids or (), opts=_decode_options(a))
+    if res.job is not None:
+        print(res.job.render())
+    else:
+        print(f"edited {res.edited} faces -> table {a.out} version {res.table_version}")
     return _report_failures(res.failures, res.edited)
 
 
@@ -120,6 +129,27 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    """What decode and edit share: the selection, the outputs and the engine."""
+    p.add_argument("--where", help="SQL condition over the faces index and the base family, e.g. \"gender = 'female' AND age > 60\"")
+    p.add_argument("--ids", nargs="+", help="face ids or photo ids")
+    p.add_argument("--ids-file", help="file (path or URI) of ids, whitespace separated")
+    p.add_argument("--limit", type=int, help="at most this many of the selected faces (in id order)")
+    p.add_argument("--dry-run", action="store_true", help="print how many faces are selected, and stop")
+    p.add_argument("--format", choices=["png", "jpg"], default="png")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality with --format jpg")
+    p.add_argument("--paste-back", action="store_true", help="put each face back into its photo (needs the original layer)")
+    p.add_argument("--gallery", action="store_true", help="also write gallery.html and gallery.png next to the outputs")
+    p.add_argument("--engine", choices=["local", "beam", "ray"], default="local")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32, help="faces per model call")
+    p.add_argument("--ray-address", help="address of a running Ray cluster (default: start one in-process)")
+    p.add_argument("--beam-arg", action="append", help="extra Beam pipeline option, e.g. --beam-arg=--runner=DataflowRunner")
+    p.add_argument("--weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("encode", help="re-encode an archive into a table (incremental, resumable)")
     e.add_argument("src", nargs="?", default=os.environ.get("FACETIER_SOURCE"),
@@ -143,15 +173,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--profile", action="store_true", help="also print time per stage per face, and start-up apart from steady state")
     e.set_defaults(func=_encode)
 
-    d = sub.add_parser("decode", help="decode faces at a layer prefix to image files")
-    d.add_argument("table")
-    d.add_argument("--ids", nargs="+", help="face ids or photo ids")
-    d.add_argument("--ids-file", help="file of ids, whitespace separated")
-    d.add_argument("--upto", default="enhanced", help="basic, middle, enhanced, residual or original")
-    d.add_argument("--out", required=True)
-    d.add_argument("--format", choices=["png", "jpg"], default="png")
-    d.add_argument("--weights")
-    d.add_argument("--device", default="auto")
+    d = sub.add_parser("decode", help="decode selected faces at a layer prefix (or their source files) to any folder or bucket")
+    d.add_argument("table", nargs="?", default=os.environ.get("FACETIER_TABLE"), help="table root (local, gs://, s3://); default $FACETIER_TABLE")
+    d.add_argument("--upto", default="enhanced", help="basic, middle, enhanced, residual or original (the source files, byte for byte)")
+    d.add_argument("--out", required=True, help="output folder: a path, gs://bucket/prefix or s3://bucket/prefix")
+    _job_arguments(d)
     d.set_defaults(func=_decode)
 
     q = sub.add_parser("query", help="SQL over the faces index (faces) and the base family (basic)")
@@ -169,16 +195,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.set_defaults(func=_search)
 
     ed = sub.add_parser("edit", help="move attributes of the basic code and decode, without the encoder")
-    ed.add_argument("table")
-    ed.add_argument("--where", required=True, help="SQL condition over the base family, e.g. \"gender = 'male' AND age < 30\"")
+    ed.add_argument("table", nargs="?", default=os.environ.get("FACETIER_TABLE"), help="table root (local, gs://, s3://); default $FACETIER_TABLE")
     ed.add_argument("--set", action="append", required=True, metavar="NAME=VALUE",
                     help="age=+10 (relative), smile=1.0 (absolute), gender=female, race=asian; repeatable")
-    ed.add_argument("--out", required=True, help="a folder for PNGs, or a facetier table (existing, or new with --as-table) for new rows")
-    ed.add_argument("--as-table", action="store_true", help="write the edited faces as rows of the table at --out")
+    ed.add_argument("--out", required=True, help="an output folder (path, gs://, s3://) for images, or a facetier table for new rows")
+    ed.add_argument("--as-table", action="store_true", help="write the edited faces as rows of the table at --out (existing, or new)")
     ed.add_argument("--upto", default="enhanced", help="the face's own layers kept on top of the edited base")
-    ed.add_argument("--limit", type=int)
-    ed.add_argument("--weights")
-    ed.add_argument("--device", default="auto")
+    _job_arguments(ed)
     ed.set_defaults(func=_edit)
 
     ck = sub.add_parser("check", help="verify every committed file, row count and checksum; list (and with --repair remove) what no commit references")

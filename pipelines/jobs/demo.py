@@ -1,6 +1,7 @@
 """``facetier demo``: the whole product on a self-made sample archive, in one folder.
 
-sample archive -> encode -> query -> decode at each prefix -> search -> edit, each step printed as
+sample archive -> encode -> query -> decode at each prefix -> a SQL selection decoded into its photos with
+a gallery -> search -> edit, each step printed as
 the command a user would type, so the demo doubles as a walkthrough of the CLI.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from facetier.codec.model import FaceCodec
 from facetier.pipelines.jobs.analytics import run_query, search
-from facetier.pipelines.jobs.decode import run_decode
+from facetier.pipelines.jobs.decode import DecodeOptions, run_decode
 from facetier.pipelines.jobs.edit import edit
 from facetier.pipelines.jobs.encode import EncodeOptions, EncodeSummary, run_encode
 from facetier.pipelines.jobs.sample_archive import build_sample_archive
@@ -36,9 +37,12 @@ def run_demo(out: Path, *, engine: str = "local", workers: int = 1, faces: int =
     for upto in ("basic", "enhanced", "residual", "original"):
         for f in run_decode(table, ids if upto != "original" else [i.rsplit("-", 1)[0] for i in ids], upto, str(decoded)).files:
             echo(f"{f.path}\t{'GENERATED from' if f.generated else 'source file,'} {'+'.join(f.layers_used)}")
-    echo(f"== 5. facetier search {table} --like {ids[0]} -k 3   (identity embeddings of the base family)")
+    where = "age > 30 AND gender = 'female'"
+    echo(f'== 5. facetier decode {table} --where "{where}" --upto residual --paste-back --gallery --out {out / "review"}')
+    echo(run_decode(table, None, "residual", str(out / "review"), where=where, paste_back=True, gallery=True).render())
+    echo(f"== 6. facetier search {table} --like {ids[0]} -k 3   (identity embeddings of the base family)")
     echo(search(table, ids[0], k=3).table.to_pandas().to_string(index=False))
-    echo(f"== 6. facetier edit {table} --where \"face_id = '{ids[0]}'\" --set age=+20 --out {decoded}")
-    for p in edit(table, f"face_id = '{ids[0]}'", {"age": "+20"}, str(decoded)).outputs:
-        echo(f"{p}\tGENERATED, basic code edited")
+    echo(f"== 7. facetier edit {table} --where \"face_id = '{ids[0]}'\" --set age=+20 --gallery --out {out / 'edited'}")
+    res = edit(table, f"face_id = '{ids[0]}'", {"age": "+20"}, str(out / "edited"), opts=DecodeOptions(gallery=True))
+    echo(res.job.render() if res.job else f"edited {res.edited}")
     return summary

@@ -2,7 +2,8 @@
 
 Edits decode the basic layer's integer code, move attribute coordinates and decode W+ from the
 edited code, with the face's own middle/enhanced layers on top: no pixels go back through the
-encoder. The result is PNGs in a folder, or new rows of a table.
+encoder. The result is image files (the decode job: any engine, any fsspec URI, manifest,
+paste-back, gallery), or new rows of a table.
 """
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
-from facetier.codec.layers import LayeredCode
 from facetier.codec.model import FaceCodec
 from facetier.io.table import Table
-from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.decode import DecodeOptions, DecodeResult, run_decode
 from facetier.pipelines.jobs.records import JobContext, write_shard
-from facetier.pipelines.jobs.stored_codes import FaceFailure, index_rows, read_codes
-from PIL import Image
+from facetier.pipelines.jobs.selection import select
+from facetier.pipelines.jobs.stored_codes import index_rows, read_codes
 
 from facetier.errors import ConfigError
 
@@ -30,28 +29,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EditResult:
     edited: int
-    outputs: tuple[str, ...]  # image paths, or the new face ids when writing to a table
+    outputs: tuple[str, ...]  # image URIs, or the new face ids when writing to a table
     table_version: int | None
-    failures: tuple[FaceFailure, ...] = ()  # selected faces whose stored layers failed their checks
-
-
-def _select(table_root: str, where: str) -> list[str]:
-    res = run_query(table_root, f"SELECT face_id FROM basic WHERE {where} ORDER BY face_id")
-    return res.table.column("face_id").to_pylist()
-
-
-def _codes(table: Table, face_ids: list[str], families: Sequence[str]) -> tuple[list[LayeredCode], list[dict], list[FaceFailure]]:
-    """The verified codes of the faces that have them (with their index rows), and the faces that fail."""
-    manifest = table.manifest()
-    rows, failures = index_rows(table, face_ids, manifest)
-    codes, failed = read_codes(table, rows, families, manifest)
-    kept = [r for r in rows if r["face_id"] in codes]
-    return [codes[r["face_id"]] for r in kept], kept, failures + failed
+    failures: tuple = ()  # selected faces that could not be edited (typed: id, error_class, message)
+    job: DecodeResult | None = None  # the image job's summary (manifest, gallery, timings)
 
 
 def edit(
     table_root: str,
-    where: str,
+    where: str | None,
     edits: Mapping[str, str],
     out: str,
     *,
@@ -60,44 +46,36 @@ def edit(
     weights: str | None = None,
     device: str = "auto",
     limit: int | None = None,
+    ids: Sequence[str] = (),
+    opts: DecodeOptions | None = None,
 ) -> EditResult:
-    """Edit the faces matching ``where`` and write images (``out`` a folder) or new rows (``out`` a table)."""
+    """Edit the selected faces (``where`` and/or ``ids``) and write images (``out`` a folder or URI,
+    through the decode job's engines) or new rows (``out`` a table)."""
     if not edits:
         raise ConfigError("nothing to edit: give at least one --set NAME=VALUE")
+    if not (as_table or Table(out).exists()):
+        job = run_decode(table_root, ids, upto, out, opts, where=where, edits=tuple(sorted(edits.items())), weights=weights, device=device, limit=limit)
+        return EditResult(job.written + job.present, tuple(f.path for f in job.files), None, job.failures, job)
     codec = FaceCodec.load(weights, device=device)
     if codec.semantic is None:
         raise ConfigError(f"{codec.codec_id} has no semantic base layer: nothing to edit")
     if upto not in codec.plan.names:
         raise ConfigError(f"--upto must be one of the generative layers {codec.plan.names}")
+    selection = select(table_root, ids=ids, ids_file=opts.ids_file if opts else None, where=where, limit=limit)
+    if not selection.units:
+        return EditResult(0, (), None, selection.failures)
     table = Table(table_root)
-    face_ids = _select(table_root, where)[:limit]
-    if not face_ids:
-        return EditResult(0, (), None)
-    families = list(codec.plan.names[: codec.plan.index(upto) + 1])
-    codes, rows, failures = _codes(table, face_ids, families)
-    if not codes:
+    manifest = table.manifest()
+    rows, failures = index_rows(table, list(selection.units), manifest)
+    codes_by_id, failed = read_codes(table, rows, list(codec.plan.names[: codec.plan.index(upto) + 1]), manifest)
+    failures = [*selection.failures, *failures, *failed]
+    rows = [r for r in rows if r["face_id"] in codes_by_id]
+    if not rows:
         return EditResult(0, (), None, tuple(failures))
-    symbols = [codec.decode_symbols(c, upto) for c in codes]
+    symbols = [codec.decode_symbols(codes_by_id[r["face_id"]], upto) for r in rows]
     edited = codec.semantic.edit(np.stack([s[0] for s in symbols]).astype(np.float64), edits)
-    coder0 = codec.coders[0]
-    edited_sym = [coder0.quantise(e, np.zeros(0, np.int64)) for e in edited]
-    wplus = np.stack([codec.wplus_from_symbols([e, *s[1:]]) for e, s in zip(edited_sym, symbols)])
-    if as_table or Table(out).exists():
-        return replace(_write_rows(codec, out, rows, edited_sym, symbols, edits), failures=tuple(failures))
-    images = codec.synthesise(wplus)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = _edit_tag(edits)
-    paths = []
-    for row, img in zip(rows, images):
-        p = folder / f"{row['face_id']}_{tag}.png"
-        Image.fromarray(np.ascontiguousarray(img)).save(p)
-        paths.append(str(p))
-    return EditResult(len(paths), tuple(paths), None, tuple(failures))
-
-
-def _edit_tag(edits: Mapping[str, str]) -> str:
-    return "_".join(f"{k}{v}" for k, v in sorted(edits.items())).replace("=", "").replace("/", "")
+    edited_sym = [codec.coders[0].quantise(e, np.zeros(0, np.int64)) for e in edited]
+    return replace(_write_rows(codec, out, rows, edited_sym, symbols, edits), failures=tuple(failures))
 
 
 def _write_rows(codec: FaceCodec, out: str, rows: list[dict], edited_sym: list[np.ndarray], symbols: list[list[np.ndarray]], edits: Mapping[str, str]) -> EditResult:

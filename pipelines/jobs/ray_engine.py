@@ -1,4 +1,5 @@
-"""Ray Data adapter: from_items(shards) -> flat_map(prepare) -> map_batches(encoder actors) -> groupby -> write."""
+"""Ray Data adapters. Encode: from_items(shards) -> flat_map(prepare) -> map_batches(encoder actors) -> groupby -> write.
+Decode and edit: from_items(batches) -> map_batches(decoder actors, one ``BatchDecoder`` each)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from facetier.io.sources import key_bytes
+from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
 from facetier.pipelines.jobs.records import (
     FacePreparer,
     JobContext,
@@ -101,3 +103,26 @@ def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, addr
     ds = ds.map_batches(EncoderActor, fn_constructor_args=(ctx,), batch_size=ctx.batch_size, concurrency=workers, num_gpus=gpus, batch_format="numpy")
     ds = ds.groupby("shard_id").map_groups(_writer(ctx), batch_format="numpy")
     ds.materialize()
+
+
+class DecoderActor:
+    """One codec per actor; each batch leaves its records in the job folder for the driver."""
+
+    def __init__(self, ctx: DecodeContext) -> None:
+        self.decoder = BatchDecoder(ctx)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = [len(self.decoder.run(list(pickle.loads(units)), record_as=str(bid))) for bid, units in zip(batch["batch_id"], batch["units"])]
+        return {"records": np.array(done)}
+
+
+def run_ray_decode(ctx: DecodeContext, batches: Sequence[tuple[str, list[str]]], workers: int = 1, address: str | None = None,
+                   gpus_per_worker: float | None = None) -> None:
+    import ray
+
+    init_ray(workers, address)
+    gpus = 0.0 if ctx.upto == "original" else encoder_gpus(ctx.device, float(ray.cluster_resources().get("GPU", 0.0)), gpus_per_worker)
+    rows = [{"batch_id": bid, "units": pickle.dumps(units)} for bid, units in batches]
+    # blocks made up front: a repartition would need a CPU task while the actors hold every CPU
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
+    ds.map_batches(DecoderActor, fn_constructor_args=(ctx,), batch_size=1, concurrency=workers, num_gpus=gpus, batch_format="numpy").materialize()

@@ -16,7 +16,14 @@ from facetier.codec.image_layers import decode_original
 from facetier.codec.layers import LayerCode, LayeredCode
 from facetier.io.reader import read_family, read_file
 from facetier.io.sources import content_id
-from facetier.io.table import INDEX_FAMILY, LAYER_FAMILIES, ORIGINAL_FAMILY, Manifest, ShardEntry, Table
+from facetier.io.table import (
+    INDEX_FAMILY,
+    LAYER_FAMILIES,
+    ORIGINAL_FAMILY,
+    Manifest,
+    ShardEntry,
+    Table,
+)
 
 from facetier.errors import (
     ChecksumError,
