@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from facetier.cli import main
 from facetier.codec.metrics import psnr
 from facetier.io.images import decode_image
 from facetier.io.reader import read_family
@@ -24,6 +23,7 @@ from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 from facetier.pipelines.jobs.selection import select
 from PIL import Image
 
+from facetier.cli import main
 from facetier.errors import ConfigError
 
 
@@ -77,7 +77,7 @@ def test_manifest_balances_and_names_layers_and_generated(table: str, tmp_path: 
 
 
 def test_originals_come_back_byte_for_byte(table: str, sample_archive: Path, tmp_path: Path) -> None:
-    face = sorted(_faces(table), key=lambda f: f["source_uri"])[0]
+    face = min(_faces(table), key=lambda f: f["source_uri"])
     res = run_decode(table, None, "original", str(tmp_path), where=f"photo_id = '{face['photo_id']}'")
     assert res.written == 1 and Path(res.files[0].path).read_bytes() == _source(face)
 
@@ -155,5 +155,5 @@ def test_gallery_renders_in_a_headless_browser(table: str, tmp_path: Path) -> No
         pytest.skip("no Chromium here (apt-get install chromium); the page is checked in a real browser only where one is installed")
     res = run_decode(table, None, "enhanced", str(tmp_path), where="true", gallery=True, paste_back=True, device="cpu")
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files", "--virtual-time-budget=5000",
-                          "--dump-dom", (tmp_path / "gallery.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+                          "--dump-dom", (tmp_path / "gallery.html").as_uri()], capture_output=True, text=True, timeout=120, check=False).stdout
     assert f'data-loaded="{res.written}"' in dom and 'data-broken="0"' in dom

@@ -113,8 +113,9 @@ def plot_strip(strips: dict[tuple[str, str], np.ndarray], report: RdReport, path
 
 
 def render(report: RdReport) -> str:
-    lines = [f"rate-distortion on {report.faces} faces ({report.crop_size} px crops) from {report.source}; "
-             f"{report.pairs} LFW pairs, judge {report.judge}; {report.seconds / 60:.1f} min"]
+    head = (f"rate-distortion on {report.faces} faces ({report.crop_size} px crops) from {report.source}; "
+            f"{report.pairs} LFW pairs, judge {report.judge}; {report.seconds / 60:.1f} min")
+    lines = [head]
     if report.crop_verification is not None:
         lines.append(f"uncoded crops verify at {100 * report.crop_verification:.2f}%")
     lines.append(f"{'codec':<14}{'setting':<16}{'bytes':>8}{'bpp':>8}{'PSNR':>7}{'MS-SSIM':>9}{'verif.':>8}{'gender':>8}{'age':>6}")
