@@ -49,6 +49,14 @@ def _decode_rate(keys: list[str]) -> float:
     return len(keys) / (time.perf_counter() - start)
 
 
+def _child_json(code: str, what: str) -> dict:
+    """Run ``code`` in a fresh interpreter (its own peak memory) and parse the JSON it prints last."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _decode_row(table: Path, out: Path, engine: str, workers: int, batch: int, device: str, weights: str | None, upto: str) -> BenchRow:
     opts = f"engine={engine!r}, workers={workers}, batch_size={batch}, device={device!r}, weights={weights!r}"
     code = (
@@ -58,10 +66,7 @@ def _decode_row(table: Path, out: Path, engine: str, workers: int, batch: int, d
         "print(json.dumps({'faces': r.written, 'selected': r.selected, 'seconds': r.seconds, 'rss_kb': rss, 'steady': r.faces_per_second,"
         " 'startup': r.startup_seconds, 'balanced': r.balanced}))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench decode {engine} x{workers} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _child_json(code, f"decode {engine} x{workers}")
     if not res["balanced"]:
         raise RuntimeError(f"bench decode {engine} x{workers}: selected {res['selected']} but the outputs do not balance")
     fps = res["faces"] / res["seconds"]
@@ -93,10 +98,7 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
                 "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss, 'steady': s.steady_faces_per_second,"
                 " 'startup': s.startup_seconds, 'stages': per_face_ms(s.stage_seconds, s.faces), 'device': dev}))"
             )
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench run {engine} x{workers} batch {batch} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = _child_json(code, f"run {engine} x{workers} batch {batch}")
             # the largest single process of that run (driver, or a worker it reaped); per run, not cumulative
             peak = res["rss_kb"] / 1024
             fps = res["faces"] / res["seconds"]
