@@ -102,8 +102,17 @@ def test_a_rerun_skips_complete_outputs_after_a_kill(table: str, tmp_path: Path,
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == len(_faces(table))
 
 
+@pytest.fixture
+def ray_stopped_after():
+    """Stop the in-process Ray a test started: a later `ray job submit --address auto` must find its own head, not this one."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.mark.parametrize("engine", ["beam", "ray"])
-def test_engines_write_what_the_local_loop_writes(table: str, tmp_path: Path, engine: str) -> None:
+def test_engines_write_what_the_local_loop_writes(table: str, tmp_path: Path, engine: str, ray_stopped_after: None) -> None:
     local = run_decode(table, None, "enhanced", str(tmp_path / "local"), where="true", batch_size=3, device="cpu")
     other = run_decode(table, None, "enhanced", str(tmp_path / engine), where="true", batch_size=3, device="cpu", engine=engine, workers=2)
     assert other.balanced and other.written == local.written == len(_faces(table))

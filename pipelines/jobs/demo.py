@@ -37,7 +37,8 @@ def run_demo(out: Path, *, engine: str = "local", workers: int = 1, faces: int =
     for upto in ("basic", "enhanced", "residual", "original"):
         for f in run_decode(table, ids if upto != "original" else [i.rsplit("-", 1)[0] for i in ids], upto, str(decoded)).files:
             echo(f"{f.path}\t{'GENERATED from' if f.generated else 'source file,'} {'+'.join(f.layers_used)}")
-    where = "age > 30 AND gender = 'female'"
+    first = res.table.to_pylist()[0]  # a condition the sample surely meets: people like its first face
+    where = f"gender = '{first['gender']}' AND age >= {int(first['age']) - 5}"
     echo(f'== 5. facetier decode {table} --where "{where}" --upto residual --paste-back --gallery --out {out / "review"}')
     echo(run_decode(table, None, "residual", str(out / "review"), where=where, paste_back=True, gallery=True).render())
     echo(f"== 6. facetier search {table} --like {ids[0]} -k 3   (identity embeddings of the base family)")
