@@ -95,6 +95,14 @@ def _round_trip(scheme: str, sample_archive: Path, tmp_path: Path) -> None:
     fid = read_family(t, "faces", columns=["face_id"], counter=ByteCounter()).column("face_id")[0].as_py()
     files = run_decode(root, [fid], "middle", str(tmp_path / scheme), device="cpu").files
     assert Path(files[0].path).exists()
+    # a decode job straight into the bucket: outputs, manifest and gallery; a rerun finds them complete
+    review = f"{scheme}://{bucket}/review"
+    job = run_decode(root, None, "residual", review, where="true", paste_back=True, gallery=True, device="cpu")
+    assert job.balanced and job.written == s.faces and not job.failures
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/review")}
+    assert {"manifest.jsonl", "failures.jsonl", "gallery.html", "gallery.png"} <= names and "_facetier" not in names
+    assert sum(n.endswith("_residual_in_photo.png") for n in names) == s.faces
+    assert run_decode(root, None, "residual", review, where="true", paste_back=True, device="cpu").present == s.faces
     again = run_encode(src, root, EncodeOptions(engine="local", shard_size=4, progress=False))
     assert again.faces == 0 and again.skipped == again.inputs
     # check on object storage: healthy, nothing left in staging; a stray file is listed, then repaired away
