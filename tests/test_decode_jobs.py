@@ -166,3 +166,19 @@ def test_gallery_renders_in_a_headless_browser(table: str, tmp_path: Path) -> No
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files", "--virtual-time-budget=5000",
                           "--dump-dom", (tmp_path / "gallery.html").as_uri()], capture_output=True, text=True, timeout=120, check=False).stdout
     assert f'data-loaded="{res.written}"' in dom and 'data-broken="0"' in dom
+
+
+def test_replicated_table_decodes_like_its_source(table: str, tmp_path: Path) -> None:
+    """The scale measurements' table: copies of real rows under new ids, each decoding to its source's face."""
+    from facetier.pipelines.evaluation.replicated_table import replicate_table
+
+    big = str(tmp_path / "big")
+    n = len(_faces(table))
+    assert replicate_table(table, big, 2) == 2 * n
+    ids = sorted(f["face_id"] for f in _faces(big))
+    assert len(ids) == 2 * n and all("r0-" in i or "r1-" in i for i in ids)
+    one = _faces(table)[0]["face_id"]
+    copy = f"{one.rsplit('-', 1)[0]}r1-{one.rsplit('-', 1)[1]}"
+    a = run_decode(table, [one], "basic", str(tmp_path / "a"), device="cpu").files[0].path
+    b = run_decode(big, [copy], "basic", str(tmp_path / "b"), device="cpu").files[0].path
+    assert np.array_equal(_pixels(a), _pixels(b))

@@ -8,8 +8,12 @@ set -euo pipefail
 DATA=${DATA:-../shared/data}
 WORK=${WORK:-runs/id-gpu}
 MINUTES=${MINUTES:-8}
+# the CPU candidate at --id-weight 1.0 without the adversarial term gained identity but painted blotches
+# (MODEL_CARD.md, "Identity-trained candidate"): a lighter identity term and the discriminator back on
+ID_WEIGHT=${ID_WEIGHT:-0.3}
+ADV_WEIGHT=${ADV_WEIGHT:-0.02}
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
-facetier train prior --work "$WORK" --device cuda --batch-size 32 --id-weight 1.0 --adv-weight 0 --minutes "$MINUTES" \
+facetier train prior --work "$WORK" --device cuda --batch-size 32 --id-weight "$ID_WEIGHT" --adv-weight "$ADV_WEIGHT" --minutes "$MINUTES" \
   --init-from-bundle codec/assets/facetier-prior-128.safetensors \
   --lists "$DATA/utkface/train_images.txt" "$DATA/lfw/train_images.txt"
 facetier train entropy --work "$WORK" --device cuda --out "$WORK/linear.safetensors" \
