@@ -30,3 +30,12 @@ def test_cross_device_check_on_the_cpu(sample_archive):
     assert r.faces == 6 and r.device == "cpu"
     assert r.streams_identical_after_cpu_recode == r.symbols_equal_to_cpu_encode == r.residual_decodes_equal == 6
     assert r.max_pixel_difference == 0
+
+
+def test_steady_rate_needs_shards_spread_over_the_run():
+    from facetier.pipelines.jobs.encode import steady_rate
+
+    rate, startup = steady_rate(0.0, [(10.0, 10), (20.0, 30), (30.0, 50)])
+    assert rate == 2.0 and startup == 5.0  # 20 faces in 10 s after the first shard; the first 10 faces took 5 s of it
+    assert steady_rate(0.0, [(100.0, 10), (101.0, 1000)]) == (None, None)  # all written at the end (Beam's GroupByKey)
+    assert steady_rate(0.0, [(10.0, 10)]) == (None, None)

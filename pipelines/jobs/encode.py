@@ -151,8 +151,15 @@ def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, ena
 
 
 def steady_rate(start: float, seen: Sequence[tuple[float, int]]) -> tuple[float | None, float | None]:
-    """(faces/s after the first shard, start-up seconds) from when shards finished; None with < 2 shards."""
+    """(faces/s after the first shard, start-up seconds) from when shards finished (time, faces so far).
+
+    None with fewer than 2 shards, or when the shards all finished together at the end: an engine
+    that groups every shard before writing any (Beam's GroupByKey on a small job) shows no steady
+    state, and a rate over the last instants of the run would be meaningless.
+    """
     if len(seen) < 2 or seen[-1][0] <= seen[0][0] or seen[-1][1] <= seen[0][1]:
+        return None, None
+    if seen[-1][0] - seen[0][0] < 0.1 * (seen[-1][0] - start):
         return None, None
     rate = (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0])
     return rate, max(0.0, seen[0][0] - start - seen[0][1] / rate)
