@@ -97,6 +97,9 @@ def test_a_rerun_skips_complete_outputs_after_a_kill(table: str, tmp_path: Path,
         run_decode(table, None, "basic", str(tmp_path), where="true", batch_size=2, device="cpu")
     monkeypatch.setattr(decode_records.BatchDecoder, "run", real_run)
     assert len(list(tmp_path.glob("*_basic.png"))) == 2
+    # a kill -9 in the middle of a write leaves only a hidden temporary file, never the final name
+    victim = sorted(f["face_id"] for f in _faces(table))[-1]
+    (tmp_path / f".{victim}_basic.png.0123.tmp").write_bytes(b"half a PNG")
     res = run_decode(table, None, "basic", str(tmp_path), where="true", batch_size=2, device="cpu")
     assert res.balanced and res.present == 2 and res.written == len(_faces(table)) - 2
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == len(_faces(table))
