@@ -22,6 +22,7 @@ semantic configuration stores:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from facetier.codec.dlib_resnet import (
     chips_tensor,
     load_dlib_facenet,
 )
+from facetier.codec.facenet_onnx import ONNXRUNTIME, RUNTIMES, TORCH, OnnxFaceNet, onnxruntime_missing
 
 from facetier.errors import ConfigError
 
@@ -93,13 +95,22 @@ def crops_to_chips(crops: torch.Tensor, crop_scale: float) -> torch.Tensor:
 class FaceDescriptor:
     """dlib's identity descriptor of aligned crops (``method``: one of ``DESCRIPTOR_IDS``) and of photos."""
 
-    def __init__(self, method: str = DESCRIPTOR_ID, crop_scale: float = 1.0, device: str | torch.device = "cpu") -> None:
+    def __init__(self, method: str = DESCRIPTOR_ID, crop_scale: float = 1.0, device: str | torch.device = "cpu",
+                 runtime: str = TORCH) -> None:
+        """``runtime`` "onnxruntime" runs the no-gradient embeddings through ONNX Runtime (CPU judges);
+        :meth:`embed_tensor` always runs torch."""
         if method not in DESCRIPTOR_IDS:
             raise ConfigError(f"unknown face descriptor {method!r}; this facetier knows {', '.join(DESCRIPTOR_IDS)}")
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {runtime!r} for the face network; one of {', '.join(RUNTIMES)}")
+        if runtime == ONNXRUNTIME and (why := onnxruntime_missing()):
+            raise ConfigError(f"the face network cannot run through ONNX Runtime: {why}")
         self.method = method
         self.crop_scale = crop_scale
         self.device = torch.device(device)
         self.net: DlibFaceNet = load_dlib_facenet(models_dir() / NET_FILE).to(self.device)
+        self.runtime = runtime
+        self._infer: Callable[[torch.Tensor], torch.Tensor] = OnnxFaceNet(self.net) if runtime == ONNXRUNTIME else self.net
         self._dlib: tuple[object, object, object] | None = None
 
     def _dlib_models(self) -> tuple[object, object, object]:
@@ -112,7 +123,7 @@ class FaceDescriptor:
     @torch.no_grad()
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """(n, 128) float32 descriptors of (n, 150, 150, 3) uint8 chips."""
-        out = [self.net(chips_tensor(chips[i:i + BATCH]).to(self.device)).cpu() for i in range(0, len(chips), BATCH)]
+        out = [self._infer(chips_tensor(chips[i:i + BATCH]).to(self.device)).cpu() for i in range(0, len(chips), BATCH)]
         return torch.cat(out).numpy() if out else np.zeros((0, DESCRIPTOR_DIM), np.float32)
 
     @torch.no_grad()
@@ -125,7 +136,7 @@ class FaceDescriptor:
         out = []
         for i in range(0, len(crops), BATCH):
             x = chips_tensor(crops[i:i + BATCH]).to(self.device)
-            out.append(self.net(crops_to_chips(x, self.crop_scale)).cpu())
+            out.append(self._infer(crops_to_chips(x, self.crop_scale)).cpu())
         return torch.cat(out).numpy()
 
     def embed_tensor(self, crops: torch.Tensor) -> torch.Tensor:

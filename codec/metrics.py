@@ -17,20 +17,27 @@ def _gauss(window: int, sigma: float, device: torch.device, dtype: torch.dtype) 
     return g / g.sum()
 
 
+def _band(size: int, g: torch.Tensor) -> torch.Tensor:
+    """(size, size - len(g) + 1) matrix whose product is a 'valid' 1-D convolution with ``g``."""
+    out = size - len(g) + 1
+    band = torch.zeros(size, out, device=g.device, dtype=g.dtype)
+    for i, v in enumerate(g):
+        band[torch.arange(out) + i, torch.arange(out)] = v
+    return band
+
+
 def _ssim_parts(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     c = a.shape[1]
     g = _gauss(window, sigma, a.device, a.dtype)
-    kx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    ky = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, kx, groups=c), ky, groups=c)
-
+    # The five local moments blurred at once, each separable pass as one matrix product with a
+    # banded matrix: a depthwise convolution is several times slower on CPU.
+    stack = torch.cat([a, b, a * a, b * b, a * b], 1)
+    blurred = _band(stack.shape[-2], g).T @ (stack @ _band(stack.shape[-1], g))
+    mu_a, mu_b, e_aa, e_bb, e_ab = blurred.split(c, 1)
     c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = blur(a), blur(b)
-    s_aa = blur(a * a) - mu_a**2
-    s_bb = blur(b * b) - mu_b**2
-    s_ab = blur(a * b) - mu_a * mu_b
+    s_aa = e_aa - mu_a**2
+    s_bb = e_bb - mu_b**2
+    s_ab = e_ab - mu_a * mu_b
     cs = (2 * s_ab + c2) / (s_aa + s_bb + c2)
     lum = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
     return (lum * cs).flatten(1).mean(1), cs.flatten(1).mean(1)

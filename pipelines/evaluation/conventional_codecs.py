@@ -90,31 +90,40 @@ def _avif_ready() -> str | None:
     return None if features.check("avif") else "this Pillow build has no AVIF support (Pillow >= 11.2 wheels have it)"
 
 
-STEPS = (0, 10, 25, 40, 60, 80, 95)  # shared quality grid; each codec maps it onto its own scale below
+# The quality grid every codec is swept over, lowest first (0-100, each library's own scale).
+# 95 is left out by default: at 128 px every codec's file is then 4-10 KB, far above the
+# <= 2,000 B this comparison is about, and on the full LFW protocol AVIF and HEIC spent a tenth of
+# the run there (measured); ``facetier rd --qualities ...,95`` puts it back.
+STEPS = (0, 10, 25, 40, 60, 80)
 
-# Every codec's whole sweep, lowest setting first. Lossy settings only: the crop is the target.
-_CANDIDATES: dict[str, tuple[str, Callable[[], str | None], Callable[[], tuple[Encoder, Decoder]], tuple[int, ...]]] = {
-    "jpeg": ("libjpeg via Pillow (optimised Huffman tables)", lambda: None, lambda: _pillow("JPEG", optimize=True), (1, 10, 25, 40, 60, 80, 95)),
-    "webp": ("libwebp via Pillow", lambda: None, lambda: _pillow("WEBP", method=6), STEPS),
-    "avif": ("libavif / AV1 intra via Pillow", _avif_ready, lambda: _pillow("AVIF", speed=6), STEPS),
-    "heic": ("libheif / x265 HEVC intra via pillow-heif", _heic_ready, lambda: _pillow("HEIF"), STEPS),
-    "jpegxl": ("libjxl via imagecodecs (lossy, effort 7)", lambda: None, _jpegxl, STEPS),
+# Lossy settings only: the crop is the target.
+_CANDIDATES: dict[str, tuple[str, Callable[[], str | None], Callable[[], tuple[Encoder, Decoder]]]] = {
+    "jpeg": ("libjpeg via Pillow (optimised Huffman tables)", lambda: None, lambda: _pillow("JPEG", optimize=True)),
+    "webp": ("libwebp via Pillow", lambda: None, lambda: _pillow("WEBP", method=6)),
+    "avif": ("libavif / AV1 intra via Pillow", _avif_ready, lambda: _pillow("AVIF", speed=6)),
+    "heic": ("libheif / x265 HEVC intra via pillow-heif", _heic_ready, lambda: _pillow("HEIF")),
+    "jpegxl": ("libjxl via imagecodecs (lossy, effort 7)", lambda: None, _jpegxl),
 }
 
 
-def conventional_codecs(names: list[str] | None = None) -> tuple[list[ImageCodec], dict[str, str]]:
-    """The codecs that work here (in the order asked) and, for each that does not, the reason."""
+def conventional_codecs(names: list[str] | None = None, qualities: tuple[int, ...] = STEPS) -> tuple[list[ImageCodec], dict[str, str]]:
+    """The codecs that work here (in the order asked), each swept over ``qualities``, and, for each
+    that does not work here, the reason."""
+    if not qualities or any(not 0 <= q <= 100 for q in qualities) or list(qualities) != sorted(set(qualities)):
+        raise ConfigError(f"qualities must rise strictly within 0-100, not {list(qualities)}")
     wanted = list(_CANDIDATES) if names is None else names
     if unknown := [n for n in wanted if n not in _CANDIDATES]:
         raise ConfigError(f"unknown codecs {unknown}; known: {', '.join(_CANDIDATES)}")
     codecs, skipped = [], {}
     for name in wanted:
-        library, ready, build, qualities = _CANDIDATES[name]
+        library, ready, build = _CANDIDATES[name]
         why = ready()
         if why is not None:
             skipped[name] = why
             continue
         encode, decode = build()
-        codecs.append(ImageCodec(name, library, qualities, encode, decode))
+        # libjpeg treats quality 0 as 1; say what it codes
+        steps = tuple(dict.fromkeys(max(q, 1) for q in qualities)) if name == "jpeg" else qualities
+        codecs.append(ImageCodec(name, library, steps, encode, decode))
     skipped["vvc"] = "no VVC encoder installs offline from PyPI (the paper's anchor, VTM, is a separate C++ build)"
     return codecs, skipped

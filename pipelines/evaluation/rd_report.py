@@ -114,8 +114,11 @@ def plot_strip(strips: dict[tuple[str, str], np.ndarray], report: RdReport, path
 
 def render(report: RdReport) -> str:
     head = (f"rate-distortion on {report.faces} faces ({report.crop_size} px crops) from {report.source}; "
-            f"{report.pairs} LFW pairs, judge {report.judge}; {report.seconds / 60:.1f} min")
+            f"{report.pairs} LFW pairs, judge {report.judge} ({report.judge_runtime}); PSNR/MS-SSIM over {report.metric_faces} faces; "
+            f"{report.seconds / 60:.1f} min")
     lines = [head]
+    if report.phase_seconds:
+        lines.append("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report.phase_seconds.items()))
     if report.crop_verification is not None:
         lines.append(f"uncoded crops verify at {100 * report.crop_verification:.2f}%")
     lines.append(f"{'codec':<14}{'setting':<16}{'bytes':>8}{'bpp':>8}{'PSNR':>7}{'MS-SSIM':>9}{'verif.':>8}{'gender':>8}{'age':>6}")
