@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from facetier.codec.dlib_resnet import CHIP_SIZE, DlibFaceNet
 
+from facetier.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 TORCH = "torch"
@@ -48,15 +50,18 @@ class OnnxFaceNet:
     """Callable like :class:`DlibFaceNet` on (n, 3, 150, 150) chips in 0–255, without gradients."""
 
     def __init__(self, net: DlibFaceNet, threads: int | None = None) -> None:
+        """``net`` must be on the CPU (ONNX Runtime's CPU provider); it is exported, not changed."""
         import onnxruntime as ort
 
+        if net.projection.device.type != "cpu":
+            raise ConfigError("ONNX Runtime runs dlib's face network on the CPU; use runtime 'torch' on other devices")
         example = torch.zeros(2, 3, CHIP_SIZE, CHIP_SIZE)
         buf = io.BytesIO()
         with warnings.catch_warnings():
             # The legacy exporter warns that it is legacy, and that the residual additions' shapes
             # become constants: they are, for the one chip size dlib's network reads.
             warnings.simplefilter("ignore")
-            torch.onnx.export(net.cpu().eval(), (example,), buf, dynamo=False, input_names=["chips"], output_names=["descriptors"],
+            torch.onnx.export(net, (example,), buf, dynamo=False, input_names=["chips"], output_names=["descriptors"],
                               dynamic_axes={"chips": {0: "n"}, "descriptors": {0: "n"}})
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()

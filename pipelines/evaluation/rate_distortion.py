@@ -229,7 +229,8 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
             strips[(label, f"q={q}")] = decoded[faces.strip_idx]
         phases["conventional codecs"] = time.monotonic() - mark
     log.info("rd: %d faces, %d points; %s", len(faces.crops), len(points), ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
-    report = RdReport(str(src), len(faces.crops), len(faces.pairs), len(faces.metric_idx), size, judge, judge_.embedder.runtime, model.codec_id, model.weights_hash, judge_.crop_verification,
+    report = RdReport(str(src), len(faces.crops), len(faces.pairs), len(faces.metric_idx), size, judge, judge_.embedder.runtime,
+                      model.codec_id, model.weights_hash, judge_.crop_verification,
                       {c.name: c.header_bytes() for c in codecs}, {c.name: c.library for c in codecs}, skipped, points,
                       bd_rates(points), time.monotonic() - started, {k: round(v, 1) for k, v in phases.items()})
     return report, strips
