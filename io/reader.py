@@ -1,6 +1,7 @@
 """Reading a column family for analytics and point lookups, counting the bytes actually read."""
 from __future__ import annotations
 
+import posixpath
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from facetier.io.table import Manifest, Table, family_schema
+from facetier.io.table import Snapshot, Table, family_schema
 
 from facetier.errors import TableCorruptError
 
@@ -58,30 +59,51 @@ def read_family(
     *,
     columns: Sequence[str] | None = None,
     filters: list | None = None,
-    manifest: Manifest | None = None,
+    snapshot: Snapshot | None = None,
     counter: ByteCounter | None = None,
     unreadable: list[str] | None = None,
+    with_file: bool = False,
+    only_files: Sequence[str] | None = None,
 ) -> pa.Table:
-    """One column family's committed rows; opens files without read-ahead so projection holds.
+    """One column family's rows at a committed snapshot (the latest by default).
 
-    A file that cannot be read raises :class:`TableCorruptError` naming it, or, when
-    ``unreadable`` is a list, is appended to it and skipped (so the rest of the table still serves).
+    The family's Delta log names its files and their statistics; files whose statistics rule out
+    ``filters`` are never opened, the rest are opened without read-ahead so projection holds.
+    A file that cannot be read raises :class:`TableCorruptError` naming it, or, when ``unreadable``
+    is a list, is appended to it and skipped (so the rest of the table still serves). With
+    ``with_file`` a ``__file`` column names each row's file (relative to the root); ``only_files``
+    reads just those files (of the family at the snapshot).
     """
-    m = manifest or table.manifest()
+    snap = snapshot or table.snapshot()
     counter = counter or ByteCounter()
     parts = []
-    for rel in m.files(family):
+    for rel in family_files(table, family, snap, filters) if only_files is None else only_files:
         try:
-            parts.append(read_file(table, rel, family, columns=columns, filters=filters, counter=counter))
+            part = read_file(table, rel, family, columns=columns, filters=filters, counter=counter)
         except TableCorruptError:
             if unreadable is None:
                 raise
             unreadable.append(rel)
+            continue
+        parts.append(part.append_column("__file", pa.array([rel] * part.num_rows, pa.string())) if with_file else part)
     if not parts:
         schema = family_schema(family)
         empty = schema.empty_table()
-        return empty.select(list(columns)) if columns else empty
+        empty = empty.select(list(columns)) if columns else empty
+        return empty.append_column("__file", pa.array([], pa.string())) if with_file else empty
     return pa.concat_tables(parts)
+
+
+def family_files(table: Table, family: str, snapshot: Snapshot, filters: list | None = None) -> list[str]:
+    """The files (relative to the root) of ``family`` at ``snapshot`` whose Delta statistics may match ``filters``."""
+    if not snapshot.has(family):
+        return []
+    dt = table.delta(family, snapshot.family_versions[family])
+    if dt is None:
+        return []
+    dataset = dt.to_pyarrow_dataset()
+    expr = pq.filters_to_expression(filters) if filters else None
+    return sorted(f"{family}/{posixpath.basename(frag.path)}" for frag in dataset.get_fragments(filter=expr))
 
 
 def read_file(table: Table, rel: str, family: str, *, columns: Sequence[str] | None = None, filters: list | None = None,
@@ -90,7 +112,7 @@ def read_file(table: Table, rel: str, family: str, *, columns: Sequence[str] | N
     if unknown := set(columns or ()) - set(family_schema(family).names):
         raise ValueError(f"the {family} family has no columns {sorted(unknown)}")
     # cache_type="none": fsspec's default read-ahead would fetch far more than the columns asked for
-    open_kw = {} if _is_local(table) else {"cache_type": "none"}
+    open_kw = {} if table.is_local else {"cache_type": "none"}
     try:
         with table.fs.open(table._p(rel), "rb", **open_kw) as fh:
             source = pa.PythonFile(_CountingFile(fh, counter or ByteCounter()), mode="r")
@@ -119,8 +141,3 @@ def _read_part(source: pa.PythonFile, family: str, columns: Sequence[str] | None
         if name not in present:
             part = part.append_column(schema.field(name), pa.nulls(part.num_rows, schema.field(name).type))
     return part.select(wanted).cast(pa.schema([schema.field(n) for n in wanted]))
-
-
-def _is_local(table: Table) -> bool:
-    proto = table.fs.protocol if isinstance(table.fs.protocol, str) else table.fs.protocol[0]
-    return proto in ("file", "local")

@@ -67,6 +67,14 @@ def storable_uri(key: str) -> tuple[str, bytes | None]:
         return raw.decode("utf-8", "backslashreplace"), raw
 
 
+def key_of(uri: str, raw: bytes | None) -> str:
+    """The source key a stored (``source_uri``, ``source_uri_raw``) pair was made from: the inverse of :func:`storable_uri`."""
+    if raw is None:
+        return uri
+    key = raw.decode("utf-8", "surrogateescape")
+    return key if storable_uri(key) == (uri, raw) else raw.decode("utf-8", "surrogatepass")
+
+
 def content_id(data: bytes) -> str:
     """Stable photo id: the first 32 hex digits of the SHA-256 of the file's bytes."""
     return hashlib.sha256(data).hexdigest()[:32]

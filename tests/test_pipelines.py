@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from facetier.io.reader import read_family
+from deltalake import DeltaTable
+from facetier.io.commit import commit
+from facetier.io.reader import family_files, read_family
 from facetier.io.table import Table
 from facetier.pipelines.jobs.analytics import run_query
 from facetier.pipelines.jobs.decode import run_decode
@@ -25,10 +27,10 @@ EXPECTED_REJECTS = {"EmptyFileError", "NotAnImageError", "CorruptImageError", "N
 def table_snapshot(root: str) -> dict[str, list]:
     """Every committed family's rows, sorted: two tables are equal iff their snapshots are."""
     t = Table(root)
-    m = t.manifest()
+    m = t.snapshot()
     out = {}
     for fam in ("faces", "basic", "middle", "enhanced", "residual", "original", "rejects"):
-        rows = read_family(t, fam, manifest=m).to_pylist()
+        rows = read_family(t, fam, snapshot=m).to_pylist()
         out[fam] = sorted(rows, key=lambda r: repr(sorted(r.items())))
     return out
 
@@ -56,10 +58,11 @@ def test_parquet_metadata_and_no_nested_layers(local_table):
     root, _ = local_table
     t = Table(root)
     for fam in ("basic", "faces", "residual"):
-        rel = t.manifest().files(fam)[0]
+        rel = family_files(t, fam, t.snapshot())[0]
         pf = pq.ParquetFile(t.fs.open(t._p(rel), "rb"))
         meta = pf.schema_arrow.metadata
-        assert meta[b"facetier_family"] == fam.encode() and meta[b"facetier_schema_version"] == b"1"
+        assert meta[b"facetier_family"] == fam.encode() and meta[b"facetier_schema_version"] == b"2"
+        assert DeltaTable(t.delta_uri(fam)).version() >= 0  # every family is a Delta table any Delta reader opens
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         assert not any(str(f.type).startswith("struct") for f in pf.schema_arrow)
 
@@ -69,9 +72,11 @@ def test_residual_quality_is_an_encode_option_recorded_with_the_shard(local_tabl
     low = str(tmp_path / "low")
     run_encode(str(sample_archive), low, EncodeOptions(engine="local", shard_size=12, progress=False, residual_quality=5,
                                                        layers=("basic", "middle", "enhanced", "residual")))
-    shards = Table(low).manifest().shards
-    assert {s.stats["residual_quality"] for s in shards} == {5}
-    assert {s.stats["residual_quality"] for s in Table(root).manifest().shards if s.rows.get("residual")} == {80}
+    def qualities(root: str) -> set[bytes]:
+        t = Table(root)
+        return {pq.read_schema(t.fs.open(t._p(rel), "rb")).metadata[b"facetier_residual_quality"] for rel in family_files(t, "residual", t.snapshot())}
+
+    assert qualities(low) == {b"5"} and qualities(root) == {b"80"}
     assert Table(low).family_bytes()["residual"] < Table(root).family_bytes()["residual"]
     with pytest.raises(ConfigError, match="outside 0-100"):
         run_encode(str(sample_archive), low, EncodeOptions(progress=False, residual_quality=101))
@@ -124,7 +129,7 @@ def test_incremental_run_encodes_only_new_files(local_table, sample_archive, tmp
 def test_new_model_reencodes_older_rows(sample_archive, tmp_path, tiny_bundle):
     root = str(tmp_path / "t")
     run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=4, progress=False))
-    old_hash = Table(root).manifest().shards[0].weights_hash
+    old_hash = read_family(Table(root), "faces", columns=["weights_hash"]).column("weights_hash")[0].as_py()
     from facetier.codec.model import embedded_weights_path
 
     # a "new model version": the embedded weights with a refitted entropy stage would do; a tiny
@@ -143,17 +148,22 @@ def test_new_model_reencodes_older_rows(sample_archive, tmp_path, tiny_bundle):
     meta.pop("weights_hash")
     save_file(tensors, str(newer), metadata=meta)
     s = run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=4, progress=False, weights=str(newer)))
-    assert s.faces == 6 and s.stale_shards_kept == 0
-    hashes = {sh.weights_hash for sh in Table(root).manifest().shards}
+    assert s.faces == 6 and s.replaced_older_faces == 6
+    t = Table(root)
+    hashes = set(read_family(t, "faces", columns=["weights_hash"]).column("weights_hash").to_pylist())
+    hashes |= {h for h, p in zip(*(read_family(t, "rejects", columns=[c]).column(c).to_pylist() for c in ("weights_hash", "photo_id"))) if p}
     assert old_hash not in hashes and len(hashes) == 1
+    for fam in ("basic", "middle", "enhanced", "residual", "original"):  # one row per face (photo) left in every family
+        ids = read_family(t, fam, columns=["photo_id" if fam == "original" else "face_id"]).column(0).to_pylist()
+        assert len(ids) == len(set(ids)) and len(ids) == (6 if fam != "original" else len({f.split("-")[0] for f in ids}))
 
 
 def test_commit_race_has_one_winner(tmp_path):
     t = Table(str(tmp_path / "t"))
-    t.commit(0, [])
+    commit(t, 0, [])
     with pytest.raises(ConcurrentCommitError):
-        t.commit(0, [])
-    assert t.versions() == [1]
+        commit(t, 0, [])
+    assert t.version() == 1
 
 
 def test_two_concurrent_runs_leave_a_consistent_table(sample_archive, tmp_path):
@@ -190,7 +200,7 @@ def test_killed_run_resumes_to_the_same_table(sample_archive, tmp_path, local_ta
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (Path(root) / "_manifest").exists(), "nothing may be visible before the commit"
+    assert not Table(root).exists(), "nothing may be visible before the commit"
     s = run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=3, progress=False))
     assert s.shards_reused >= 1
     assert table_snapshot(root) == table_snapshot(ref_root)

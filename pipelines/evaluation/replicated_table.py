@@ -1,15 +1,18 @@
 """A larger table made of a real one's rows, for scale measurements (memory, planning, queries).
 
 Copy ``k`` renames every photo id ``p`` to ``p + "r<k>"`` (face ids follow: ``<photo id>-<index>``)
-in every family file of every shard, under new shard ids; everything else is the real rows, so
+in every committed family file, under new file names; everything else is the real rows, so
 decodes, queries and selections cost what they would on real faces. The renamed originals no
 longer hash to their photo ids: such a table measures, it does not restore source files.
 """
 from __future__ import annotations
 
+import posixpath
+
 import pyarrow as pa
-from facetier.io.reader import read_file
-from facetier.io.table import ShardEntry, Table
+from facetier.io.commit import commit
+from facetier.io.reader import family_files, read_file
+from facetier.io.table import ALL_FAMILIES, ShardEntry, Table
 from tqdm import tqdm
 
 
@@ -27,17 +30,21 @@ def _renamed(t: pa.Table, suffix: str) -> pa.Table:
 
 
 def replicate_table(src_root: str, dst_root: str, copies: int) -> int:
-    """Write ``copies`` renamed copies of ``src_root``'s committed shards as one new table; returns its faces."""
+    """Write ``copies`` renamed copies of ``src_root``'s committed files as one new commit of ``dst_root``; returns its faces."""
     src, dst = Table(src_root), Table(dst_root)
-    manifest = src.manifest()
+    snapshot = src.snapshot()
+    files = {fam: family_files(src, fam, snapshot) for fam in ALL_FAMILIES}
     entries = []
     for k in tqdm(range(copies), desc="replicate", unit="copy"):
         suffix = f"r{k}"
-        for s in manifest.shards:
-            shard_id = f"{s.shard_id}-{suffix}"
-            files, nbytes = {}, {}
-            for family, rel in s.files.items():
-                files[family], nbytes[family] = dst.write_family(family, shard_id, _renamed(read_file(src, rel, family), suffix), s.codec_id, s.weights_hash)
-            entries.append(ShardEntry(shard_id, s.codec_id, s.weights_hash, files, dict(s.rows), nbytes, tuple(p + suffix for p in s.photo_ids), dict(s.stats)))
-    dst.commit(dst.manifest_or_empty().version, entries)
+        by_shard: dict[str, ShardEntry] = {}
+        for family, rels in files.items():
+            for rel in rels:
+                data = read_file(src, rel, family)
+                shard_id = f"{posixpath.basename(rel)[: -len('.parquet')]}-{suffix}"
+                e = by_shard.setdefault(shard_id, ShardEntry(shard_id, "replica", "replica", {}, {}, {}))
+                e.files[family], e.nbytes[family], e.file_stats[family] = dst.write_family(family, shard_id, _renamed(data, suffix), "replica", "replica")
+                e.rows[family] = data.num_rows
+        entries += by_shard.values()
+    commit(dst, dst.snapshot_or_empty().version, entries)
     return sum(e.rows.get("faces", 0) for e in entries)

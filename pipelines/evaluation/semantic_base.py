@@ -26,6 +26,7 @@ import pyarrow as pa
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
+from facetier.io.commit import commit
 from facetier.io.table import (
     BASE_FAMILY,
     BASE_SCHEMA,
@@ -194,12 +195,12 @@ def replicate_base_rows(rows: list[dict], n_faces: int, root: Path, shards: int 
         cols["face_id"] = [f"r{s}-{i}" for i in range(per)]
         cols["photo_id"] = cols["face_id"]
         shard = f"replica{s:03d}"
-        files, nbytes, nrows = {}, {}, {}
+        files, nbytes, nrows, fstats = {}, {}, {}, {}
         for fam, t in ((BASE_FAMILY, pa.Table.from_pydict(cols, schema=BASE_SCHEMA)), (INDEX_FAMILY, FACES_SCHEMA.empty_table())):
-            files[fam], nbytes[fam] = table.write_family(fam, shard, t, "replica", "replica")
+            files[fam], nbytes[fam], fstats[fam] = table.write_family(fam, shard, t, "replica", "replica")
             nrows[fam] = t.num_rows
-        entries.append(ShardEntry(shard, "replica", "replica", files, nrows, nbytes, (), {}, ()))
-    table.commit(0, entries)
+        entries.append(ShardEntry(shard, "replica", "replica", files, nrows, nbytes, (), {}, fstats))
+    commit(table, 0, entries)
     return table
 
 

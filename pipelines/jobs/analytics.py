@@ -76,7 +76,7 @@ def run_query(table_root: str, sql: str) -> QueryResult:
     registered here are all a query can read, so ``bytes_read`` counts everything it touched.
     """
     table = Table(table_root)
-    manifest = table.manifest()
+    snapshot = table.snapshot()
     counter = ByteCounter()
     words = sql_words(sql)
     # closed explicitly: a connection left to interpreter teardown can abort the process on exit
@@ -86,12 +86,12 @@ def run_query(table_root: str, sql: str) -> QueryResult:
             if family not in words:
                 continue
             cols = referenced_columns(sql, family_schema(family)) or [family_schema(family).names[0]]
-            con.register(family, read_family(table, family, manifest=manifest, columns=cols, counter=counter))
+            con.register(family, read_family(table, family, snapshot=snapshot, columns=cols, counter=counter))
         try:
             result = con.sql(sql).to_arrow_table()
         except duckdb.Error as exc:
             raise QueryError(str(exc)) from exc
-    return QueryResult(result, counter.total, sum(table.family_bytes(manifest).values()))
+    return QueryResult(result, counter.total, sum(table.family_bytes(snapshot).values()))
 
 
 SEARCH_COLUMNS = ["face_id", "photo_id", "age", "gender", "race", "identity"]
@@ -129,7 +129,7 @@ def search(table_root: str, like: str, k: int = 10, *, weights: str | None = Non
         raise ConfigError("-k must be at least 1")
     table = Table(table_root)
     counter = ByteCounter()
-    base = read_family(table, BASE_FAMILY, manifest=table.manifest(), columns=SEARCH_COLUMNS, counter=counter)
+    base = read_family(table, BASE_FAMILY, snapshot=table.snapshot(), columns=SEARCH_COLUMNS, counter=counter)
     base = base.filter(pc.is_valid(base.column("identity")))
     if base.num_rows == 0:
         raise ConfigError(f"{table_root} has no faces with identity embeddings")

@@ -20,12 +20,16 @@ from typing import Any
 from facetier.codec.image_layers import decode_original
 from facetier.io.reader import read_file
 from facetier.io.sources import content_id
+from facetier.io.commit import finish_pending, pending_plan
 from facetier.io.table import (
+    ALL_FAMILIES,
     INDEX_FAMILY,
     LAYER_FAMILIES,
     ORIGINAL_FAMILY,
     STAGING_DIR,
+    Snapshot,
     Table,
+    add_actions,
 )
 from tqdm import tqdm
 
@@ -79,14 +83,16 @@ def _modified(info: dict[str, Any]) -> float | None:
     return None
 
 
-def _check_shard(table: Table, shard, problems: list[str]) -> tuple[int, int]:
-    """Check one shard's files; returns (files, rows) checked."""
+def _check_family(table: Table, family: str, snapshot: Snapshot, problems: list[str], ids: dict[str, set[str]]) -> tuple[int, int]:
+    """Check every committed file of one family; returns (files, rows) checked. ``ids[family]`` gets its face ids."""
     files = rows = 0
-    faces: set[str] | None = None
-    layer_faces: dict[str, set[str]] = {}
-    for family, rel in sorted(shard.files.items()):
-        columns = {INDEX_FAMILY: ["face_id", "photo_id", "face_index"], ORIGINAL_FAMILY: ["photo_id", "payload"]}.get(
-            family, ["face_id", "payload", "crc32"] if family in LAYER_FAMILIES else None)
+    dt = table.delta(family, snapshot.family_versions[family])
+    actions = add_actions(dt)
+    recorded = dict(zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist()))
+    columns = {INDEX_FAMILY: ["face_id", "photo_id", "face_index"], ORIGINAL_FAMILY: ["photo_id", "payload"]}.get(
+        family, ["face_id", "payload", "crc32"] if family in LAYER_FAMILIES else None)
+    for name in sorted(recorded):
+        rel = f"{family}/{name}"
         try:
             data = read_file(table, rel, family, columns=columns)
         except TableCorruptError as exc:
@@ -94,14 +100,12 @@ def _check_shard(table: Table, shard, problems: list[str]) -> tuple[int, int]:
             continue
         files += 1
         rows += data.num_rows
-        if data.num_rows != shard.rows.get(family, data.num_rows):
-            problems.append(f"{table.uri(rel)}: {data.num_rows} rows, its commit recorded {shard.rows[family]}")
-        if family == INDEX_FAMILY:
-            faces = set(data.column("face_id").to_pylist())
-        elif family in LAYER_FAMILIES:
-            ids = data.column("face_id").to_pylist()
-            layer_faces[family] = set(ids)
-            for fid, payload, crc in zip(ids, data.column("payload").to_pylist(), data.column("crc32").to_pylist()):
+        if recorded[name] is not None and data.num_rows != recorded[name]:
+            problems.append(f"{table.uri(rel)}: {data.num_rows} rows, its commit recorded {recorded[name]}")
+        if family == INDEX_FAMILY or family in LAYER_FAMILIES:
+            ids.setdefault(family, set()).update(data.column("face_id").to_pylist())
+        if family in LAYER_FAMILIES:
+            for fid, payload, crc in zip(*(data.column(c).to_pylist() for c in ("face_id", "payload", "crc32"))):
                 if payload is None or crc is None or zlib.crc32(payload) != crc:
                     problems.append(f"{table.uri(rel)}: face {fid}'s payload fails its crc32")
         elif family == ORIGINAL_FAMILY:
@@ -112,32 +116,54 @@ def _check_shard(table: Table, shard, problems: list[str]) -> tuple[int, int]:
                     ok = False
                 if not ok:
                     problems.append(f"{table.uri(rel)}: photo {pid}'s original does not reproduce the bytes it was hashed from")
-    if faces is not None:
-        for family, present in sorted(layer_faces.items()):
-            for fid in sorted(faces - present)[:5]:
-                problems.append(f"shard {shard.shard_id}: face {fid} has no row in its {family} family")
-            for fid in sorted(present - faces)[:5]:
-                problems.append(f"shard {shard.shard_id}: {family} holds face {fid}, which the faces index does not")
     return files, rows
+
+
+def _untracked(table: Table, snapshot: Snapshot) -> set[str]:
+    """Family files no version in the Delta logs references: written by a killed run, a run that lost its
+    claim, or a rewrite that was never committed."""
+    out = set()
+    for family in snapshot.family_versions:
+        dt = table.delta(family)
+        everything_else = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True))
+        tombstones = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))
+        out |= {f"{family}/{posixpath.basename(p)}" for p in everything_else - tombstones}
+    stored = table.stored_files(tuple(f for f in ALL_FAMILIES if f not in snapshot.family_versions))
+    return out | set(stored)  # a family no commit created yet: all its files
 
 
 def check_table(table_root: str, *, repair: bool = False, retention_hours: float = DEFAULT_RETENTION_HOURS, progress: bool = True) -> CheckReport:
     table = Table(table_root)
-    manifest = table.manifest()
+    if repair:
+        finish_pending(table)
+    snapshot = table.snapshot()
     problems: list[str] = []
     files = rows = 0
-    for shard in tqdm(manifest.shards, desc="check", unit="shard", disable=not progress):
-        f, r = _check_shard(table, shard, problems)
+    ids: dict[str, set[str]] = {}
+    for family in tqdm([f for f in ALL_FAMILIES if snapshot.has(f)], desc="check", unit="family", disable=not progress):
+        f, r = _check_family(table, family, snapshot, problems, ids)
         files, rows = files + f, rows + r
-    referenced = table.referenced_files()
-    stored = table.stored_files()
-    unreferenced = sorted(rel for rel in stored if rel not in referenced)
+    faces = ids.get(INDEX_FAMILY, set())
+    for family in LAYER_FAMILIES:
+        present = ids.get(family)
+        if present is None or not faces:
+            continue
+        if family == "basic":
+            for fid in sorted(faces - present)[:5]:
+                problems.append(f"face {fid} has no row in the {family} family")
+        for fid in sorted(present - faces)[:5]:
+            problems.append(f"the {family} family holds face {fid}, which the faces index does not")
+    if pending_plan(table) is not None:
+        problems.append("the latest commit was claimed but not applied to every family (a killed run); `check --repair` finishes it")
+    staged = table.stored_files((STAGING_DIR,))
+    stored = {**table.stored_files(ALL_FAMILIES), **staged}
+    unreferenced = sorted(_untracked(table, snapshot) | set(staged))
     removed = []
     if repair:
         cutoff = time.time() - retention_hours * 3600
 
         def young(rel: str) -> bool:  # unknown age counts as young: never guess in favour of deleting
-            written = _modified(stored[rel])
+            written = _modified(stored[rel]) if rel in stored else None
             return written is None or written > cutoff
 
         # a shard whose done marker is young belongs to a run that may still commit (encode refreshes the
@@ -149,6 +175,11 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
                 continue
             removed.append(rel)
         table.remove_files(removed)
-        log.info("removed %d unreferenced files (%d kept within the %.1f h retention window)", len(removed), len(unreferenced) - len(removed), retention_hours)
-    return CheckReport(table_root, manifest.version, files, rows, tuple(problems), tuple(unreferenced), tuple(removed))
-
+        expired = []
+        for family in snapshot.family_versions:  # files only versions older than the retention window reference
+            expired += [f"{family}/{p}" for p in table.delta(family).vacuum(retention_hours=max(0, int(retention_hours)), dry_run=False,
+                                                                            enforce_retention_duration=False)]
+        removed += expired
+        log.info("removed %d files (%d unreferenced kept within the %.1f h retention window, %d of expired versions)", len(removed),
+                 len(unreferenced) - len(removed) + len(expired), retention_hours, len(expired))
+    return CheckReport(table_root, snapshot.version, files, rows, tuple(problems), tuple(unreferenced), tuple(removed))

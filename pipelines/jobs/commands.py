@@ -102,7 +102,7 @@ def _check(a: argparse.Namespace) -> int:
 def _warehouse_ddl(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.warehouse import bigquery_ddl
 
-    print(bigquery_ddl(a.table, a.dataset, a.prefix), end="")
+    print(bigquery_ddl(a.table, a.dataset, a.prefix, a.connection), end="")
     return 0
 
 
@@ -211,10 +211,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--quiet", action="store_true", help="no progress bar")
     ck.set_defaults(func=_check)
 
-    wh = sub.add_parser("warehouse-ddl", help="BigQuery external tables over the committed faces index and base family")
+    wh = sub.add_parser("warehouse-ddl", help="BigQuery (BigLake) Delta Lake tables over the faces index and base family")
     wh.add_argument("table")
     wh.add_argument("--dataset", required=True)
     wh.add_argument("--prefix", default="facetier")
+    wh.add_argument("--connection", default="us.facetier-lake", help="the BigLake connection (region.name) that reads the bucket")
     wh.set_defaults(func=_warehouse_ddl)
 
     s = sub.add_parser("sample", help="build the self-made sample archive (generated faces + broken files)")

@@ -146,7 +146,7 @@ class BatchDecoder:
                 todo.append(pid)
         if todo:
             table = Table(self.ctx.table_root)
-            originals, failed = read_originals(table, todo, table.manifest())
+            originals, failed = read_originals(table, todo, table.snapshot())
             for pid, data in sorted(originals.items()):
                 name = f"{pid}.{ORIGINAL_EXTENSIONS.get(sniff_format(data) or '', 'bin')}"
                 self.out.write(name, data)  # the source bytes exactly (checked against the photo id)
@@ -163,15 +163,15 @@ class BatchDecoder:
         if not todo:
             return records
         table = Table(ctx.table_root)
-        manifest = table.manifest()
-        rows, failures = index_rows(table, todo, manifest)
-        codes, failed = read_codes(table, rows, families, manifest)
+        snapshot = table.snapshot()
+        rows, failures = index_rows(table, todo, snapshot)
+        codes, failed = read_codes(table, rows, families, snapshot)
         failures += failed
         by_id = {r["face_id"]: r for r in rows}
         images = self._edited(codes) if ctx.edits else self._decoded(codes, failures)
         photos: dict[str, np.ndarray] = {}
         if ctx.paste_back and images:
-            photos, missing = self._photos(sorted({by_id[fid]["photo_id"] for fid in images}), table, manifest)
+            photos, missing = self._photos(sorted({by_id[fid]["photo_id"] for fid in images}), table, snapshot)
             for fid in [f for f in images if by_id[f]["photo_id"] in missing]:
                 failures.append(FaceFailure.of(fid, MissingLayerError(f"face {fid}: {missing[by_id[fid]['photo_id']]}; nothing to paste it into")))
                 del images[fid]
@@ -214,9 +214,9 @@ class BatchDecoder:
         images = codec.synthesise(np.stack([codec.wplus_from_symbols([b, *s[1:]]) for b, s in zip(base, symbols)]))
         return {fid: (img, tuple(self.families())) for fid, img in zip(ids, images)}
 
-    def _photos(self, photo_ids: list[str], table: Table, manifest: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    def _photos(self, photo_ids: list[str], table: Table, snapshot: Snapshot) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """The photos to paste into (from the original layer), and for the others why there is none."""
-        originals, failed = read_originals(table, photo_ids, manifest)
+        originals, failed = read_originals(table, photo_ids, snapshot)
         photos, missing = {}, {f.id: f.message for f in failed}
         for pid, data in originals.items():
             try:

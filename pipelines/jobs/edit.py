@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from facetier.codec.model import FaceCodec
-from facetier.io.table import Table
+from facetier.io.commit import commit, finish_pending
+from facetier.io.reader import read_family
+from facetier.io.table import INDEX_FAMILY, Table
 from facetier.pipelines.jobs.decode import DecodeOptions, DecodeResult, run_decode
 from facetier.pipelines.jobs.records import JobContext, write_shard
 from facetier.pipelines.jobs.selection import select
@@ -65,9 +67,9 @@ def edit(
     if not selection.units:
         return EditResult(0, (), None, selection.failures)
     table = Table(table_root)
-    manifest = table.manifest()
-    rows, failures = index_rows(table, list(selection.units), manifest)
-    codes_by_id, failed = read_codes(table, rows, list(codec.plan.names[: codec.plan.index(upto) + 1]), manifest)
+    snapshot = table.snapshot()
+    rows, failures = index_rows(table, list(selection.units), snapshot)
+    codes_by_id, failed = read_codes(table, rows, list(codec.plan.names[: codec.plan.index(upto) + 1]), snapshot)
     failures = [*selection.failures, *failures, *failed]
     rows = [r for r in rows if r["face_id"] in codes_by_id]
     if not rows:
@@ -96,15 +98,17 @@ def _write_rows(codec: FaceCodec, out: str, rows: list[dict], edited_sym: list[n
         items.append({"kind": "face", "shard_id": "", "source_uri": f"edit:{row['face_id']}?{'&'.join(f'{k}={v}' for k, v in sorted(edits.items()))}",
                       "photo_id": photo_id, "face_index": 0, "meta": json.dumps(meta), "layers": layers, "semantic": columns, "original": None})
     table = Table(out)
-    manifest = table.manifest_or_empty()
+    finish_pending(table)
+    snapshot = table.snapshot_or_empty()
     shard_id = "edit-" + hashlib.sha256((spec + "|" + ",".join(r["face_id"] for r in rows)).encode()).hexdigest()[:16]
     ids = tuple(f"{it['photo_id']}-0" for it in items)
-    if any(s.shard_id == shard_id for s in manifest.shards):  # the same edit of the same faces is in the table already
-        return EditResult(len(items), ids, manifest.version)
+    if snapshot.version and set(ids) <= set(read_family(table, INDEX_FAMILY, columns=["face_id"], filters=[("face_id", "in", list(ids))],
+                                                         snapshot=snapshot).column("face_id").to_pylist()):
+        return EditResult(len(items), ids, snapshot.version)  # the same edit of the same faces is in the table already
     for it in items:
         it["shard_id"] = shard_id
     ctx = JobContext(out, "", codec.codec_id, codec.weights_hash, codec.config.alignment, tuple(codec.plan.names), frozenset())
     entry = write_shard(ctx, shard_id, items)
-    new = table.commit(manifest.version, [*manifest.shards, entry])
+    version = commit(table, snapshot.version, [entry])
     table.remove_done_markers([shard_id])
-    return EditResult(len(items), ids, new.version)
+    return EditResult(len(items), ids, version)

@@ -6,12 +6,14 @@ Incremental and resumable by construction:
     is encoded again (the old photo's rows stay: they are another photo), and one that could not
     be read is tried again (its old reject row is dropped when it is retried); only a name
     rejected for what it is (an archive member escaping its archive) is not read again;
-  * a shard's id is a hash of (model, table version, its inputs, the skip set), so a restarted
+  * what the table holds is read from the families' id columns (never a list in JSON); a shard's id
+    is a hash of (model, table version, options, its inputs), so a restarted
     run finds the shards an interrupted run finished (their done markers) and does only the rest;
     markers are removed once the run has committed or found nothing to commit;
   * the same bytes under several names in one run are stored once, under the first name in
     sorted order, the other names as rows of ``aliases``;
-  * nothing is visible until the manifest commit; a racing commit fails with a clear error.
+  * a photo another model encoded is replaced, per photo, by this run's rows;
+  * nothing is visible until the commit (facetier.io.commit); a racing commit fails with a clear error.
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.codec.stage_times import StageTimes, render_stages
 from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources
+from facetier.io.commit import commit, finish_pending
+from facetier.io.rewrite import rewrite_staged
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
+from facetier.pipelines.jobs.table_state import known_inputs, replaced_rows
 from tqdm import tqdm
 
 from facetier.errors import ConcurrentCommitError, ConfigError, TableError
@@ -73,7 +78,7 @@ class EncodeSummary:
     seconds: float
     shards_run: int
     shards_reused: int
-    stale_shards_kept: int = 0
+    replaced_older_faces: int = 0  # faces other weights had encoded, replaced by this run
     notes: tuple[str, ...] = field(default=())
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over this run's shards and faces
     steady_faces_per_second: float | None = None  # after the first shard finished: engine start-up excluded
@@ -107,14 +112,13 @@ class EncodeSummary:
         return "\n".join(lines)
 
 
-def plan_shards(sources: Sequence[str], weights_hash: str, skip_ids: frozenset[str], shard_size: int, base_version: int = 0,
-                options: str = "") -> list[ShardSpec]:
-    """Shards of ``shard_size`` inputs; ids hash everything that decides their rows (``options``: layers, limits)."""
-    skip_digest = hashlib.sha256(key_bytes("\n".join(sorted(skip_ids)))).hexdigest()
+def plan_shards(sources: Sequence[str], weights_hash: str, shard_size: int, base_version: int = 0, options: str = "") -> list[ShardSpec]:
+    """Shards of ``shard_size`` inputs; ids hash everything that decides their rows: the model, the table
+    version planned on (which fixes what is skipped), ``options`` (layers, limits) and the inputs."""
     shards = []
     for i in range(0, len(sources), shard_size):
         chunk = tuple(sources[i : i + shard_size])
-        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, skip_digest, *chunk)))).hexdigest()[:20]
+        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, *chunk)))).hexdigest()[:20]
         shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk))
     return shards
 
@@ -129,7 +133,7 @@ def once_per_photo(table: Table, entries: list[ShardEntry], tag: str) -> list[Sh
     out = []
     for e in entries:
         dup = frozenset(p for p in e.photo_ids if owner[p] != e.shard_id)
-        out.append(table.rewrite_shard(e, tag, drop_photo_ids=dup, alias_dropped=True) if dup else e)
+        out.append(rewrite_staged(table, e, tag, dup) if dup else e)
     return out
 
 
@@ -175,17 +179,16 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     if unknown := set(layers) - set(names):
         raise ConfigError(f"unknown layers {sorted(unknown)}; the model has {names}")
     table = Table(table_root)
-    manifest = table.manifest_or_empty()
-    current = [s for s in manifest.shards if s.weights_hash == bundle.weights_hash]
-    stale = [s for s in manifest.shards if s.weights_hash != bundle.weights_hash]
-    skip_ids = frozenset(manifest.photo_ids(bundle.weights_hash))
-    skip_sources = frozenset(manifest.unread_sources(bundle.weights_hash))
+    if finished := finish_pending(table):
+        log.warning("finished version %d, which an earlier run claimed and did not complete", finished)
+    snapshot = table.snapshot_or_empty()
+    known = known_inputs(table, snapshot, bundle.weights_hash)
     sources = [r.key for r in list_sources(src)]
     max_source_bytes = int(opts.max_source_mb * 2**20)
     residual_quality = cfg.residual_quality if opts.residual_quality is None else opts.residual_quality
     if not 0 <= residual_quality <= 100:
         raise ConfigError(f"residual quality {residual_quality} is outside 0-100")
-    shards = plan_shards(sources, bundle.weights_hash, skip_ids | skip_sources, opts.shard_size, manifest.version,
+    shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
                          options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}")
     done = set()
     for s in shards:
@@ -194,8 +197,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
             table.write_done_marker(ShardEntry.from_json(marker))  # fresh again: `check --repair` keeps a resumed run's shards
             done.add(s.shard_id)
     todo = [s for s in shards if s.shard_id not in done]
-    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, skip_ids, skip_sources, opts.device, opts.batch_size,
-                     descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
+    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, known.photo_ids, known.unread_sources, opts.device,
+                     opts.batch_size, descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
                      residual_quality=residual_quality)
     log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
     stop = threading.Event()
@@ -225,34 +228,34 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     for s in shards:
         marker = table.done_marker(s.shard_id)
         if marker is None:
+            if table.version() != snapshot.version:  # a racing run with the same plan committed these shards and removed their markers
+                raise ConcurrentCommitError(f"{table_root} moved to version {table.version()} while this run worked on {snapshot.version}; "
+                                            "rerun to add what is missing")
             raise TableError(f"shard {s.shard_id} finished without its done marker; nothing was committed")
         entries.append(ShardEntry.from_json(marker))
-    new_ids = {p for e in entries for p in e.photo_ids} | skip_ids
-    stale_kept = [s for s in stale if not set(s.photo_ids) <= new_ids]
-    notes = []
-    if stale_kept:
-        notes.append(f"{len(stale_kept)} shard(s) encoded with older weights were kept: their sources were not all in this run")
-    tag = f"v{manifest.version + 1}-{uuid.uuid4().hex[:8]}"  # unique to this run: a racing run never writes the same name
+    tag = f"v{snapshot.version + 1}-{uuid.uuid4().hex[:8]}"  # unique to this run: a racing run never writes the same name
     written = {rel for e in entries for rel in e.files.values()}
     entries = once_per_photo(table, entries, tag)
-    retried = frozenset(sources)
-    superseded = [s for s in current if set(s.retry_sources) & retried]
-    current = [table.rewrite_shard(s, tag, drop_retried=retried) if s in superseded else s for s in current]
+    replaced = replaced_rows(table, snapshot, bundle.weights_hash, {p for e in entries for p in e.photo_ids}, sources, tag)
+    notes = []
+    if replaced.older_rows:
+        notes.append(f"{replaced.older_rows} face(s) encoded with older weights were replaced by this run's encoding")
     fresh = [e for e in entries if e.files]
     if missing := [rel for e in fresh for rel in e.files.values() if not table.fs.exists(table._p(rel))]:
         raise TableError(f"{len(missing)} file(s) of this run's shards are gone (e.g. {table.uri(missing[0])}: removed by `check --repair`?); "
                          "nothing was committed, rerun")
     try:
-        if fresh or superseded or len(stale_kept) != len(stale) or not table.exists():
-            committed = table.commit(manifest.version, current + stale_kept + fresh)
+        if fresh or not replaced.empty or not table.exists():
+            version = commit(table, snapshot.version, fresh, removes=replaced.removes, extra_adds=replaced.adds)
         else:
-            committed = manifest  # nothing new: the table stays at its version
+            version = snapshot.version  # nothing new: the table stays at its version
     except ConcurrentCommitError:  # planned on a version that is no longer the table's: these shards are of no further use
         table.remove_done_markers([s.shard_id for s in shards])
+        table.remove_files(sorted(written | {a.path for more in replaced.adds.values() for a in more}))
         raise
     table.remove_done_markers([s.shard_id for s in shards])
     # files this run wrote and then replaced by a rewrite (duplicate photos) were never in any version
-    table.remove_files(sorted(written - {rel for s in committed.shards for rel in s.files.values()}))
+    table.remove_files(sorted(written - {rel for e in fresh for rel in e.files.values()}))
     stats = [e.stats for e in entries]
     rejects: Counter[str] = Counter()
     stage_seconds = StageTimes()
@@ -263,18 +266,18 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     steady, startup = steady_rate(start, seen)
     return EncodeSummary(
         table=table_root,
-        version=committed.version,
+        version=version,
         inputs=sum(st["inputs"] for st in stats),
         encoded_inputs=sum(st["encoded_inputs"] for st in stats),
         faces=sum(st["faces"] for st in stats),
         rejected=sum(st["rejected"] for st in stats),
         skipped=sum(st["skipped"] for st in stats),
         rejects_by_class=dict(rejects),
-        bytes_by_family=table.family_bytes(committed),
+        bytes_by_family=table.family_bytes(),
         seconds=time.monotonic() - start,
         shards_run=len(todo),
         shards_reused=len(done),
-        stale_shards_kept=len(stale_kept),
+        replaced_older_faces=replaced.older_rows,
         notes=tuple(notes),
         stage_seconds=stage_seconds.ordered(),
         steady_faces_per_second=steady,

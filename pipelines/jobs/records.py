@@ -200,10 +200,11 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
             continue
         uri, raw = storable_uri(r["source_uri"])
         add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
-    files, rows, nbytes = {}, {}, {}
+    files, rows, nbytes, fstats = {}, {}, {}, {}
     for family, data in cols.items():
         arrow = pa.Table.from_pydict(data, schema=family_schema(family))
-        files[family], nbytes[family] = table.write_family(family, shard_id, arrow, ctx.codec_id, ctx.weights_hash)
+        extra = {"residual_quality": str(ctx.residual_quality)} if family == "residual" else None  # JPEG XL does not record it
+        files[family], nbytes[family], fstats[family] = table.write_family(family, shard_id, arrow, ctx.codec_id, ctx.weights_hash, extra)
         rows[family] = arrow.num_rows
     sources = {r["source_uri"] for r in results}
     stats = {
@@ -219,9 +220,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     }
     if "residual" in ctx.layers:
         stats["residual_quality"] = ctx.residual_quality  # the residual payload is JPEG XL, which does not record it
-    entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes, tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats,
-                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] in PERMANENT)),
-                       tuple(sorted(r["source_uri"] for r in rejects if not r["photo_id"] and r["error_class"] not in PERMANENT)))
+    entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes,
+                       tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats, fstats)
     table.write_done_marker(entry)
     return entry
 

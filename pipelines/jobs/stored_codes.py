@@ -7,6 +7,7 @@ the rest. A damaged byte never becomes a plausible face of someone else.
 """
 from __future__ import annotations
 
+import posixpath
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -14,14 +15,13 @@ from dataclasses import dataclass
 
 from facetier.codec.image_layers import decode_original
 from facetier.codec.layers import LayerCode, LayeredCode
-from facetier.io.reader import read_family, read_file
+from facetier.io.reader import family_files, read_family
 from facetier.io.sources import content_id
 from facetier.io.table import (
     INDEX_FAMILY,
     LAYER_FAMILIES,
     ORIGINAL_FAMILY,
-    Manifest,
-    ShardEntry,
+    Snapshot,
     Table,
 )
 
@@ -47,12 +47,13 @@ class FaceFailure:
         return FaceFailure(id_, exc.error_class, str(exc))
 
 
-def index_rows(table: Table, ids: Sequence[str], manifest: Manifest) -> tuple[list[dict], list[FaceFailure]]:
-    """Rows of the faces index for face ids or photo ids; ids only an unreadable index file could hold are failures."""
+def index_rows(table: Table, ids: Sequence[str], snapshot: Snapshot) -> tuple[list[dict], list[FaceFailure]]:
+    """Rows of the faces index for face ids or photo ids; ids only an unreadable index file could hold are failures.
+    Each row's ``__file`` names the index file it came from."""
     wanted = set(ids)
     unreadable: list[str] = []
     either = [[("face_id", "in", sorted(wanted))], [("photo_id", "in", sorted(wanted))]]  # one pass: face ids OR photo ids
-    index = read_family(table, INDEX_FAMILY, manifest=manifest, filters=either, unreadable=unreadable)
+    index = read_family(table, INDEX_FAMILY, snapshot=snapshot, filters=either, unreadable=unreadable, with_file=True)
     seen, rows = set(), []
     for r in index.to_pylist():
         if r["face_id"] not in seen:  # a face listed twice (the same bytes under two names) decodes once
@@ -66,41 +67,42 @@ def index_rows(table: Table, ids: Sequence[str], manifest: Manifest) -> tuple[li
     return rows, [FaceFailure(m, TableCorruptError.__name__, f"{m} is not in the readable part of the faces index; unreadable: {files}") for m in missing]
 
 
-def _shards_of(manifest: Manifest) -> dict[tuple[str, str], ShardEntry]:
-    """(photo id, weights hash) -> the shard holding that photo's rows written by those weights."""
-    out: dict[tuple[str, str], ShardEntry] = {}
-    for s in manifest.shards:
-        for p in s.photo_ids:
-            out.setdefault((p, s.weights_hash), s)
-    return out
+def _stem(rel: str) -> str:
+    """The shard a file was written by: every family file of one shard shares it."""
+    return posixpath.basename(rel).split(".")[0]
 
 
-def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], manifest: Manifest) -> tuple[dict[str, LayeredCode], list[FaceFailure]]:
-    """The verified layers ``families`` (lowest first) of each face in ``rows``, by face id; the faces that fail."""
-    shard_of = _shards_of(manifest)
-    by_shard: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
-        if (r["photo_id"], r["weights_hash"]) in shard_of:
-            by_shard[shard_of[(r["photo_id"], r["weights_hash"])].shard_id].append(r["face_id"])
-    shards = {s.shard_id: s for s in manifest.shards}
+def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], snapshot: Snapshot) -> tuple[dict[str, LayeredCode], list[FaceFailure]]:
+    """The verified layers ``families`` (lowest first) of each face in ``rows``, by face id; the faces that fail.
+
+    A face's layers are looked for first in the files its shard wrote (same name as its index file),
+    then, for faces not found there (files compacted since), in every file whose statistics allow it."""
     payloads: dict[str, dict[str, bytes]] = defaultdict(dict)
     failed: dict[str, FaceFailure] = {}
+    stems = {_stem(r["__file"]) for r in rows if r.get("__file")}
     for fam in (f for f in families if f in LAYER_FAMILIES):
-        for shard_id, face_ids in sorted(by_shard.items()):
-            rel = shards[shard_id].files.get(fam)
-            todo = [f for f in face_ids if f not in failed]
-            if rel is None or not todo:
+        todo = sorted(r["face_id"] for r in rows if r["face_id"] not in failed)
+        if not todo:
+            continue
+        candidates = family_files(table, fam, snapshot, [("face_id", "in", todo)])
+        first = [f for f in candidates if _stem(f) in stems]
+        unreadable: list[str] = []
+        for group in (first, [f for f in candidates if _stem(f) not in stems]):
+            todo = [f for f in todo if fam not in payloads[f] and f not in failed]
+            if not todo or not group:
                 continue
-            try:
-                part = read_file(table, rel, fam, columns=["face_id", "payload", "crc32"], filters=[("face_id", "in", todo)])
-            except TableCorruptError as exc:
-                failed |= {f: FaceFailure.of(f, exc) for f in todo}
-                continue
-            for fid, payload, crc in zip(*(part.column(c).to_pylist() for c in ("face_id", "payload", "crc32"))):
+            part = read_family(table, fam, columns=["face_id", "payload", "crc32"], filters=[("face_id", "in", todo)], snapshot=snapshot,
+                               unreadable=unreadable, with_file=True, only_files=group)
+            for fid, payload, crc, rel in zip(*(part.column(c).to_pylist() for c in ("face_id", "payload", "crc32", "__file"))):
                 if payload is None or crc is None or zlib.crc32(payload) != crc:
                     failed[fid] = FaceFailure.of(fid, ChecksumError(f"face {fid}: its {fam} payload fails its crc32 check in {table.uri(rel)}"))
                 else:
                     payloads[fid][fam] = payload
+        if unreadable:
+            files = ", ".join(table.uri(u) for u in sorted(set(unreadable)))
+            for fid in todo:
+                if fam not in payloads[fid] and fid not in failed:
+                    failed[fid] = FaceFailure.of(fid, TableCorruptError(f"face {fid}: its {fam} layer is not in the readable files; unreadable: {files}"))
     codes = {}
     for r in rows:
         fid = r["face_id"]
@@ -114,10 +116,10 @@ def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], mani
     return codes, sorted(failed.values(), key=lambda f: f.id)
 
 
-def read_originals(table: Table, photo_ids: Sequence[str], manifest: Manifest) -> tuple[dict[str, bytes], list[FaceFailure]]:
+def read_originals(table: Table, photo_ids: Sequence[str], snapshot: Snapshot) -> tuple[dict[str, bytes], list[FaceFailure]]:
     """The source bytes of each photo, checked against its photo id (their own SHA-256); the photos that fail."""
     unreadable: list[str] = []
-    stored = read_family(table, ORIGINAL_FAMILY, manifest=manifest, columns=["photo_id", "payload"], filters=[("photo_id", "in", list(photo_ids))],
+    stored = read_family(table, ORIGINAL_FAMILY, snapshot=snapshot, columns=["photo_id", "payload"], filters=[("photo_id", "in", list(photo_ids))],
                          unreadable=unreadable)
     out: dict[str, bytes] = {}
     failed: dict[str, FaceFailure] = {}

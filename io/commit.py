@@ -1,0 +1,221 @@
+"""Publishing shard files as one facetier commit across the families' Delta tables.
+
+A commit of facetier version N+1 happens in three steps, each safe to cut short:
+
+1. the plan (per family: files to add with their Delta statistics, files to remove) is written to
+   ``_staging/commits/``;
+2. a row naming the plan is committed to ``_commits`` under the application transaction
+   ``facetier`` = N+1. Delta refuses a second transaction with the same application id racing the
+   first, and a writer that planned on N refuses to claim when the table is already past N, so of
+   two racing runs exactly one claims N+1: the other stops before touching any family;
+3. the families are committed in :data:`COMMIT_ORDER` (heavy layers first, ``basic`` last), each
+   with the application transaction ``facetier`` = N+1, so repeating a family's commit is a no-op.
+
+A run killed between 2 and 3 leaves a claimed, unfinished commit; the next writer (or ``check
+--repair``) rolls it forward from the plan before claiming its own version.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from deltalake import CommitProperties, Schema, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError
+from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+from facetier.io.table import APP_ID, COMMIT_ORDER, COMMITS_TABLE, PLANS_DIR, ShardEntry, Table, family_schema, file_stats
+
+from facetier.errors import ConcurrentCommitError, TableCorruptError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileAdd:
+    path: str  # relative to the table root: <family>/<file>
+    size: int
+    stats: str
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """What one facetier commit adds to and removes from each family (paths relative to the root)."""
+
+    version: int
+    job: str
+    adds: dict[str, tuple[FileAdd, ...]] = field(default_factory=dict)
+    removes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @staticmethod
+    def of(version: int, job: str, entries: list[ShardEntry], removes: dict[str, list[str]] | None = None,
+           extra_adds: dict[str, list[FileAdd]] | None = None) -> CommitPlan:
+        adds: dict[str, list[FileAdd]] = {}
+        for e in entries:
+            for fam, rel in e.files.items():
+                adds.setdefault(fam, []).append(FileAdd(rel, e.nbytes[fam], e.file_stats.get(fam, "")))
+        for fam, more in (extra_adds or {}).items():
+            adds.setdefault(fam, []).extend(more)
+        return CommitPlan(version, job, {f: tuple(sorted(a, key=lambda x: x.path)) for f, a in adds.items()},
+                          {f: tuple(sorted(r)) for f, r in (removes or {}).items() if r})
+
+    @property
+    def families(self) -> list[str]:
+        touched = set(self.adds) | set(self.removes)
+        return [f for f in COMMIT_ORDER if f in touched] + sorted(touched - set(COMMIT_ORDER))
+
+    @property
+    def empty(self) -> bool:
+        return not self.families
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "job": self.job, "adds": {f: [a.__dict__ for a in v] for f, v in self.adds.items()},
+                "removes": {f: list(v) for f, v in self.removes.items()}}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> CommitPlan:
+        return CommitPlan(int(d["version"]), d["job"], {f: tuple(FileAdd(**a) for a in v) for f, v in d["adds"].items()},
+                          {f: tuple(v) for f, v in d["removes"].items()})
+
+
+def _txn(version: int, metadata: dict[str, str] | None = None) -> CommitProperties:
+    return CommitProperties(app_transactions=[Transaction(app_id=APP_ID, version=version)],
+                            custom_metadata={"facetier_version": str(version), **(metadata or {})})
+
+
+def _relative(family: str, rel: str) -> str:
+    prefix = f"{family}/"
+    if not rel.startswith(prefix):
+        raise ValueError(f"{rel} is not a file of the {family} family")
+    return rel[len(prefix):]
+
+
+def _commit_family(table: Table, family: str, plan: CommitPlan) -> None:
+    """Apply the plan's actions to one family, once: a family that already has this version's
+    transaction is left alone."""
+    dt = table.delta(family)
+    if dt is not None and int(dt.transaction_version(APP_ID) or 0) >= plan.version:
+        return
+    now = int(time.time() * 1000)
+    adds = [AddAction(_relative(family, a.path), a.size, {}, now, True, a.stats or _stats_of(table, a.path)) for a in plan.adds.get(family, ())]
+    removes = [RemoveAction(path=_relative(family, r), data_change=True, deletion_timestamp=now) for r in plan.removes.get(family, ())]
+    schema = family_schema(family)
+    if dt is None:
+        if removes:
+            raise TableCorruptError(f"the {family} family of {table.root} has no Delta log, yet commit {plan.version} removes files from it")
+        try:
+            create_table_with_add_actions(table.delta_uri(family), Schema.from_arrow(schema), adds, mode="error",
+                                          storage_options=table.delta_options, commit_properties=_txn(plan.version))
+            return
+        except (CommitFailedError, DeltaError) as exc:  # another writer rolling the same plan forward created it first
+            dt = table.delta(family)
+            if dt is None:
+                raise
+            log.debug("the %s family was created concurrently (%s); appending", family, exc)
+            if int(dt.transaction_version(APP_ID) or 0) >= plan.version:
+                return
+    try:
+        dt.create_write_transaction([*adds, *removes], mode="append", schema=schema, commit_properties=_txn(plan.version))
+    except (CommitFailedError, DeltaError) as exc:
+        again = table.delta(family)
+        if again is not None and int(again.transaction_version(APP_ID) or 0) >= plan.version:
+            return  # a concurrent roll-forward of the same plan won
+        raise ConcurrentCommitError(f"committing the {family} family of {table.root} at version {plan.version} failed: {exc}") from exc
+
+
+def _stats_of(table: Table, rel: str) -> str:
+    """Statistics of a file whose done marker predates them: read it back."""
+    import pyarrow.parquet as pq
+
+    with table.fs.open(table._p(rel), "rb") as fh:
+        return file_stats(pq.read_table(fh))
+
+
+def _plan_path(version: int, job: str) -> str:
+    return f"{PLANS_DIR}/v{version:08d}-{job}.json"
+
+
+def pending_plan(table: Table) -> CommitPlan | None:
+    """The plan of the latest claimed commit when some family does not have it yet."""
+    commits = table.delta(COMMITS_TABLE)
+    if commits is None:
+        return None
+    version = int(commits.transaction_version(APP_ID) or 0)
+    rows = commits.to_pyarrow_table(columns=["version", "plan"], filters=[("version", "=", version)]).to_pylist()
+    if not rows:
+        return None
+    rel = rows[0]["plan"]
+    try:
+        with table.fs.open(table._p(rel), "rb") as fh:
+            plan = CommitPlan.from_json(json.load(fh))
+    except FileNotFoundError:
+        return None  # removed once every family had it
+    for fam in plan.families:
+        dt = table.delta(fam)
+        if dt is None or int(dt.transaction_version(APP_ID) or 0) < version:
+            return plan
+    table.remove_files([rel])
+    return None
+
+
+def finish_pending(table: Table) -> int | None:
+    """Roll a claimed, unfinished commit forward; returns its version, or None when there was none."""
+    plan = pending_plan(table)
+    if plan is None:
+        return None
+    log.warning("version %d of %s was claimed by a run that stopped before committing every family; finishing it", plan.version, table.root)
+    _apply(table, plan)
+    return plan.version
+
+
+def _apply(table: Table, plan: CommitPlan) -> None:
+    for fam in plan.families:
+        _commit_family(table, fam, plan)
+    table.remove_files([_plan_path(plan.version, plan.job)])
+
+
+def commit(table: Table, base_version: int, entries: list[ShardEntry], *, removes: dict[str, list[str]] | None = None,
+           extra_adds: dict[str, list[FileAdd]] | None = None, job: str | None = None) -> int:
+    """Publish ``entries``' files (and the given removals) as version ``base_version + 1``.
+
+    Raises :class:`ConcurrentCommitError` when another writer committed since ``base_version``;
+    nothing of this commit is then visible.
+    """
+    finish_pending(table)
+    if table.version() != base_version:
+        raise ConcurrentCommitError(f"{table.root} is at version {table.version()}, this run planned on {base_version}; "
+                                    "rerun to add what is missing")
+    version = base_version + 1
+    job = job or uuid.uuid4().hex[:12]
+    plan = CommitPlan.of(version, job, entries, removes, extra_adds)
+    rel = _plan_path(version, job)
+    table.fs.makedirs(table._p(PLANS_DIR), exist_ok=True)
+    table.put(table._p(rel), json.dumps(plan.to_json()).encode())
+    _claim(table, plan, rel)
+    _apply(table, plan)
+    return version
+
+
+def _claim(table: Table, plan: CommitPlan, rel: str) -> None:
+    row = pa.table({"version": [plan.version], "job": [plan.job], "plan": [rel],
+                    "families": [json.dumps({f: [len(plan.adds.get(f, ())), len(plan.removes.get(f, ()))] for f in plan.families})]},
+                   schema=family_schema(COMMITS_TABLE))
+    commits = table.delta(COMMITS_TABLE)
+    try:
+        if commits is None:
+            write_deltalake(table.delta_uri(COMMITS_TABLE), row, mode="error", storage_options=table.delta_options,
+                            commit_properties=_txn(plan.version, {"facetier_job": plan.job}))
+        else:
+            if int(commits.transaction_version(APP_ID) or 0) != plan.version - 1:
+                raise ConcurrentCommitError(f"version {plan.version} of {table.root} was committed by another run; rerun to add what is missing")
+            write_deltalake(commits, row, mode="append", commit_properties=_txn(plan.version, {"facetier_job": plan.job}))
+    except ConcurrentCommitError:
+        table.remove_files([rel])
+        raise
+    except (CommitFailedError, DeltaError) as exc:  # lost the race for the claim, or for creating `_commits`
+        table.remove_files([rel])
+        raise ConcurrentCommitError(f"version {plan.version} of {table.root} was claimed by another run ({str(exc).splitlines()[0][:200]}); "
+                                    "rerun to add what is missing") from exc
