@@ -24,8 +24,10 @@ def delta_storage_options(root: str) -> dict[str, str]:
         if not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
             opts["AWS_REGION"] = "us-east-1"
     elif scheme in ("gs", "gcs"):
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-        if emulator:  # a local emulator (tests): no credentials, plain HTTP
+        # an emulator: delta-rs speaks GCS's XML API, so GOOGLE_BASE_URL may name an endpoint other
+        # than the JSON one STORAGE_EMULATOR_HOST gives gcsfs; no credentials, plain HTTP
+        emulator = os.environ.get("GOOGLE_BASE_URL") or os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
             opts["google_base_url"] = emulator if "://" in emulator else f"http://{emulator}"
             opts["allow_http"] = "true"
             opts["google_skip_signature"] = "true"

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,7 +276,7 @@ class Table:
     def put(self, path: str, body: bytes) -> None:
         """Write a whole file so that no reader ever sees part of it: a rename on local disk, one PUT on object stores."""
         if self.is_local:
-            tmp = f"{path}.{os.getpid()}.tmp"
+            tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"  # unique per writer, threads of one process included
             with open(tmp, "wb") as fh:
                 fh.write(body)
             os.replace(tmp, path)

@@ -123,19 +123,20 @@ def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
     assert "facetier.pipelines.jobs.dataflow" in launch and "--engine beam" in launch
 
 
-def test_warehouse_ddl_lists_exactly_the_committed_base_files(tmp_path, sample_archive):
+def test_warehouse_ddl_names_the_delta_tables_of_index_and_base(tmp_path, sample_archive):
     from facetier.io.table import Table
     from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+    from deltalake import DeltaTable
     from facetier.pipelines.jobs.warehouse import bigquery_ddl
 
     root = str(tmp_path / "t")
     run_encode(str(sample_archive), root, EncodeOptions(shard_size=4, progress=False))
     (tmp_path / "t" / "basic" / "uncommitted.parquet").write_bytes(b"junk from a failed run")
     ddl = bigquery_ddl(root, "analytics")
-    m = Table(root).manifest()
-    for rel in m.files("basic") + m.files("faces"):
-        assert f"{root}/{rel}" in ddl
-    assert "uncommitted" not in ddl and "analytics.facetier_basic" in ddl
+    for fam in ("basic", "faces"):
+        assert f"uris = ['{root}/{fam}']" in ddl and f"analytics.facetier_{fam}" in ddl
+        assert DeltaTable(Table(root).delta_uri(fam)).version() >= 0  # what BigLake follows
+    assert "DELTA_LAKE" in ddl and "uncommitted" not in ddl and "WITH CONNECTION" in ddl
 
 
 def _free_port() -> int:
@@ -173,7 +174,7 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint(tmp_path, sample_archive):
         assert "inputs 12 = encoded 6 + rejected 6" in proc.stdout
         from facetier.io.table import Table
 
-        assert Table(str(table)).manifest().version == 1
+        assert Table(str(table)).version() == 1
         listing = subprocess.run([ray_cli, "list", "actors", f"--address=http://127.0.0.1:{dash_port}", "--detail", "--format=json", "--limit=1000"],
                                  env=env, capture_output=True, text=True, timeout=120)
         actors = json.loads(listing.stdout)

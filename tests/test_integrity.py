@@ -8,6 +8,7 @@ outside the table.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,13 +40,22 @@ def table(pristine: str, tmp_path: Path) -> str:
     return str(root)
 
 
+@dataclass(frozen=True)
+class _Files:
+    files: dict[str, str]  # family -> file holding the photo's rows, relative to the root
+
+
 def _two_faces_in_two_shards(root: str) -> tuple[dict, dict, dict]:
-    """(face A, face B, {photo id: shard}) with A and B in different shards."""
-    manifest = Table(root).manifest()
-    shard_of = {p: s for s in manifest.shards for p in s.photo_ids}
-    faces = sorted(read_family(Table(root), "faces").to_pylist(), key=lambda r: r["face_id"])
+    """(face A, face B, {photo id: its files}) with A and B in different files."""
+    t = Table(root)
+    shard_of: dict[str, _Files] = {}
+    for fam in ("faces", "basic", "middle", "enhanced", "residual", "original"):
+        rows = read_family(t, fam, columns=["photo_id"], with_file=True)
+        for p, rel in zip(rows.column("photo_id").to_pylist(), rows.column("__file").to_pylist()):
+            shard_of.setdefault(p, _Files({})).files[fam] = rel
+    faces = sorted(read_family(t, "faces").to_pylist(), key=lambda r: r["face_id"])
     a = faces[0]
-    b = next(f for f in faces if shard_of[f["photo_id"]].shard_id != shard_of[a["photo_id"]].shard_id)
+    b = next(f for f in faces if shard_of[f["photo_id"]].files["faces"] != shard_of[a["photo_id"]].files["faces"])
     return a, b, shard_of
 
 
@@ -126,7 +136,7 @@ def test_edit_records_damaged_faces_and_edits_the_rest(table: str, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("sql", "why"), [
-    ("copy (select * from faces) to '{root}/_manifest/v00000099.json'", "read-only"),
+    ("copy (select * from faces) to '{root}/faces/v00000099.parquet'", "read-only"),
     ("select 1; select 2", "exactly one"),
     ("attach '{root}/x.db' as x", "read-only"),
     ("select * from read_text('/etc/hostname')", "Permission"),
@@ -136,10 +146,10 @@ def test_edit_records_damaged_faces_and_edits_the_rest(table: str, tmp_path: Pat
     ("pragma version", "read-only"),
 ])
 def test_query_is_one_read_only_select_over_the_table(table: str, sql: str, why: str):
-    versions = Table(table).versions()
+    version = Table(table).version()
     with pytest.raises(QueryError, match=why):
         run_query(table, sql.format(root=table))
-    assert Table(table).versions() == versions and not (Path(table) / "x.db").exists()
+    assert Table(table).version() == version and not (Path(table) / "faces" / "v00000099.parquet").exists() and not (Path(table) / "x.db").exists()
     assert run_query(table, "select count(*) as n from faces").table.column("n")[0].as_py() >= 4
 
 

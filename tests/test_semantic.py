@@ -131,12 +131,13 @@ def test_edit_writes_images_and_rows(table, tmp_path):
 
 def test_a_base_family_written_without_attribute_columns_reads_as_nulls(tmp_path):
     import pyarrow as pa
+    from facetier.io.commit import commit
     from facetier.io.table import LAYER_SCHEMA, ShardEntry
 
     t = Table(str(tmp_path / "old"))
     old = pa.Table.from_pydict({"face_id": ["a-0"], "photo_id": ["a"], "payload": [b"x"], "nbytes": [1], "crc32": [0]}, schema=LAYER_SCHEMA)
-    path, nbytes = t.write_family("basic", "s1", old, "old", "old")
-    t.commit(0, [ShardEntry("s1", "old", "old", {"basic": path}, {"basic": 1}, {"basic": nbytes}, ("a",), {}, ())])
+    path, nbytes, stats = t.write_family("basic", "s1", old, "old", "old")
+    commit(t, 0, [ShardEntry("s1", "old", "old", {"basic": path}, {"basic": 1}, {"basic": nbytes}, ("a",), {}, {"basic": stats})])
     rows = read_family(t, "basic", columns=["face_id", "age", "identity"]).to_pylist()
     assert rows == [{"face_id": "a-0", "age": None, "identity": None}]
     with pytest.raises(ValueError, match="no columns"):  # the caller's mistake, not a damaged file

@@ -52,7 +52,7 @@ def test_names_that_are_not_utf8_are_listed_read_planned_and_encoded(odd_names: 
     keys = [r.key for r in list_sources(str(odd_names))]
     assert any(k.endswith("caf\udce9-photo.jpg") for k in keys)
     member = next(k for k in keys if "old-tool.tar!" in k)
-    assert read_source(SourceRef.parse(member)) and plan_shards(keys, "w", frozenset(), 2)
+    assert read_source(SourceRef.parse(member)) and plan_shards(keys, "w", 2)
     root = str(tmp_path / "table")
     summary = run_encode(str(odd_names), root, EncodeOptions(engine="local", shard_size=2, progress=False))
     assert summary.balanced and summary.faces == 3 and summary.inputs == 4, summary.render()

@@ -24,6 +24,7 @@ from facetier.io.table import (
     BASE_FAMILY,
     INDEX_FAMILY,
     REJECT_FAMILY,
+    Snapshot,
     Table,
     family_schema,
 )
@@ -69,14 +70,15 @@ def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryError(f"query is read-only: a SELECT, not a {statements[0].type.name} statement")
 
 
-def run_query(table_root: str, sql: str) -> QueryResult:
+def run_query(table_root: str, sql: str, *, as_of: int | None = None, snapshot: Snapshot | None = None) -> QueryResult:
     """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family), ``rejects`` and ``aliases``.
 
     The connection cannot touch files (external access off, configuration locked): the families
     registered here are all a query can read, so ``bytes_read`` counts everything it touched.
+    ``as_of`` reads facetier version ``as_of`` of the table (time travel) instead of the latest.
     """
     table = Table(table_root)
-    snapshot = table.snapshot()
+    snapshot = snapshot or table.snapshot(as_of)
     counter = ByteCounter()
     words = sql_words(sql)
     # closed explicitly: a connection left to interpreter teardown can abort the process on exit

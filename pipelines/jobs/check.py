@@ -10,23 +10,19 @@ older than the retention window, so a run still writing is never touched.
 from __future__ import annotations
 
 import logging
-import posixpath
-import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
 
 from facetier.codec.image_layers import decode_original
 from facetier.io.reader import read_file
 from facetier.io.sources import content_id
 from facetier.io.commit import finish_pending, pending_plan
+from facetier.pipelines.jobs.maintenance import DEFAULT_RETENTION_HOURS, unreferenced_files, vacuum
 from facetier.io.table import (
     ALL_FAMILIES,
     INDEX_FAMILY,
     LAYER_FAMILIES,
     ORIGINAL_FAMILY,
-    STAGING_DIR,
     Snapshot,
     Table,
     add_actions,
@@ -36,9 +32,6 @@ from tqdm import tqdm
 from facetier.errors import FacetierError, TableCorruptError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RETENTION_HOURS = 24.0
-
 
 @dataclass(frozen=True)
 class CheckReport:
@@ -64,23 +57,6 @@ class CheckReport:
         if self.removed:
             lines.append(f"removed {len(self.removed)} of them (older than the retention window)")
         return "\n".join(lines)
-
-
-def _modified(info: dict[str, Any]) -> float | None:
-    """Seconds since the epoch a stored file was last written, from whichever key the filesystem reports."""
-    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, datetime):
-            return value.timestamp()
-        try:
-            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            continue
-    return None
 
 
 def _check_family(table: Table, family: str, snapshot: Snapshot, problems: list[str], ids: dict[str, set[str]]) -> tuple[int, int]:
@@ -119,19 +95,6 @@ def _check_family(table: Table, family: str, snapshot: Snapshot, problems: list[
     return files, rows
 
 
-def _untracked(table: Table, snapshot: Snapshot) -> set[str]:
-    """Family files no version in the Delta logs references: written by a killed run, a run that lost its
-    claim, or a rewrite that was never committed."""
-    out = set()
-    for family in snapshot.family_versions:
-        dt = table.delta(family)
-        everything_else = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True))
-        tombstones = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))
-        out |= {f"{family}/{posixpath.basename(p)}" for p in everything_else - tombstones}
-    stored = table.stored_files(tuple(f for f in ALL_FAMILIES if f not in snapshot.family_versions))
-    return out | set(stored)  # a family no commit created yet: all its files
-
-
 def check_table(table_root: str, *, repair: bool = False, retention_hours: float = DEFAULT_RETENTION_HOURS, progress: bool = True) -> CheckReport:
     table = Table(table_root)
     if repair:
@@ -155,31 +118,8 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
             problems.append(f"the {family} family holds face {fid}, which the faces index does not")
     if pending_plan(table) is not None:
         problems.append("the latest commit was claimed but not applied to every family (a killed run); `check --repair` finishes it")
-    staged = table.stored_files((STAGING_DIR,))
-    stored = {**table.stored_files(ALL_FAMILIES), **staged}
-    unreferenced = sorted(_untracked(table, snapshot) | set(staged))
-    removed = []
+    unreferenced = unreferenced_files(table, snapshot)
+    removed: tuple[str, ...] = ()
     if repair:
-        cutoff = time.time() - retention_hours * 3600
-
-        def young(rel: str) -> bool:  # unknown age counts as young: never guess in favour of deleting
-            written = _modified(stored[rel]) if rel in stored else None
-            return written is None or written > cutoff
-
-        # a shard whose done marker is young belongs to a run that may still commit (encode refreshes the
-        # markers of the shards it resumes), however old the shard's own files are
-        live = {posixpath.basename(rel)[: -len(".json")] for rel in unreferenced if rel.startswith(f"{STAGING_DIR}/") and young(rel)}
-        for rel in unreferenced:
-            shard = posixpath.basename(rel).split(".")[0]
-            if young(rel) or shard in live:
-                continue
-            removed.append(rel)
-        table.remove_files(removed)
-        expired = []
-        for family in snapshot.family_versions:  # files only versions older than the retention window reference
-            expired += [f"{family}/{p}" for p in table.delta(family).vacuum(retention_hours=max(0, int(retention_hours)), dry_run=False,
-                                                                            enforce_retention_duration=False)]
-        removed += expired
-        log.info("removed %d files (%d unreferenced kept within the %.1f h retention window, %d of expired versions)", len(removed),
-                 len(unreferenced) - len(removed) + len(expired), retention_hours, len(expired))
-    return CheckReport(table_root, snapshot.version, files, rows, tuple(problems), tuple(unreferenced), tuple(removed))
+        removed = vacuum(table, retention_hours=retention_hours).removed
+    return CheckReport(table_root, snapshot.version, files, rows, tuple(problems), tuple(unreferenced), removed)

@@ -35,7 +35,8 @@ def _decode_options(a: argparse.Namespace, **extra: object):
 
     return DecodeOptions(where=a.where, ids_file=a.ids_file, limit=a.limit, fmt=a.format, quality=a.quality, paste_back=a.paste_back,
                          gallery=a.gallery, dry_run=a.dry_run, engine=a.engine, workers=a.workers, batch_size=a.batch_size, weights=a.weights,
-                         device=a.device, ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, **extra)
+                         device=a.device, ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet,
+                         as_of=getattr(a, "as_of", None), **extra)
 
 
 def _decode(a: argparse.Namespace) -> int:
@@ -61,7 +62,7 @@ def _report_failures(failures: tuple, written: int) -> int:
 def _query(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.analytics import run_query
 
-    res = run_query(a.table, a.sql)
+    res = run_query(a.table, a.sql, as_of=a.as_of)
     print(res.table.to_pandas().to_string(index=False, max_rows=a.max_rows))
     print(f"-- read {res.bytes_read} bytes of {res.table_bytes} in the table ({100 * res.bytes_read / max(1, res.table_bytes):.2f}%)", file=sys.stderr)
     return 0
@@ -97,6 +98,15 @@ def _check(a: argparse.Namespace) -> int:
     report = check_table(a.table, repair=a.repair, retention_hours=a.retention_hours, progress=not a.quiet)
     print(report.render())
     return 0 if report.healthy else 5
+
+
+def _vacuum(a: argparse.Namespace) -> int:
+    from facetier.io.table import Table
+    from facetier.pipelines.jobs.maintenance import vacuum
+
+    report = vacuum(Table(a.table), retention_hours=a.retention_hours, compact=a.compact, dry_run=a.dry_run, progress=not a.quiet)
+    print(report.render())
+    return 0
 
 
 def _warehouse_ddl(a: argparse.Namespace) -> int:
@@ -178,12 +188,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--upto", default="enhanced", help="basic, middle, enhanced, residual or original (the source files, byte for byte)")
     d.add_argument("--out", required=True, help="output folder: a path, gs://bucket/prefix or s3://bucket/prefix")
     _job_arguments(d)
+    d.add_argument("--as-of", type=int, metavar="VERSION", help="decode the table as it was at this version (time travel; default: the latest)")
     d.set_defaults(func=_decode)
 
     q = sub.add_parser("query", help="SQL over the faces index (faces) and the base family (basic)")
     q.add_argument("table")
     q.add_argument("sql")
     q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument("--as-of", type=int, metavar="VERSION", help="query the table as it was at this version (time travel; default: the latest)")
     q.set_defaults(func=_query)
 
     se = sub.add_parser("search", help="nearest faces by identity embedding, reading only the base family")
@@ -210,6 +222,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--retention-hours", type=float, default=24.0, help="never remove files younger than this: a running job may still commit them")
     ck.add_argument("--quiet", action="store_true", help="no progress bar")
     ck.set_defaults(func=_check)
+
+    va = sub.add_parser("vacuum", help="finish a stopped commit, compact small files (--compact), checkpoint the Delta logs, remove files no version needs")
+    va.add_argument("table")
+    va.add_argument("--compact", action="store_true", help="rewrite each family's small files into large ones (readers keep working)")
+    va.add_argument("--retention-hours", type=float, default=24.0,
+                    help="keep files younger than this (a running job may still commit them) and versions this recent (--as-of reaches back this far)")
+    va.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+    va.add_argument("--quiet", action="store_true", help="no progress bar")
+    va.set_defaults(func=_vacuum)
 
     wh = sub.add_parser("warehouse-ddl", help="BigQuery (BigLake) Delta Lake tables over the faces index and base family")
     wh.add_argument("table")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from facetier.codec.layers import ORIGINAL
+from facetier.io.table import Table
 from facetier.pipelines.jobs.decode_records import (
     BatchDecoder,
     DecodeContext,
@@ -57,6 +58,7 @@ class DecodeOptions:
     beam_args: tuple[str, ...] = ()
     progress: bool = False
     edits: tuple[tuple[str, str], ...] = ()
+    as_of: int | None = None  # a facetier table version (time travel); None: the latest
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,13 @@ def run_decode(table_root: str, ids: Sequence[str] | None, upto: str, out: str, 
     if upto == ORIGINAL and (opts.paste_back or opts.edits):
         raise ConfigError("--upto original writes the source files: nothing to paste back or edit")
     started = time.monotonic()
-    selection = select(table_root, ids=ids or (), ids_file=opts.ids_file, where=opts.where, by_photo=upto == ORIGINAL, limit=opts.limit)
+    snapshot = Table(table_root).snapshot(opts.as_of)  # one table state for the selection and every batch
+    selection = select(table_root, ids=ids or (), ids_file=opts.ids_file, where=opts.where, by_photo=upto == ORIGINAL, limit=opts.limit,
+                       snapshot=snapshot)
     log.info("%d selected (%d of them not in the table); the selection read %d bytes", selection.size, len(selection.failures), selection.bytes_read)
     if opts.dry_run:
         return DecodeResult((), selection.failures, selection.size, dry_run=True)
-    ctx = DecodeContext(table_root, out, upto, opts.fmt, opts.quality, opts.paste_back, opts.weights, opts.device, opts.edits)
+    ctx = DecodeContext(table_root, out, upto, opts.fmt, opts.quality, opts.paste_back, opts.weights, opts.device, opts.edits, snapshot)
     worker = BatchDecoder(ctx)
     weights_hash = "" if upto == ORIGINAL else worker.codec.weights_hash
     if upto != ORIGINAL:

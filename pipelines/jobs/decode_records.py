@@ -19,7 +19,7 @@ import numpy as np
 from facetier.codec.align import paste_back
 from facetier.codec.layers import ORIGINAL, RESIDUAL
 from facetier.io.images import decode_image, sniff_format
-from facetier.io.table import Table
+from facetier.io.table import Snapshot, Table
 from facetier.pipelines.jobs.outputs import JOB_DIR, OutputFolder
 from facetier.pipelines.jobs.stored_codes import (
     FaceFailure,
@@ -49,6 +49,10 @@ class DecodeContext:
     weights_path: str | None = None
     device: str = "auto"
     edits: tuple[tuple[str, str], ...] = ()  # an edit job: attribute moves on the basic code
+    snapshot: Snapshot | None = None  # the table state every batch reads (fixed by the driver); None: the latest
+
+    def table_snapshot(self, table: Table) -> Snapshot:
+        return self.snapshot or table.snapshot()
 
     @property
     def tag(self) -> str:
@@ -146,7 +150,7 @@ class BatchDecoder:
                 todo.append(pid)
         if todo:
             table = Table(self.ctx.table_root)
-            originals, failed = read_originals(table, todo, table.snapshot())
+            originals, failed = read_originals(table, todo, self.ctx.table_snapshot(table))
             for pid, data in sorted(originals.items()):
                 name = f"{pid}.{ORIGINAL_EXTENSIONS.get(sniff_format(data) or '', 'bin')}"
                 self.out.write(name, data)  # the source bytes exactly (checked against the photo id)
@@ -163,7 +167,7 @@ class BatchDecoder:
         if not todo:
             return records
         table = Table(ctx.table_root)
-        snapshot = table.snapshot()
+        snapshot = ctx.table_snapshot(table)
         rows, failures = index_rows(table, todo, snapshot)
         codes, failed = read_codes(table, rows, families, snapshot)
         failures += failed

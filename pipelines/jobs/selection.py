@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import fsspec
 from facetier.io.reader import ByteCounter, read_family
-from facetier.io.table import INDEX_FAMILY, Table
+from facetier.io.table import INDEX_FAMILY, Snapshot, Table
 from facetier.pipelines.jobs.analytics import run_query
 from facetier.pipelines.jobs.stored_codes import FaceFailure
 
@@ -41,7 +41,7 @@ def read_ids_file(uri: str) -> list[str]:
 
 
 def select(table_root: str, *, ids: Sequence[str] = (), ids_file: str | None = None, where: str | None = None,
-           by_photo: bool = False, limit: int | None = None) -> Selection:
+           by_photo: bool = False, limit: int | None = None, snapshot: Snapshot | None = None) -> Selection:
     """Resolve ids and/or a SQL condition into sorted, distinct units; ``by_photo`` gives photo ids."""
     wanted = list(ids) + (read_ids_file(ids_file) if ids_file else [])
     if not wanted and where is None:
@@ -52,13 +52,13 @@ def select(table_root: str, *, ids: Sequence[str] = (), ids_file: str | None = N
     if where is not None:
         sql = (f"SELECT DISTINCT {'photo_id' if by_photo else 'face_id'} AS unit FROM faces LEFT JOIN basic USING (face_id, photo_id) "
                f"WHERE ({where})")
-        res = run_query(table_root, sql)
+        res = run_query(table_root, sql, snapshot=snapshot)
         units.update(res.table.column("unit").to_pylist())
         counter.add(res.bytes_read)
     if wanted:
         table = Table(table_root)
         either = [[("face_id", "in", sorted(set(wanted)))], [("photo_id", "in", sorted(set(wanted)))]]
-        index = read_family(table, INDEX_FAMILY, columns=["face_id", "photo_id"], filters=either, counter=counter)
+        index = read_family(table, INDEX_FAMILY, columns=["face_id", "photo_id"], filters=either, counter=counter, snapshot=snapshot)
         face_ids, photo_ids = index.column("face_id").to_pylist(), index.column("photo_id").to_pylist()
         known = set(face_ids) | set(photo_ids)
         asked = set(wanted)

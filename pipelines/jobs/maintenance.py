@@ -1,0 +1,113 @@
+"""Keeping a table lean: roll forward an unfinished commit, compact small files, checkpoint the
+Delta logs, and remove files no version needs any more (``facetier vacuum``, ``check --repair``).
+
+Two kinds of files become garbage. Files no Delta log ever referenced (a killed run's shards, a
+run that lost its claim, a rewrite never committed) are removed once older than the retention
+window, unless a young done marker says their run may still commit. Files only versions older
+than the window reference (replaced by rewrites or compaction) are removed by Delta's own vacuum,
+which is what bounds how far back ``--as-of`` can travel.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from deltalake import WriterProperties
+from facetier.io.commit import finish_pending
+from facetier.io.table import ALL_FAMILIES, ROW_GROUP_ROWS, STAGING_DIR, Snapshot, Table
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION_HOURS = 24.0
+COMPACT_TARGET_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class VacuumReport:
+    table: str
+    version: int
+    finished_commit: int | None  # a claimed commit this run completed
+    compacted: dict[str, tuple[int, int]]  # family -> (files removed, files added)
+    removed: tuple[str, ...]
+    kept_young: int  # unreferenced files kept because they are inside the retention window
+
+    def render(self) -> str:
+        lines = [f"table {self.table} at version {self.version}"]
+        if self.finished_commit:
+            lines.append(f"finished commit {self.finished_commit}, which a stopped run had claimed")
+        for fam, (gone, added) in sorted(self.compacted.items()):
+            lines.append(f"compacted {fam}: {gone} files into {added}")
+        lines.append(f"removed {len(self.removed)} file(s) no version within the retention window needs; kept {self.kept_young} younger ones")
+        return "\n".join(lines)
+
+
+def modified(info: dict[str, Any]) -> float | None:
+    """Seconds since the epoch a stored file was last written, from whichever key the filesystem reports."""
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        try:
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def unreferenced_files(table: Table, snapshot: Snapshot) -> list[str]:
+    """Family files no version in the Delta logs references, and leftover staging files (relative paths)."""
+    out = set()
+    for family in snapshot.family_versions:
+        dt = table.delta(family)
+        not_current = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True))
+        tombstones = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))  # older versions' files
+        out |= {f"{family}/{posixpath.basename(p)}" for p in not_current - tombstones}
+    out |= set(table.stored_files(tuple(f for f in ALL_FAMILIES if f not in snapshot.family_versions)))  # no commit created these yet
+    out |= set(table.stored_files((STAGING_DIR,)))
+    return sorted(out)
+
+
+def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, compact: bool = False, dry_run: bool = False,
+           progress: bool = False) -> VacuumReport:
+    finished = None if dry_run else finish_pending(table)
+    compacted: dict[str, tuple[int, int]] = {}
+    if compact and not dry_run:
+        snap = table.snapshot()
+        for family in tqdm(list(snap.family_versions), desc="compact", unit="family", disable=not progress):
+            props = WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS.get(family, 65536))
+            metrics = table.delta(family).optimize.compact(target_size=COMPACT_TARGET_BYTES, writer_properties=props)
+            if metrics.get("numFilesRemoved"):
+                compacted[family] = (int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"]))
+    snapshot = table.snapshot()
+    unreferenced = unreferenced_files(table, snapshot)
+    stored = {**table.stored_files(ALL_FAMILIES), **table.stored_files((STAGING_DIR,))}
+    cutoff = time.time() - retention_hours * 3600
+
+    def young(rel: str) -> bool:  # unknown age counts as young: never guess in favour of deleting
+        written = modified(stored[rel]) if rel in stored else None
+        return written is None or written > cutoff
+
+    # a shard whose done marker is young belongs to a run that may still commit (encode refreshes the
+    # markers of the shards it resumes), however old the shard's own files are
+    live = {posixpath.basename(rel)[: -len(".json")] for rel in unreferenced if rel.startswith(f"{STAGING_DIR}/") and young(rel)}
+    removable = [rel for rel in unreferenced if not young(rel) and posixpath.basename(rel).split(".")[0] not in live]
+    expired = []
+    for family in snapshot.family_versions:  # files only versions older than the retention window reference
+        expired += [f"{family}/{posixpath.basename(p)}" for p in table.delta(family).vacuum(
+            retention_hours=max(0, int(retention_hours)), dry_run=dry_run, enforce_retention_duration=False)]
+    if not dry_run:
+        table.remove_files(removable)
+        for family in snapshot.family_versions:
+            table.delta(family).create_checkpoint()
+    removed = tuple(sorted(set(removable) | set(expired)))
+    log.info("removed %d files (%d unreferenced kept inside the %.1f h window)", len(removed), len(unreferenced) - len(removable), retention_hours)
+    return VacuumReport(table.root, snapshot.version, finished, compacted, removed, len(unreferenced) - len(removable))
