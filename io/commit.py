@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from deltalake import CommitProperties, Schema, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
-from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+from deltalake.transaction import AddAction, RemoveAction
 from facetier.io.table import APP_ID, COMMIT_ORDER, COMMITS_TABLE, PLANS_DIR, ShardEntry, Table, family_schema, file_stats
 
 from facetier.errors import ConcurrentCommitError, TableCorruptError
@@ -93,35 +93,40 @@ def _relative(family: str, rel: str) -> str:
     return rel[len(prefix):]
 
 
+def _ensure(table: Table, family: str) -> DeltaTable:
+    """The family's Delta table, created empty first when missing. Creating is not where races are
+    decided (two creators of the same empty table do no harm); every commit with rows is an append
+    under the ``facetier`` application transaction, which Delta refuses to repeat concurrently."""
+    dt = table.delta(family)
+    if dt is None:
+        try:
+            DeltaTable.create(table.delta_uri(family), schema=Schema.from_arrow(family_schema(family)), mode="ignore",
+                              storage_options=table.delta_options)
+        except (CommitFailedError, DeltaError) as exc:  # another writer created it a moment earlier
+            log.debug("creating the %s family raced another writer: %s", family, exc)
+        dt = table.delta(family)
+        if dt is None:
+            raise TableCorruptError(f"could not create the {family} family of {table.root}")
+    return dt
+
+
+def _done(dt: DeltaTable, version: int) -> bool:
+    return int(dt.transaction_version(APP_ID) or 0) >= version
+
+
 def _commit_family(table: Table, family: str, plan: CommitPlan) -> None:
     """Apply the plan's actions to one family, once: a family that already has this version's
     transaction is left alone."""
-    dt = table.delta(family)
-    if dt is not None and int(dt.transaction_version(APP_ID) or 0) >= plan.version:
+    dt = _ensure(table, family)
+    if _done(dt, plan.version):
         return
     now = int(time.time() * 1000)
     adds = [AddAction(_relative(family, a.path), a.size, {}, now, True, a.stats or _stats_of(table, a.path)) for a in plan.adds.get(family, ())]
     removes = [RemoveAction(path=_relative(family, r), data_change=True, deletion_timestamp=now) for r in plan.removes.get(family, ())]
-    schema = family_schema(family)
-    if dt is None:
-        if removes:
-            raise TableCorruptError(f"the {family} family of {table.root} has no Delta log, yet commit {plan.version} removes files from it")
-        try:
-            create_table_with_add_actions(table.delta_uri(family), Schema.from_arrow(schema), adds, mode="error",
-                                          storage_options=table.delta_options, commit_properties=_txn(plan.version))
-            return
-        except (CommitFailedError, DeltaError) as exc:  # another writer rolling the same plan forward created it first
-            dt = table.delta(family)
-            if dt is None:
-                raise
-            log.debug("the %s family was created concurrently (%s); appending", family, exc)
-            if int(dt.transaction_version(APP_ID) or 0) >= plan.version:
-                return
     try:
-        dt.create_write_transaction([*adds, *removes], mode="append", schema=schema, commit_properties=_txn(plan.version))
+        dt.create_write_transaction([*adds, *removes], mode="append", schema=family_schema(family), commit_properties=_txn(plan.version))
     except (CommitFailedError, DeltaError) as exc:
-        again = table.delta(family)
-        if again is not None and int(again.transaction_version(APP_ID) or 0) >= plan.version:
+        if _done(_ensure(table, family), plan.version):
             return  # a concurrent roll-forward of the same plan won
         raise ConcurrentCommitError(f"committing the {family} family of {table.root} at version {plan.version} failed: {exc}") from exc
 
@@ -144,10 +149,10 @@ def pending_plan(table: Table) -> CommitPlan | None:
     if commits is None:
         return None
     version = int(commits.transaction_version(APP_ID) or 0)
-    rows = commits.to_pyarrow_table(columns=["version", "plan"], filters=[("version", "=", version)]).to_pylist()
-    if not rows:
+    job = claimant(table, version)
+    if job is None:
         return None
-    rel = rows[0]["plan"]
+    rel = _plan_path(version, job)
     try:
         with table.fs.open(table._p(rel), "rb") as fh:
             plan = CommitPlan.from_json(json.load(fh))
@@ -200,22 +205,31 @@ def commit(table: Table, base_version: int, entries: list[ShardEntry], *, remove
 
 
 def _claim(table: Table, plan: CommitPlan, rel: str) -> None:
+    """Claim version ``plan.version`` in ``_commits``, or raise :class:`ConcurrentCommitError` (nothing of
+    this commit is then visible)."""
     row = pa.table({"version": [plan.version], "job": [plan.job], "plan": [rel],
                     "families": [json.dumps({f: [len(plan.adds.get(f, ())), len(plan.removes.get(f, ()))] for f in plan.families})]},
                    schema=family_schema(COMMITS_TABLE))
-    commits = table.delta(COMMITS_TABLE)
+    commits = _ensure(table, COMMITS_TABLE)
     try:
-        if commits is None:
-            write_deltalake(table.delta_uri(COMMITS_TABLE), row, mode="error", storage_options=table.delta_options,
-                            commit_properties=_txn(plan.version, {"facetier_job": plan.job}))
-        else:
-            if int(commits.transaction_version(APP_ID) or 0) != plan.version - 1:
-                raise ConcurrentCommitError(f"version {plan.version} of {table.root} was committed by another run; rerun to add what is missing")
+        if not _done(commits, plan.version - 1) or _done(commits, plan.version):
+            raise ConcurrentCommitError(f"version {plan.version} of {table.root} was committed by another run; rerun to add what is missing")
+        try:
             write_deltalake(commits, row, mode="append", commit_properties=_txn(plan.version, {"facetier_job": plan.job}))
+        except (CommitFailedError, DeltaError) as exc:  # lost the race: Delta refused a second `facetier` = N+1
+            raise ConcurrentCommitError(f"version {plan.version} of {table.root} was claimed by another run ({str(exc).splitlines()[0][:200]}); "
+                                        "rerun to add what is missing") from exc
+        if (winner := claimant(table, plan.version)) != plan.job:  # belt and braces: the first claim in the log wins
+            raise ConcurrentCommitError(f"version {plan.version} of {table.root} was claimed by run {winner} first; rerun to add what is missing")
     except ConcurrentCommitError:
         table.remove_files([rel])
         raise
-    except (CommitFailedError, DeltaError) as exc:  # lost the race for the claim, or for creating `_commits`
-        table.remove_files([rel])
-        raise ConcurrentCommitError(f"version {plan.version} of {table.root} was claimed by another run ({str(exc).splitlines()[0][:200]}); "
-                                    "rerun to add what is missing") from exc
+
+
+def claimant(table: Table, version: int) -> str | None:
+    """The job whose claim of ``version`` is first in the ``_commits`` log."""
+    commits = table.delta(COMMITS_TABLE)
+    if commits is None:
+        return None
+    claims = [h for h in commits.history(limit=50) if h.get("facetier_version") == str(version) and h.get("facetier_job")]
+    return min(claims, key=lambda h: int(h["version"]))["facetier_job"] if claims else None

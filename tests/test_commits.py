@@ -60,6 +60,8 @@ root, base, markers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 t = Table(root)
 entries = [ShardEntry.from_json(json.loads(t.fs.cat_file(t._p("_staging", m + ".json")))) for m in markers]
 retry = base < 0
+t.snapshot_or_empty()  # warm: the kill window starts at the commit itself
+print("READY", flush=True)
 while True:
     try:
         v = commit(t, t.version() if retry else base, entries)
@@ -104,17 +106,20 @@ def kills_mid_commit(root: str, episodes: int, seed: int = 0) -> None:
     commit, or commit again): after every episode each shard's rows are there exactly once."""
     rng = random.Random(seed)
     t = Table(root)
-    started = time.monotonic()
     first = stage(t, "k-first", 2)
     commit(t, 0, [first])
+    started = time.monotonic()
+    second = stage(t, "k-second", 2)
+    commit(t, 1, [second])  # what a commit to existing families costs here
     one_commit = time.monotonic() - started
-    expected = {f"{p}-0" for p in first.photo_ids}
+    expected = {f"{p}-0" for e in (first, second) for p in e.photo_ids}
     outcomes = []
     for k in range(episodes):
         entry = stage(t, f"k{k}", 2)
         base = t.version()
         proc = run_committer(root, base, [entry.shard_id])
-        time.sleep(rng.uniform(0.0, 1.5 * one_commit + 0.5))  # python start-up, planning, claim, families
+        assert proc.stdout.readline().strip() == "READY"  # imported and about to commit
+        time.sleep(rng.uniform(0.0, 8 * one_commit + 0.1))  # anywhere in plan, claim, families, cleanup (slower in a fresh process)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if pending_plan(t) is not None:
