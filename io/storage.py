@@ -25,10 +25,12 @@ def delta_storage_options(root: str) -> dict[str, str]:
             opts["AWS_REGION"] = "us-east-1"
     elif scheme in ("gs", "gcs"):
         # an emulator: delta-rs speaks GCS's XML API, so GOOGLE_BASE_URL may name an endpoint other
-        # than the JSON one STORAGE_EMULATOR_HOST gives gcsfs; no credentials, plain HTTP
+        # than the JSON one STORAGE_EMULATOR_HOST gives gcsfs; plain HTTP. Credentials: delta-rs finds
+        # application default credentials itself
         emulator = os.environ.get("GOOGLE_BASE_URL") or os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
             opts["google_base_url"] = emulator if "://" in emulator else f"http://{emulator}"
             opts["allow_http"] = "true"
-            opts["google_skip_signature"] = "true"
+        if key := os.environ.get("GOOGLE_SERVICE_ACCOUNT_KEY"):  # a service account's JSON key given inline
+            opts["google_service_account_key"] = key
     return opts

