@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +33,7 @@ def stage(table: Table, shard_id: str, n: int) -> ShardEntry:
         cols["face_id"] = [f"{p}-0" for p in ids]
         if "payload" in cols:
             cols["payload"] = [p.encode() for p in ids]
+            cols["crc32"] = [zlib.crc32(p.encode()) for p in ids]
         t = pa.Table.from_pydict(cols, schema=schema)
         files[fam], nbytes[fam], stats[fam] = table.write_family(fam, shard_id, t, "synthetic", "w")
         rows[fam] = n
@@ -188,3 +190,35 @@ def test_time_travel_reads_each_version(tmp_path: Path):
     with pytest.raises(Exception, match="versions 1 to 2"):
         t.snapshot(3)
     assert json.loads(json.dumps(old.family_versions)) == old.family_versions
+
+
+def test_vacuum_compacts_sorted_and_keeps_what_versions_in_the_window_need(tmp_path: Path):
+    from facetier.io.reader import family_files
+    from facetier.pipelines.jobs.maintenance import vacuum
+    from facetier.pipelines.jobs.stored_codes import index_rows, read_codes
+
+    from facetier.errors import TableCorruptError
+
+    t = Table(str(tmp_path / "t"))
+    entries = []
+    for k in range(3):
+        entries.append(stage(t, f"v{k}", 4))
+        commit(t, k, [entries[-1]])
+    stray = stage(t, "killed-run", 2)  # a shard no commit took
+    before = face_ids(t)
+    report = vacuum(t, compact=True, retention_hours=24)
+    assert report.compacted["basic"] == (3, 1) and report.removed == ()  # everything is inside the window
+    assert face_ids(t) == before and len(family_files(t, "basic", t.snapshot())) == 1
+    # a point lookup after compaction: the shard's own file is gone, the statistics find the new one
+    fid = f"{entries[1].photo_ids[2]}-0"
+    snap = t.snapshot()
+    rows, _ = index_rows(t, [fid], snap)
+    codes, failed = read_codes(t, rows, ["basic", "middle"], snap)
+    assert not failed and codes[fid].layers[1].payload == entries[1].photo_ids[2].encode()
+    assert len(read_family(t, "basic", columns=["face_id"], snapshot=t.snapshot(1))) == 4  # time travel still reads version 1
+    gone = vacuum(t, retention_hours=0)
+    assert {f"{fam}/{stray.shard_id}.parquet" for fam in FAMILIES} <= set(gone.removed)
+    assert f"basic/{entries[0].shard_id}.parquet" in gone.removed  # only versions before compaction needed it
+    assert face_ids(t) == before
+    with pytest.raises(TableCorruptError, match="cannot be read"):
+        read_family(t, "basic", columns=["face_id"], snapshot=t.snapshot(1))

@@ -86,6 +86,27 @@ def _rd(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from facetier.pipelines.evaluation.scale_bench import run_scale_bench
+
+    work = Path(a.work)
+    src = a.src_table
+    if src is None:  # real rows to replicate: the sample archive, encoded by the embedded model
+        from facetier.codec.model import FaceCodec
+        from facetier.io.table import Table
+        from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+        from facetier.pipelines.jobs.sample_archive import build_sample_archive
+
+        src = str(work / "source-table")
+        if not Table(src).exists():
+            build_sample_archive(work / "source-archive", FaceCodec.load(None, device="cpu"))
+            run_encode(str(work / "source-archive"), src, EncodeOptions(progress=False))
+    run_scale_bench([int(x) for x in a.sizes.split(",")], work, src, a.file_rows, report=a.report, keep=a.keep)
+    return 0
+
+
 def _bench_prior(a: argparse.Namespace) -> int:
     from facetier.pipelines.evaluation.prior_speed import render, run_prior_speed
 
@@ -120,6 +141,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--decode-upto", default="residual", help="after each encode, decode every face of its table at this prefix on the same engine ('none': skip)")
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_bench)
+
+    bs = sub.add_parser("bench-scale", help="commit, planning, query and point-lookup cost of the table at 10k to 10M faces, next to the v1 manifest's")
+    bs.add_argument("--sizes", default="10000,100000,1000000", help="faces per synthetic table, comma-separated (10M needs ~5 GB of disk)")
+    bs.add_argument("--work", default="runs/bench-scale", help="scratch folder for the synthetic tables")
+    bs.add_argument("--src-table", help="table whose real rows are replicated (default: the sample archive, encoded here)")
+    bs.add_argument("--file-rows", type=int, default=250_000, help="rows per bulk file (what vacuum --compact leaves)")
+    bs.add_argument("--keep", action="store_true", help="keep the synthetic tables")
+    bs.add_argument("--report", default="bench-scale-report.json")
+    bs.set_defaults(func=_bench_scale)
 
     bp = sub.add_parser("bench-prior", help="encode/decode speed per face of a bundle imported from public-format checkpoints (random weights, real widths)")
     bp.add_argument("--sizes", default="256,1024", help="generator resolutions (FFHQ config-f widths, pSp IR-SE50 encoder)")

@@ -27,6 +27,7 @@ from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.commit import commit
+from facetier.io.identity import pack_identity, roundtrip
 from facetier.io.table import (
     BASE_FAMILY,
     BASE_SCHEMA,
@@ -149,7 +150,9 @@ def eval_lfw_identity(codec: FaceCodec, lfw_dir: Path, max_pairs_per_fold: int |
             v = dlib.photo_embedding(rgb)
             if v is not None:
                 orig[name] = v
+    stored = {name: roundtrip(v) for name, v in base.items()}  # what the base family's int8 columns read back as
     out = {"pairs": len(pairs), "base identity embedding": fold_accuracy(pairs, pair_distances(pairs, base)),
+           "base identity embedding as stored (int8 + scale)": fold_accuracy(pairs, pair_distances(pairs, stored)),
            "pairs missing a face (counted wrong)": {"base identity embedding": pairs_missing_a_face(pairs, base)}}
     if dlib is not None:
         out["dlib on original photos"] = fold_accuracy(pairs, pair_distances(pairs, orig))
@@ -206,7 +209,8 @@ def replicate_base_rows(rows: list[dict], n_faces: int, root: Path, shards: int 
 
 def _base_row(r: dict) -> dict:
     payload = r["code"].layer("basic").payload
-    return {**r, "payload": payload, "nbytes": len(payload), "crc32": zlib.crc32(payload)}
+    identity, scale = pack_identity(r.get("identity"))
+    return {**r, "payload": payload, "nbytes": len(payload), "crc32": zlib.crc32(payload), "identity": identity, "identity_scale": scale}
 
 
 def eval_query(rows: list[dict], n_faces: int, work: Path, peer_sample: int) -> dict:

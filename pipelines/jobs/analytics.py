@@ -1,8 +1,8 @@
 """Analytics over the base family: SQL queries and identity search, with no pixels and no model.
 
 ``run_query`` registers only the columns the SQL names, so an attribute query never pulls payloads
-or identity embeddings. Search reads the base family's ``identity`` column (a fixed-size float
-array decoded from the basic layer at encode time) and nothing else; a query image is encoded with
+or identity embeddings. Search reads the base family's ``identity`` columns (int8 components and a
+per-row scale, decoded from the basic layer at encode time; facetier.io.identity) and nothing else; a query image is encoded with
 the model first.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
+from facetier.io.identity import roundtrip, unpack_identity
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.sources import SourceRef, read_source
 from facetier.io.table import (
@@ -96,7 +97,7 @@ def run_query(table_root: str, sql: str, *, as_of: int | None = None, snapshot: 
     return QueryResult(result, counter.total, sum(table.family_bytes(snapshot).values()))
 
 
-SEARCH_COLUMNS = ["face_id", "photo_id", "age", "gender", "race", "identity"]
+SEARCH_COLUMNS = ["face_id", "photo_id", "age", "gender", "race", "identity", "identity_scale"]
 
 
 @dataclass(frozen=True)
@@ -112,17 +113,16 @@ def _query_embedding(like: str, base: pa.Table, weights: str | None, device: str
     photos = base.column("photo_id").to_pylist()
     for i, (fid, pid) in enumerate(zip(ids, photos)):
         if like in (fid, pid):
-            emb = base.column("identity")[i].as_py()
-            if emb is None:
+            if not base.column("identity")[i].is_valid:
                 raise ConfigError(f"face {fid} has no identity embedding (encoded by a model without a semantic base layer)")
-            return np.asarray(emb, np.float32), fid
+            return unpack_identity(base.column("identity").slice(i, 1), base.column("identity_scale").slice(i, 1))[0], fid
     try:
         data = read_source(SourceRef.parse(like))
     except InputError as exc:
         raise ConfigError(f"--like {like!r} is neither a face/photo id of the table nor a readable image: {exc}") from exc
     codec = FaceCodec.load(weights, device=device)
     faces = codec.encode(decode_image(data).rgb, layers=["basic"])
-    return np.asarray(codec.describe([faces[0].code])[0]["identity"], np.float32), None
+    return roundtrip(codec.describe([faces[0].code])[0]["identity"]), None  # at the precision the table stores
 
 
 def search(table_root: str, like: str, k: int = 10, *, weights: str | None = None, device: str = "auto") -> SearchResult:
@@ -136,13 +136,13 @@ def search(table_root: str, like: str, k: int = 10, *, weights: str | None = Non
     if base.num_rows == 0:
         raise ConfigError(f"{table_root} has no faces with identity embeddings")
     query, self_id = _query_embedding(like, base, weights, device)
-    emb = np.asarray(base.column("identity").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(base.num_rows, -1)
+    emb = unpack_identity(base.column("identity"), base.column("identity_scale"))
     dist = np.sqrt(((emb - query[None]) ** 2).sum(1))
     ids = base.column("face_id").to_pylist()
     if self_id is not None:
         dist[ids.index(self_id)] = np.inf
     order = [int(i) for i in np.argsort(dist, kind="stable") if np.isfinite(dist[i])][:k]
-    out = base.take(pa.array(order)).drop_columns(["identity"])
+    out = base.take(pa.array(order)).drop_columns(["identity", "identity_scale"])
     out = out.add_column(2, "distance", pa.array(dist[order].astype(np.float32)))
     out = out.add_column(0, "rank", pa.array(np.arange(1, len(order) + 1, dtype=np.int32)))
     return SearchResult(out, counter.total, like)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_HOURS = 24.0
 COMPACT_TARGET_BYTES = 256 * 2**20
+SORT_KEY = {"original": "photo_id", "aliases": "photo_id", "rejects": "source_uri", "_commits": "version"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, co
         snap = table.snapshot()
         for family in tqdm(list(snap.family_versions), desc="compact", unit="family", disable=not progress):
             props = WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS.get(family, 65536))
-            metrics = table.delta(family).optimize.compact(target_size=COMPACT_TARGET_BYTES, writer_properties=props)
+            # sorted by id: each compacted file (and row group) covers one id range, so a lookup's
+            # statistics check opens one file, however large the table
+            metrics = table.delta(family).optimize.z_order([SORT_KEY.get(family, "face_id")], target_size=COMPACT_TARGET_BYTES,
+                                                            writer_properties=props)
             if metrics.get("numFilesRemoved"):
                 compacted[family] = (int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"]))
     snapshot = table.snapshot()

@@ -32,6 +32,7 @@ from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.codec.stage_times import StageTimes
+from facetier.io.identity import pack_identity
 from facetier.io.images import decode_image
 from facetier.io.sources import (
     MAX_SOURCE_BYTES,
@@ -156,6 +157,13 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
     return list(items)
 
 
+def _base_columns(semantic: dict[str, Any] | None) -> dict[str, Any]:
+    """The base family's typed columns from what the semantic layer decoded (nulls without one)."""
+    columns = {f: (semantic or {}).get(f) for f in BASE_COLUMNS}
+    columns["identity"], columns["identity_scale"] = pack_identity(columns["identity"])
+    return columns
+
+
 def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]]) -> ShardEntry:
     """Write one shard's families, then its done marker (last, so a marker means complete)."""
     write_started = time.perf_counter()
@@ -187,7 +195,7 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
             detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded")
         for name, payload in r["layers"].items():
             if name in LAYER_FAMILIES:
-                extra = {f: (r.get("semantic") or {}).get(f) for f in BASE_COLUMNS} if name == BASE_FAMILY else {}
+                extra = _base_columns(r.get("semantic")) if name == BASE_FAMILY else {}
                 add(name, face_id=face_id, photo_id=r["photo_id"], payload=payload, nbytes=len(payload), crc32=zlib.crc32(payload), **extra)
         if r.get("original") is not None:
             add(ORIGINAL_FAMILY, photo_id=r["photo_id"], source_uri=uri, source_uri_raw=raw, payload=r["original"], nbytes=len(r["original"]),

@@ -1,0 +1,243 @@
+"""``facetier bench-scale``: what table operations cost as the table grows, 10 k to 10 M faces.
+
+For each size a synthetic table is built from real rows: the faces index and the base family of
+the sample archive's faces, replicated under new random ids (random int8 identities, so nothing
+compresses better than real faces would), written as one commit of sorted files of
+``--file-rows`` rows (what ``facetier vacuum --compact`` leaves); the heavy families hold one real
+shard only (their size does not change what these operations read). Then, each in a fresh
+process so peak memory is its own:
+
+* commit: one more 64-face shard, every family (claim + eight family commits);
+* planning: what the driver does before workers start an incremental run over 10 k new inputs
+  (finish pending commits, snapshot, the ids this model already holds, shard plan);
+* query: an attribute query over the base family (bytes read reported);
+* lookup: one face's index row and basic payload by id, as decode reads them.
+
+Next to each size, the JSON work the v1 design (one manifest listing every photo id) did for the
+same table, emulated: serialising and parsing the manifest and building the skip set.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+QUERY = "SELECT gender, count(*) AS n, avg(age) AS mean_age FROM basic WHERE smile > 0.5 GROUP BY gender"
+NEW_INPUTS = 10_000
+
+
+@dataclass(frozen=True)
+class ScaleRow:
+    faces: int
+    table_bytes: int
+    base_bytes: int
+    build_seconds: float
+    commit_seconds: float
+    planning_seconds: float
+    query_seconds: float
+    query_bytes_read: int
+    lookup_seconds: float
+    peak_rss_mb: dict[str, float]
+    v1_manifest_mb: float
+    v1_commit_seconds: float
+    v1_load_seconds: float
+    v1_skip_set_seconds: float
+
+
+def _real_rows(src_table: str) -> tuple[list[dict], list[dict]]:
+    from facetier.io.reader import read_family
+    from facetier.io.table import Table
+
+    t = Table(src_table)
+    return read_family(t, "faces").to_pylist(), read_family(t, "basic").to_pylist()
+
+
+def _ids(n: int) -> list[str]:
+    return sorted(secrets.token_hex(16) for _ in range(n))
+
+
+def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: int = 0) -> float:
+    """A committed table of ``n_faces`` synthetic faces (see the module docstring); returns seconds."""
+    from facetier.io.commit import commit
+    from facetier.io.reader import family_files, read_file
+    from facetier.io.table import BASE_SCHEMA, FACES_SCHEMA, ShardEntry, Table
+
+    started = time.perf_counter()
+    faces, base = _real_rows(src_table)
+    rng = np.random.default_rng(seed)
+    t = Table(root)
+    src = Table(src_table)
+    entries = []
+    photos = _ids(n_faces)
+    for k, lo in enumerate(range(0, n_faces, file_rows)):
+        pids = photos[lo:lo + file_rows]
+        pick = rng.integers(0, len(faces), len(pids))
+        fids = [f"{p}-0" for p in pids]
+        f_cols = {name: [faces[i][name] for i in pick] for name in FACES_SCHEMA.names}
+        f_cols.update(face_id=fids, photo_id=pids, face_index=[0] * len(pids))
+        b_cols = {name: [base[i][name] for i in pick] for name in BASE_SCHEMA.names}
+        b_cols.update(face_id=fids, photo_id=pids, identity=list(rng.integers(-127, 128, (len(pids), 128), dtype=np.int8)))
+        shard = f"bulk{k:05d}"
+        e = ShardEntry(shard, faces[0]["codec_id"], faces[0]["weights_hash"], {}, {}, {})
+        for fam, cols, schema in (("faces", f_cols, FACES_SCHEMA), ("basic", b_cols, BASE_SCHEMA)):
+            table = pa.Table.from_pydict(cols, schema=schema)
+            e.files[fam], e.nbytes[fam], e.file_stats[fam] = t.write_family(fam, shard, table, e.codec_id, e.weights_hash)
+            e.rows[fam] = table.num_rows
+        entries.append(e)
+    heavy = ShardEntry("real", faces[0]["codec_id"], faces[0]["weights_hash"], {}, {}, {})
+    snap = src.snapshot()
+    for fam in ("middle", "enhanced", "residual", "original", "rejects"):
+        for rel in family_files(src, fam, snap)[:1]:
+            data = read_file(src, rel, fam)
+            heavy.files[fam], heavy.nbytes[fam], heavy.file_stats[fam] = t.write_family(fam, "real", data, heavy.codec_id, heavy.weights_hash)
+            heavy.rows[fam] = data.num_rows
+    commit(t, 0, [*entries, heavy])
+    return time.perf_counter() - started
+
+
+def _commit_one_shard(root: str, src_table: str) -> float:
+    from facetier.io.commit import commit
+    from facetier.io.reader import family_files, read_file
+    from facetier.io.table import ShardEntry, Table
+
+    t, src = Table(root), Table(src_table)
+    snap = src.snapshot()
+    fresh = _ids(64)
+    e = ShardEntry("one-more", "bench", "bench", {}, {}, {})
+    for fam in ("original", "residual", "enhanced", "middle", "rejects", "faces", "basic"):
+        rels = family_files(src, fam, snap)
+        if not rels:
+            continue
+        data = read_file(src, rels[0], fam)
+        data = data.take(pa.array(np.arange(64) % max(1, data.num_rows))) if data.num_rows else data
+        if "photo_id" in data.column_names and data.num_rows:
+            data = data.set_column(data.column_names.index("photo_id"), "photo_id", pa.array(fresh[: data.num_rows]))
+        if "face_id" in data.column_names and data.num_rows:
+            data = data.set_column(data.column_names.index("face_id"), "face_id", pa.array([f"{p}-0" for p in fresh[: data.num_rows]]))
+        e.files[fam], e.nbytes[fam], e.file_stats[fam] = t.write_family(fam, "one-more", data, "bench", "bench")
+        e.rows[fam] = data.num_rows
+    started = time.perf_counter()
+    commit(t, t.version(), [e])
+    return time.perf_counter() - started
+
+
+def _planning(root: str, weights_hash: str) -> float:
+    from facetier.io.commit import finish_pending
+    from facetier.io.table import Table
+    from facetier.pipelines.jobs.encode import plan_shards
+    from facetier.pipelines.jobs.table_state import known_inputs
+
+    sources = [f"/archive/new/{i:07d}.jpg" for i in range(NEW_INPUTS)]
+    started = time.perf_counter()
+    t = Table(root)
+    finish_pending(t)
+    snap = t.snapshot()
+    known = known_inputs(t, snap, weights_hash)
+    plan_shards(sources, weights_hash, 64, snap.version)
+    assert len(known.photo_ids) > 0
+    return time.perf_counter() - started
+
+
+def _query(root: str) -> tuple[float, int]:
+    from facetier.pipelines.jobs.analytics import run_query
+
+    started = time.perf_counter()
+    res = run_query(root, QUERY)
+    return time.perf_counter() - started, res.bytes_read
+
+
+def _lookup(root: str, face_id: str) -> float:
+    from facetier.io.table import Table
+    from facetier.pipelines.jobs.stored_codes import index_rows, read_codes
+
+    started = time.perf_counter()
+    t = Table(root)
+    snap = t.snapshot()
+    rows, _ = index_rows(t, [face_id], snap)
+    codes, failed = read_codes(t, rows, ["basic"], snap)
+    assert face_id in codes and not failed
+    return time.perf_counter() - started
+
+
+def _v1_manifest(n_faces: int, shard_rows: int = 64) -> tuple[float, float, float, float]:
+    """(MB, commit s, load s, skip-set s) of the v1 design's JSON for ``n_faces`` faces in shards of 64."""
+    ids = [secrets.token_hex(16) for _ in range(n_faces)]
+    shards = [{"shard_id": f"s{i:07d}", "codec_id": "c", "weights_hash": "w", "files": {f: f"{f}/s{i}.parquet" for f in ("faces", "basic")},
+               "rows": {"faces": shard_rows}, "nbytes": {"faces": 1}, "photo_ids": ids[i:i + shard_rows], "stats": {}}
+              for i in range(0, n_faces, shard_rows)]
+    t0 = time.perf_counter()
+    body = json.dumps({"version": 1, "shards": shards}, indent=1).encode()
+    t1 = time.perf_counter()
+    loaded = json.loads(body)
+    t2 = time.perf_counter()
+    skip = frozenset(p for s in loaded["shards"] for p in s["photo_ids"])
+    t3 = time.perf_counter()
+    assert len(skip) == n_faces
+    return len(body) / 2**20, t1 - t0, t2 - t1, t3 - t2
+
+
+def _in_child(call: str) -> tuple[object, float]:
+    """(result, peak RSS MB) of one measurement in a fresh interpreter."""
+    code = ("import json, resource\nfrom facetier.pipelines.evaluation import scale_bench as b\n"
+            f"r = {call}\nprint(json.dumps([r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench-scale {call} failed:\n{proc.stderr[-3000:]}")
+    result, rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result, float(rss)
+
+
+def measure(size: int, work: Path, src_table: str, file_rows: int, v1_max: int) -> ScaleRow:
+    from facetier.io.table import Table
+
+    root = str(work / f"t{size}")
+    shutil.rmtree(root, ignore_errors=True)
+    build, _ = _in_child(f"b.build_table({root!r}, {size}, {src_table!r}, {file_rows})")
+    t = Table(root)
+    from facetier.io.reader import read_family
+
+    one = read_family(t, "faces", columns=["face_id", "weights_hash"], only_files=[sorted(t.stored_files(("faces",)))[len(t.stored_files(("faces",))) // 2]])
+    face_id, weights = one.column("face_id")[one.num_rows // 2].as_py(), one.column("weights_hash")[0].as_py()
+    plan, rss_plan = _in_child(f"b._planning({root!r}, {weights!r})")
+    (q_s, q_bytes), rss_query = _in_child(f"b._query({root!r})")
+    lookup, rss_lookup = _in_child(f"b._lookup({root!r}, {face_id!r})")
+    commit_s, rss_commit = _in_child(f"b._commit_one_shard({root!r}, {src_table!r})")
+    sizes = t.family_bytes()
+    v1 = _v1_manifest(size) if size <= v1_max else (float("nan"),) * 4
+    return ScaleRow(size, sum(sizes.values()), sizes.get("basic", 0), build, commit_s, plan, q_s, q_bytes, lookup,
+                    {"planning": rss_plan, "query": rss_query, "lookup": rss_lookup, "commit": rss_commit}, *v1)
+
+
+def run_scale_bench(sizes: list[int], work: Path, src_table: str, file_rows: int = 250_000, v1_max: int = 1_000_000,
+                    report: str | None = None, keep: bool = False) -> list[ScaleRow]:
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in sizes:
+        rows.append(measure(size, work, src_table, file_rows, v1_max))
+        print(render(rows[-1:]), flush=True)
+        if not keep:
+            shutil.rmtree(work / f"t{size}", ignore_errors=True)
+    if report:
+        Path(report).write_text(json.dumps({"file_rows": file_rows, "new_inputs": NEW_INPUTS, "query": QUERY, "rows": [asdict(r) for r in rows],
+                                            "peak_rss_mb_parent": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=1))
+    return rows
+
+
+def render(rows: list[ScaleRow]) -> str:
+    lines = [f"{'faces':>10} {'table MB':>9} {'base %':>7} {'commit s':>9} {'plan s':>7} {'query s':>8} {'query MB':>9} {'lookup s':>9} "
+             f"{'peak MB':>8} | {'v1 JSON MB':>10} {'v1 commit':>9} {'v1 load':>8} {'v1 skip':>8}"]
+    for r in rows:
+        lines.append(f"{r.faces:>10} {r.table_bytes / 2**20:>9.1f} {100 * r.base_bytes / max(1, r.table_bytes):>6.1f}% {r.commit_seconds:>9.3f} "
+                     f"{r.planning_seconds:>7.3f} {r.query_seconds:>8.3f} {r.query_bytes_read / 2**20:>9.2f} {r.lookup_seconds:>9.3f} "
+                     f"{max(r.peak_rss_mb.values()):>8.0f} | {r.v1_manifest_mb:>10.1f} {r.v1_commit_seconds:>9.3f} {r.v1_load_seconds:>8.3f} "
+                     f"{r.v1_skip_set_seconds:>8.3f}")
+    return "\n".join(lines)
