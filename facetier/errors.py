@@ -100,7 +100,7 @@ class TableError(FacetierError):
 
 
 class TableNotFoundError(TableError):
-    """No committed manifest exists at the table location."""
+    """No committed table (or no such version) exists at the table location."""
 
 
 class ConcurrentCommitError(TableError):

@@ -39,3 +39,19 @@ def test_steady_rate_needs_shards_spread_over_the_run():
     assert rate == 2.0 and startup == 5.0  # 20 faces in 10 s after the first shard; the first 10 faces took 5 s of it
     assert steady_rate(0.0, [(100.0, 10), (101.0, 1000)]) == (None, None)  # all written at the end (Beam's GroupByKey)
     assert steady_rate(0.0, [(10.0, 10)]) == (None, None)
+
+
+def test_bench_scale_measures_each_size_next_to_the_v1_manifest(sample_archive, tmp_path):
+    from facetier.pipelines.evaluation.scale_bench import render, run_scale_bench
+    from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+
+    src = str(tmp_path / "src")
+    run_encode(str(sample_archive), src, EncodeOptions(progress=False))
+    report = tmp_path / "scale.json"
+    rows = run_scale_bench([3000], tmp_path / "work", src, file_rows=1000, v1_max=3000, report=str(report))
+    (r,) = rows
+    assert r.faces == 3000 and r.base_bytes < r.table_bytes
+    assert 0 < r.query_bytes_read < r.base_bytes  # the attribute query reads only the columns it names
+    assert r.commit_seconds > 0 and r.planning_seconds > 0 and r.lookup_seconds > 0 and r.v1_manifest_mb > 0
+    assert set(r.peak_rss_mb) == {"planning", "query", "lookup", "commit"}
+    assert json.loads(report.read_text())["rows"][0]["faces"] == 3000 and "v1 JSON MB" in render(rows)

@@ -18,6 +18,7 @@ same table, emulated: serialising and parsing the manifest and building the skip
 """
 from __future__ import annotations
 
+import binascii
 import json
 import resource
 import secrets
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 QUERY = "SELECT gender, count(*) AS n, avg(age) AS mean_age FROM basic WHERE smile > 0.5 GROUP BY gender"
 NEW_INPUTS = 10_000
@@ -53,16 +55,24 @@ class ScaleRow:
     v1_skip_set_seconds: float
 
 
-def _real_rows(src_table: str) -> tuple[list[dict], list[dict]]:
+def _real_rows(src_table: str) -> tuple[pa.Table, pa.Table]:
+    """The source table's index and base rows, in the same face order."""
     from facetier.io.reader import read_family
     from facetier.io.table import Table
 
     t = Table(src_table)
-    return read_family(t, "faces").to_pylist(), read_family(t, "basic").to_pylist()
+    faces = read_family(t, "faces").sort_by("face_id")
+    base = read_family(t, "basic").sort_by("face_id")
+    if faces.column("face_id").to_pylist() != base.column("face_id").to_pylist():
+        raise ValueError(f"{src_table}: every face needs its base row")
+    return faces, base
 
 
-def _ids(n: int) -> list[str]:
-    return sorted(secrets.token_hex(16) for _ in range(n))
+def _ids(n: int, seed: int | None = None) -> pa.Array:
+    """``n`` sorted random 32-hex-digit ids (what content hashes look like), built without Python strings."""
+    raw = np.random.default_rng(seed).bytes(16 * n)
+    hexed = np.sort(np.frombuffer(binascii.hexlify(raw), dtype="S32"))
+    return pa.array(hexed, pa.binary(32)).cast(pa.string())
 
 
 def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: int = 0) -> float:
@@ -77,23 +87,24 @@ def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: i
     t = Table(root)
     src = Table(src_table)
     entries = []
-    photos = _ids(n_faces)
+    photos = _ids(n_faces, seed)
+    codec_id, weights_hash = faces.column("codec_id")[0].as_py(), faces.column("weights_hash")[0].as_py()
     for k, lo in enumerate(range(0, n_faces, file_rows)):
-        pids = photos[lo:lo + file_rows]
-        pick = rng.integers(0, len(faces), len(pids))
-        fids = [f"{p}-0" for p in pids]
-        f_cols = {name: [faces[i][name] for i in pick] for name in FACES_SCHEMA.names}
-        f_cols.update(face_id=fids, photo_id=pids, face_index=[0] * len(pids))
-        b_cols = {name: [base[i][name] for i in pick] for name in BASE_SCHEMA.names}
-        b_cols.update(face_id=fids, photo_id=pids, identity=list(rng.integers(-127, 128, (len(pids), 128), dtype=np.int8)))
+        pids = photos.slice(lo, file_rows)
+        n = len(pids)
+        pick = pa.array(rng.integers(0, faces.num_rows, n))
+        fids = pc.binary_join_element_wise(pids, pa.scalar("0"), "-")
+        identity = pa.ListArray.from_arrays(pa.array(np.arange(0, 128 * n + 1, 128, dtype=np.int32)),
+                                            pa.array(rng.integers(-127, 128, 128 * n, dtype=np.int8)))
+        f = _with(faces.take(pick), FACES_SCHEMA, face_id=fids, photo_id=pids, face_index=pa.array(np.zeros(n, np.int32)))
+        b = _with(base.take(pick), BASE_SCHEMA, face_id=fids, photo_id=pids, identity=identity)
         shard = f"bulk{k:05d}"
-        e = ShardEntry(shard, faces[0]["codec_id"], faces[0]["weights_hash"], {}, {}, {})
-        for fam, cols, schema in (("faces", f_cols, FACES_SCHEMA), ("basic", b_cols, BASE_SCHEMA)):
-            table = pa.Table.from_pydict(cols, schema=schema)
-            e.files[fam], e.nbytes[fam], e.file_stats[fam] = t.write_family(fam, shard, table, e.codec_id, e.weights_hash)
+        e = ShardEntry(shard, codec_id, weights_hash, {}, {}, {})
+        for fam, table in (("faces", f), ("basic", b)):
+            e.files[fam], e.nbytes[fam], e.file_stats[fam] = t.write_family(fam, shard, table, codec_id, weights_hash)
             e.rows[fam] = table.num_rows
         entries.append(e)
-    heavy = ShardEntry("real", faces[0]["codec_id"], faces[0]["weights_hash"], {}, {}, {})
+    heavy = ShardEntry("real", codec_id, weights_hash, {}, {}, {})
     snap = src.snapshot()
     for fam in ("middle", "enhanced", "residual", "original", "rejects"):
         for rel in family_files(src, fam, snap)[:1]:
@@ -104,6 +115,12 @@ def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: i
     return time.perf_counter() - started
 
 
+def _with(table: pa.Table, schema: pa.Schema, **columns: pa.Array) -> pa.Table:
+    for name, values in columns.items():
+        table = table.set_column(table.column_names.index(name), schema.field(name), values)
+    return table.select(schema.names).cast(schema)
+
+
 def _commit_one_shard(root: str, src_table: str) -> float:
     from facetier.io.commit import commit
     from facetier.io.reader import family_files, read_file
@@ -111,7 +128,7 @@ def _commit_one_shard(root: str, src_table: str) -> float:
 
     t, src = Table(root), Table(src_table)
     snap = src.snapshot()
-    fresh = _ids(64)
+    fresh = _ids(64).to_pylist()
     e = ShardEntry("one-more", "bench", "bench", {}, {}, {})
     for fam in ("original", "residual", "enhanced", "middle", "rejects", "faces", "basic"):
         rels = family_files(src, fam, snap)
@@ -197,15 +214,15 @@ def _in_child(call: str) -> tuple[object, float]:
 
 
 def measure(size: int, work: Path, src_table: str, file_rows: int, v1_max: int) -> ScaleRow:
+    from facetier.io.reader import family_files, read_family
     from facetier.io.table import Table
 
     root = str(work / f"t{size}")
     shutil.rmtree(root, ignore_errors=True)
     build, _ = _in_child(f"b.build_table({root!r}, {size}, {src_table!r}, {file_rows})")
     t = Table(root)
-    from facetier.io.reader import read_family
-
-    one = read_family(t, "faces", columns=["face_id", "weights_hash"], only_files=[sorted(t.stored_files(("faces",)))[len(t.stored_files(("faces",))) // 2]])
+    files = family_files(t, "faces", t.snapshot())
+    one = read_family(t, "faces", columns=["face_id", "weights_hash"], only_files=[files[len(files) // 2]])
     face_id, weights = one.column("face_id")[one.num_rows // 2].as_py(), one.column("weights_hash")[0].as_py()
     plan, rss_plan = _in_child(f"b._planning({root!r}, {weights!r})")
     (q_s, q_bytes), rss_query = _in_child(f"b._query({root!r})")

@@ -1,11 +1,12 @@
 """``facetier check TABLE [--repair]``: verify a committed table end to end, and clean what nothing needs.
 
-Verifies that every file the current version lists opens, holds the rows its commit recorded,
-that every stored payload matches its crc32 and every original hashes to its photo id, and that
-every face of the index has a row in each layer family its shard stored (and no layer row lacks
-its face). Lists files no committed version references (a killed run's shards, a racing run that
-lost its commit, files a rewrite replaced) and leftover done markers; ``--repair`` removes those
-older than the retention window, so a run still writing is never touched.
+Verifies that every file the latest version of each family's Delta log lists opens, holds the rows
+the log recorded, that every stored payload matches its crc32 and every original hashes to its
+photo id, that every face of the index has a base row and no layer row lacks its face, and that no
+claimed commit is left half applied. Lists files no Delta version references (a killed run's
+shards, a racing run that lost its claim, a rewrite never committed) and leftover staging files;
+``--repair`` finishes a half-applied commit and vacuums (facetier.pipelines.jobs.maintenance), so a
+run still writing is never touched.
 """
 from __future__ import annotations
 
