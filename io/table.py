@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError as DeltaTableNotFoundError
 from facetier.io.storage import delta_storage_options
 
 from facetier.errors import TableNotFoundError
@@ -185,10 +186,10 @@ class Table:
 
     def delta(self, family: str, version: int | None = None) -> DeltaTable | None:
         """The family's Delta table (at a Delta version), or None when no commit created it yet."""
-        uri = self.delta_uri(family)
-        if not DeltaTable.is_deltatable(uri, storage_options=self.delta_options):
+        try:
+            return DeltaTable(self.delta_uri(family), version=version, storage_options=self.delta_options)
+        except DeltaTableNotFoundError:
             return None
-        return DeltaTable(uri, version=version, storage_options=self.delta_options)
 
     def version(self) -> int:
         """The facetier version: how many commits the table has had (0: none)."""

@@ -159,5 +159,5 @@ def test_s3_racing_writers_and_kills_lose_nothing(s3_server):
 def test_gcs_racing_writers_and_kills_lose_nothing(gcs_server):
     from test_commits import kills_mid_commit, racing_writers
 
-    racing_writers(_bucket("gs") + "/race", rounds=2)
+    racing_writers(_bucket("gs") + "/race", rounds=1)
     kills_mid_commit(_bucket("gs") + "/kills", episodes=10, seed=2)
