@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from deltalake import WriterProperties
+from deltalake import ColumnProperties, WriterProperties
 from facetier.io.commit import finish_pending
-from facetier.io.table import ALL_FAMILIES, ROW_GROUP_ROWS, STAGING_DIR, Snapshot, Table
+from facetier.io.table import ALL_FAMILIES, ROW_GROUP_ROWS, STAGING_DIR, Snapshot, Table, family_schema
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,10 @@ def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, co
     if compact and not dry_run:
         snap = table.snapshot()
         for family in tqdm(list(snap.family_versions), desc="compact", unit="family", disable=not progress):
-            props = WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS.get(family, 65536))
+            # payloads are already compressed and unique: no dictionary, no min/max (they would store them again)
+            raw = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
+            props = WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS.get(family, 65536),
+                                     column_properties={c: raw for c in ("payload", "identity") if c in family_schema(family).names})
             # sorted by id: each compacted file (and row group) covers one id range, so a lookup's
             # statistics check opens one file, however large the table
             metrics = table.delta(family).optimize.z_order([SORT_KEY.get(family, "face_id")], target_size=COMPACT_TARGET_BYTES,
