@@ -110,18 +110,23 @@ def kills_mid_commit(root: str, episodes: int, seed: int = 0) -> None:
     t = Table(root)
     first = stage(t, "k-first", 2)
     commit(t, 0, [first])
-    started = time.monotonic()
     second = stage(t, "k-second", 2)
-    commit(t, 1, [second])  # what a commit to existing families costs here
+    calibration = run_committer(root, 1, [second.shard_id])  # what a commit costs in a fresh process, on this machine, now
+    assert calibration.stdout.readline().strip() == "READY"
+    started = time.monotonic()
+    assert "COMMITTED" in calibration.communicate(timeout=300)[0]
     one_commit = time.monotonic() - started
     expected = {f"{p}-0" for e in (first, second) for p in e.photo_ids}
     outcomes = []
+    # stratified instants over 1.5 commits: some kills land before the claim, some after
+    delays = [(k + rng.random()) / episodes * 1.5 * one_commit for k in range(episodes)]
+    rng.shuffle(delays)
     for k in range(episodes):
         entry = stage(t, f"k{k}", 2)
         base = t.version()
         proc = run_committer(root, base, [entry.shard_id])
         assert proc.stdout.readline().strip() == "READY"  # imported and about to commit
-        time.sleep(rng.uniform(0.0, 8 * one_commit + 0.1))  # anywhere in plan, claim, families, cleanup (slower in a fresh process)
+        time.sleep(delays[k])
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if pending_plan(t) is not None:
