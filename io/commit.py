@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, RemoveAction
-from facetier.io.table import APP_ID, COMMIT_ORDER, COMMITS_TABLE, PLANS_DIR, ShardEntry, Table, family_schema, file_stats
+from facetier.io.table import APP_ID, COMMIT_ORDER, COMMITS_TABLE, PLANS_DIR, ShardEntry, Table, facetier_version, family_schema, file_stats
 
 from facetier.errors import ConcurrentCommitError, TableCorruptError
 
@@ -111,7 +112,7 @@ def _ensure(table: Table, family: str) -> DeltaTable:
 
 
 def _done(dt: DeltaTable, version: int) -> bool:
-    return int(dt.transaction_version(APP_ID) or 0) >= version
+    return facetier_version(dt) >= version
 
 
 def _commit_family(table: Table, family: str, plan: CommitPlan) -> None:
@@ -133,8 +134,6 @@ def _commit_family(table: Table, family: str, plan: CommitPlan) -> None:
 
 def _stats_of(table: Table, rel: str) -> str:
     """Statistics of a file whose done marker predates them: read it back."""
-    import pyarrow.parquet as pq
-
     with table.fs.open(table._p(rel), "rb") as fh:
         return file_stats(pq.read_table(fh))
 
@@ -148,7 +147,7 @@ def pending_plan(table: Table) -> CommitPlan | None:
     commits = table.delta(COMMITS_TABLE)
     if commits is None:
         return None
-    version = int(commits.transaction_version(APP_ID) or 0)
+    version = facetier_version(commits)
     job = claimant(table, version)
     if job is None:
         return None
@@ -160,7 +159,7 @@ def pending_plan(table: Table) -> CommitPlan | None:
         return None  # removed once every family had it
     for fam in plan.families:
         dt = table.delta(fam)
-        if dt is None or int(dt.transaction_version(APP_ID) or 0) < version:
+        if dt is None or not _done(dt, version):
             return plan
     table.remove_files([rel])
     return None
@@ -190,9 +189,8 @@ def commit(table: Table, base_version: int, entries: list[ShardEntry], *, remove
     nothing of this commit is then visible.
     """
     finish_pending(table)
-    if table.version() != base_version:
-        raise ConcurrentCommitError(f"{table.root} is at version {table.version()}, this run planned on {base_version}; "
-                                    "rerun to add what is missing")
+    if (current := table.version()) != base_version:
+        raise ConcurrentCommitError(f"{table.root} is at version {current}, this run planned on {base_version}; rerun to add what is missing")
     version = base_version + 1
     job = job or uuid.uuid4().hex[:12]
     plan = CommitPlan.of(version, job, entries, removes, extra_adds)

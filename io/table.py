@@ -121,6 +121,11 @@ def file_stats(table: pa.Table) -> str:
     return json.dumps({"numRecords": table.num_rows, "minValues": lo, "maxValues": hi, "nullCount": nulls})
 
 
+def facetier_version(dt: DeltaTable) -> int:
+    """The last facetier commit a Delta table (a family, or ``_commits``) has applied; 0 for none."""
+    return int(dt.transaction_version(APP_ID) or 0)
+
+
 def add_actions(dt: DeltaTable) -> pa.Table:
     """The files of a Delta table version (path, size_bytes, num_records, statistics) as a pyarrow table."""
     return pa.table(dt.get_add_actions(flatten=True))
@@ -194,7 +199,7 @@ class Table:
     def version(self) -> int:
         """The facetier version: how many commits the table has had (0: none)."""
         commits = self.delta(COMMITS_TABLE)
-        return 0 if commits is None else int(commits.transaction_version(APP_ID) or 0)
+        return 0 if commits is None else facetier_version(commits)
 
     def exists(self) -> bool:
         return self.version() > 0
@@ -216,7 +221,10 @@ class Table:
         return Snapshot(version, {fam: v for fam in ALL_FAMILIES if (v := self._family_version_at(fam, version)) is not None})
 
     def snapshot_or_empty(self) -> Snapshot:
-        return self.snapshot() if self.exists() else Snapshot(0, {})
+        try:
+            return self.snapshot()
+        except TableNotFoundError:  # nothing committed yet
+            return Snapshot(0, {})
 
     def _family_version_at(self, family: str, version: int) -> int | None:
         """The Delta version of ``family`` holding every facetier commit up to ``version``, from the commit metadata."""
@@ -226,10 +234,9 @@ class Table:
         best = None
         for h in dt.history():
             stamped = h.get("facetier_version")
+            # unstamped commits (compaction, vacuum) change files, not rows: the stamped version before them reads the same
             if stamped is not None and int(stamped) <= version and (best is None or h["version"] > best):
                 best = int(h["version"])
-            elif stamped is None and h.get("operation") in ("OPTIMIZE", "VACUUM START", "VACUUM END"):
-                continue
         return best
 
     def family_bytes(self, snapshot: Snapshot | None = None) -> dict[str, int]:

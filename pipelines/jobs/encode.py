@@ -245,13 +245,15 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         raise TableError(f"{len(missing)} file(s) of this run's shards are gone (e.g. {table.uri(missing[0])}: removed by `check --repair`?); "
                          "nothing was committed, rerun")
     try:
-        if fresh or not replaced.empty or not table.exists():
+        if fresh or not replaced.empty or snapshot.version == 0:
             version = commit(table, snapshot.version, fresh, removes=replaced.removes, extra_adds=replaced.adds)
         else:
             version = snapshot.version  # nothing new: the table stays at its version
     except ConcurrentCommitError:  # planned on a version that is no longer the table's: these shards are of no further use
         table.remove_done_markers([s.shard_id for s in shards])
-        table.remove_files(sorted(written | {a.path for more in replaced.adds.values() for a in more}))
+        # only the rewrites carry this run's unique tag; a racing run with the same plan wrote (and may have
+        # committed) the very same shard files, so those are left to `vacuum`, which keeps what a version references
+        table.remove_files(sorted(a.path for more in replaced.adds.values() for a in more))
         raise
     table.remove_done_markers([s.shard_id for s in shards])
     # files this run wrote and then replaced by a rewrite (duplicate photos) were never in any version
