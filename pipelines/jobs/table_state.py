@@ -44,7 +44,6 @@ class Replacement:
     removes: dict[str, list[str]]
     adds: dict[str, list[FileAdd]]
     older_rows: int  # rows other models wrote for photos this run encoded
-    retried_rejects: int  # reject rows of inputs this run read again
 
     @property
     def empty(self) -> bool:
@@ -57,31 +56,35 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
     inputs the run read again after a failed read."""
     removes: dict[str, list[str]] = {}
     adds: dict[str, list[FileAdd]] = {}
-    older = retried = 0
+    older = 0
     if snapshot.version == 0:
-        return Replacement(removes, adds, 0, 0)
+        return Replacement(removes, adds, 0)
     encoded = set(encoded)
     others = [[("weights_hash", "<", weights_hash)], [("weights_hash", ">", weights_hash)]]
     stale = set()
     for fam in (INDEX_FAMILY, REJECT_FAMILY):
         rows = read_family(table, fam, columns=["photo_id"], filters=others, snapshot=snapshot)
         stale |= {p for p in rows.column("photo_id").to_pylist() if p in encoded}
-    if stale:
-        wanted = pa.array(sorted(stale), pa.string())
-        for fam in PHOTO_FAMILIES:
-            r, a, n = drop_committed_rows(table, snapshot, fam, lambda t: pc.invert(pc.is_in(t.column("photo_id"), wanted)).fill_null(True).to_pylist(),
-                                          tag, [("photo_id", "in", sorted(stale))])
-            removes.setdefault(fam, []).extend(r)
-            adds.setdefault(fam, []).extend(a)
-            older += n if fam == INDEX_FAMILY else 0
+    wanted = pa.array(sorted(stale), pa.string())
+
+    def keep_fresh(t: pa.Table) -> list[bool]:
+        return pc.invert(pc.is_in(t.column("photo_id"), wanted)).fill_null(True).to_pylist()
+
     read_again = {storable_uri(k) for k in sources}
 
-    def keep_reject(t: pa.Table) -> list[bool]:
+    def keep_rows(t: pa.Table) -> list[bool]:  # rejects: neither another model's row of a photo encoded now, nor a retried read failure
         cols = (t.column(c).to_pylist() for c in ("photo_id", "source_uri", "source_uri_raw", "error_class", "weights_hash"))
-        return [not (p is None and cls not in PERMANENT and w == weights_hash and (u, raw) in read_again) for p, u, raw, cls, w in zip(*cols)]
+        retried_here = [p is None and cls not in PERMANENT and w == weights_hash and (u, raw) in read_again for p, u, raw, cls, w in zip(*cols)]
+        return [k and not r for k, r in zip(keep_fresh(t), retried_here)]
 
-    r, a, retried = drop_committed_rows(table, snapshot, REJECT_FAMILY, keep_reject, tag, [("weights_hash", "=", weights_hash)])
-    # disjoint from the files the first pass rewrote: every file holds the rows of one model
-    removes.setdefault(REJECT_FAMILY, []).extend(r)
-    adds.setdefault(REJECT_FAMILY, []).extend(a)
-    return Replacement(removes, adds, older, retried)
+    for fam in PHOTO_FAMILIES:
+        if fam == REJECT_FAMILY:  # one pass: a compacted file can hold both kinds of row
+            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_rows, tag, None if stale else [("weights_hash", "=", weights_hash)])
+        elif stale:
+            r, a, n = drop_committed_rows(table, snapshot, fam, keep_fresh, tag, [("photo_id", "in", sorted(stale))])
+            older += n if fam == INDEX_FAMILY else 0
+        else:
+            continue
+        removes.setdefault(fam, []).extend(r)
+        adds.setdefault(fam, []).extend(a)
+    return Replacement(removes, adds, older)
