@@ -36,10 +36,15 @@ def _stem(rel: str) -> str:
     return posixpath.basename(rel).split(".")[0]
 
 
-def rewrite_staged(table: Table, entry: ShardEntry, tag: str, drop_photo_ids: frozenset[str]) -> ShardEntry:
-    """A copy of a staged shard without the rows of ``drop_photo_ids``; the dropped rows' names become aliases."""
+def rewrite_staged(table: Table, entry: ShardEntry, tag: str, drop_photo_ids: frozenset[str], already_stored: bool = False) -> ShardEntry:
+    """A copy of a staged shard without the rows of ``drop_photo_ids``; the dropped rows' names become aliases.
+
+    With ``already_stored`` (photos the table held before this run), the inputs those names are count as
+    already in the table instead of encoded or rejected; otherwise another shard of the run stores them.
+    """
     files, rows, nbytes, fstats = dict(entry.files), dict(entry.rows), dict(entry.nbytes), dict(entry.file_stats)
     aliases: list[dict] = []
+    names: dict[str, set] = {INDEX_FAMILY: set(), REJECT_FAMILY: set()}
     for family, rel in entry.files.items():
         if family not in PHOTO_FAMILIES:
             continue
@@ -48,8 +53,9 @@ def rewrite_staged(table: Table, entry: ShardEntry, tag: str, drop_photo_ids: fr
         if all(keep):
             continue
         if family in (INDEX_FAMILY, REJECT_FAMILY):
-            gone = data.filter(pa.array([not k for k in keep])).select(["photo_id", "source_uri", "source_uri_raw"])
+            gone = data.filter(pa.array([not k for k in keep])).select(ALIAS_SCHEMA.names)
             aliases += gone.to_pylist()
+            names[family] |= set(zip(gone.column("source_uri").to_pylist(), gone.column("source_uri_raw").to_pylist()))
         kept = data.filter(pa.array(keep))
         files[family], nbytes[family], fstats[family] = _write_like(table, family, f"{entry.shard_id}.{tag}", kept)
         rows[family] = kept.num_rows
@@ -61,6 +67,11 @@ def rewrite_staged(table: Table, entry: ShardEntry, tag: str, drop_photo_ids: fr
                                                                                             entry.weights_hash)
         rows[ALIAS_FAMILY] = t.num_rows
     stats = dict(entry.stats, faces=rows.get(INDEX_FAMILY, 0), aliases=rows.get(ALIAS_FAMILY, 0))
+    if already_stored:  # an input's rows all hold one photo, so its name went whole
+        found = len(names[INDEX_FAMILY] | names[REJECT_FAMILY])
+        stats.update(encoded_inputs=stats.get("encoded_inputs", 0) - len(names[INDEX_FAMILY]),
+                     rejected=stats.get("rejected", 0) - len(names[REJECT_FAMILY] - names[INDEX_FAMILY]),
+                     already_stored=stats.get("already_stored", 0) + found)
     return ShardEntry(entry.shard_id, entry.codec_id, entry.weights_hash, files, rows, nbytes,
                       tuple(p for p in entry.photo_ids if p not in drop_photo_ids), stats, fstats)
 

@@ -11,7 +11,8 @@ import posixpath
 import tarfile
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
@@ -32,6 +33,9 @@ class SourceRef:
 
     uri: str
     member: str | None = None
+    # what the listing says about the bytes (size and a change marker: mtime, ETag, generation, a member's
+    # CRC); None when the listing cannot tell, and then the input is read on every run
+    fingerprint: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -75,6 +79,28 @@ def key_of(uri: str, raw: bytes | None) -> str:
     return key if storable_uri(key) == (uri, raw) else raw.decode("utf-8", "surrogatepass")
 
 
+# Listing fields that change when an object's bytes change, most specific first: object stores' content
+# hashes and generations, then modification times (local files, and stores that give nothing better).
+_CHANGE_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "mtime", "LastModified", "last_modified", "updated")
+
+
+def fingerprint_of(info: dict[str, Any]) -> str | None:
+    """A listing entry's fingerprint: its size and the first change marker the filesystem gives, or None."""
+    marker = next((info[k] for k in _CHANGE_FIELDS if info.get(k) not in (None, "")), None)
+    if marker is None or info.get("size") is None:
+        return None
+    return f"{info['size']}:{marker}"
+
+
+def source_key(key: str, fingerprint: str | None) -> int | None:
+    """A signed 64-bit key of (name, fingerprint): what the table records per input so a later run can skip
+    an unchanged input without reading it. None without a fingerprint."""
+    if fingerprint is None:
+        return None
+    digest = hashlib.sha256(key_bytes(key) + b"\0" + fingerprint.encode("utf-8", "backslashreplace")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def content_id(data: bytes) -> str:
     """Stable photo id: the first 32 hex digits of the SHA-256 of the file's bytes."""
     return hashlib.sha256(data).hexdigest()[:32]
@@ -89,13 +115,14 @@ def _is_archive(path: str) -> bool:
     return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _archive_members(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def _archive_members(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str]]:
+    """(member name, fingerprint from its header: size and CRC for zip, size and mtime for tar)."""
     with fs.open(path, "rb") as fh:
         if path.lower().endswith(".zip"):
             with zipfile.ZipFile(fh) as zf:
-                return [i.filename for i in zf.infolist() if not i.is_dir()]
+                return [(i.filename, f"{i.file_size}:crc{i.CRC:08x}") for i in zf.infolist() if not i.is_dir()]
         with tarfile.open(fileobj=fh, mode="r:*") as tf:
-            return [m.name for m in tf.getmembers() if m.isfile()]
+            return [(m.name, f"{m.size}:{m.mtime}") for m in tf.getmembers() if m.isfile()]
 
 
 def _protocol_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -108,25 +135,30 @@ def list_sources(src: str) -> list[SourceRef]:
     fs, path = fsspec.core.url_to_fs(src)
     refs: list[SourceRef] = []
     if any(ch in path for ch in "*?["):
-        files = [p for p in fs.glob(path) if fs.isfile(p)]
+        files = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") == "file"}
     elif fs.isdir(path):
-        files = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
+        files = {p: i for p, i in fs.find(path, detail=True).items() if not posixpath.basename(p).startswith(".")}
     elif fs.isfile(path):
         if path.lower().endswith(LIST_SUFFIXES):
             with fs.open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is a name like any other
                 lines = [ln.decode("utf-8", "surrogateescape").strip() for ln in fh]
             base = _protocol_uri(fs, posixpath.dirname(path))
             return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(_resolve(ln, base, fs))})
-        files = [path]
+        files = {path: fs.info(path)}
     else:
         raise ConfigError(f"no such source: {src}")
-    for p in files:
+    for p, info in files.items():
         uri = _protocol_uri(fs, p)
         if _is_archive(p):
-            refs += [SourceRef(uri, m) for m in _archive_members(fs, p)]
+            refs += [SourceRef(uri, m, _member_fingerprint(m, fp)) for m, fp in _archive_members(fs, p)]
         else:
-            refs.append(SourceRef(uri))
+            refs.append(SourceRef(uri, None, fingerprint_of(info)))
     return sorted(set(refs))
+
+
+def _member_fingerprint(member: str, header: str | None) -> str | None:
+    # a name that escapes its archive is rejected for the name alone, whatever its bytes: never read again
+    return "unsafe-name" if is_unsafe_member(member) else header
 
 
 def _resolve(line: str, base: str, fs: fsspec.AbstractFileSystem) -> str:
@@ -144,7 +176,13 @@ def _expand(line: str) -> Iterable[SourceRef]:
     ref = SourceRef.parse(line)
     if ref.member is None and _is_archive(ref.uri):
         return list_sources(ref.uri)
-    return [ref]
+    if ref.member is not None:  # one member named in a list: its header is not read here
+        return [SourceRef(ref.uri, ref.member, _member_fingerprint(ref.member, None))]
+    try:
+        fs, path = fsspec.core.url_to_fs(ref.uri)
+        return [SourceRef(ref.uri, None, fingerprint_of(fs.info(path)))]
+    except (OSError, ValueError):  # missing or unreadable: listed all the same, so the read fails and is counted
+        return [ref]
 
 
 def read_source(ref: SourceRef, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:

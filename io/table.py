@@ -37,7 +37,7 @@ from facetier.errors import TableNotFoundError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STAGING_DIR = "_staging"
 PLANS_DIR = f"{STAGING_DIR}/commits"
 COMMITS_TABLE = "_commits"
@@ -72,6 +72,7 @@ FACES_SCHEMA = pa.schema(
         ("codec_id", pa.string()),
         ("weights_hash", pa.string()),
         ("status", pa.string()),
+        ("source_key", pa.int64()),  # facetier.io.sources.source_key of the input: what lets a later run skip it unread
     ]
 )
 LAYER_SCHEMA = pa.schema([("face_id", pa.string()), ("photo_id", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("crc32", pa.int64())])
@@ -95,8 +96,11 @@ BASE_SCHEMA = pa.schema([*LAYER_SCHEMA, *ATTRIBUTE_FIELDS, pa.field("identity", 
 ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("payload", pa.binary()),
                              ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("photo_id", pa.string()), ("error_class", pa.string()),
-                           ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
-ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary())])
+                           ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string()),
+                           ("source_key", pa.int64())])
+# an alias is a name under which a model found bytes the table already holds (the model's rows are under another name)
+ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary()),
+                          ("weights_hash", pa.string()), ("source_key", pa.int64())])
 COMMITS_SCHEMA = pa.schema([("version", pa.int64()), ("job", pa.string()), ("plan", pa.string()), ("families", pa.string())])
 
 

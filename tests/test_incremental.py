@@ -95,6 +95,69 @@ def test_the_same_bytes_under_several_names_are_stored_once(photos: Path, tmp_pa
     assert report.healthy and not report.unreferenced  # the files the dedupe rewrite replaced are gone
 
 
+def test_unchanged_inputs_are_not_read_again_and_known_bytes_under_new_names_become_aliases(photos: Path, tmp_path: Path, monkeypatch):
+    """The driver skips what the listing shows unchanged without a worker reading it; bytes found under
+    a new name, or under a name whose listing changed while its bytes did not, are aliases, not rows."""
+    from facetier.pipelines.jobs import records
+
+    real, reads = records.read_source, []
+
+    def counting(ref, *args):
+        reads.append(ref.key)
+        return real(ref, *args)
+
+    monkeypatch.setattr(records, "read_source", counting)
+    root = str(tmp_path / "table")
+    first = run_encode(str(photos), root, OPTS)
+    assert first.balanced and len(reads) == first.inputs
+    reads.clear()
+    again = run_encode(str(photos), root, OPTS)
+    assert again.skipped == again.inputs and reads == [], "nothing unchanged is read again"
+    faces_before = _faces(root)
+    shot = sorted(photos.glob("generated-*.jpg"))[0]
+    shutil.copy(shot, photos / "later-copy.jpg")  # known bytes, new name
+    os.utime(sorted(photos.glob("generated-*.jpg"))[1], (time.time() + 5, time.time() + 5))  # touched: same bytes, new mtime
+    reads.clear()
+    third = run_encode(str(photos), root, OPTS)
+    assert third.balanced and sorted(Path(r).name for r in reads) == ["generated-001.jpg", "later-copy.jpg"], reads
+    assert third.skipped == third.inputs and third.faces == 0, third.render()
+    assert len(_faces(root)) == len(faces_before), "no face is stored twice"
+    aliases = read_family(Table(root), "aliases").to_pylist()
+    assert sorted(Path(a["source_uri"]).name for a in aliases) == ["generated-001.jpg", "later-copy.jpg"]
+    assert all(a["weights_hash"] and a["source_key"] is not None for a in aliases)
+    reads.clear()
+    fourth = run_encode(str(photos), root, OPTS)
+    assert fourth.skipped == fourth.inputs and reads == [] and fourth.version == third.version
+    assert check_table(root, progress=False).healthy
+
+
+def test_a_table_written_before_source_keys_gains_them_and_stores_nothing_twice(photos: Path, tmp_path: Path):
+    """A table an older facetier wrote (its faces, rejects and aliases without ``source_key``) upgrades on
+    the next commit: those inputs are read once more, found by content, recorded as aliases."""
+    from deltalake import write_deltalake
+    from facetier.io.commit import _txn
+
+    root = tmp_path / "table"
+    run_encode(str(photos), str(root), OPTS)
+    t = Table(str(root))
+    for family, drop in (("faces", ["source_key"]), ("rejects", ["source_key"])):
+        rows = read_family(t, family).drop_columns(drop)
+        shutil.rmtree(root / family)
+        write_deltalake(str(root / family), rows, commit_properties=_txn(1))  # as the older facetier committed it
+    assert "source_key" not in read_family(t, "faces").schema.names or read_family(t, "faces").column("source_key").null_count
+    faces_before = _faces(str(root))
+    upgraded = run_encode(str(photos), str(root), OPTS)
+    # read again (no keys yet), found by content: already in the table; the escaping member is rejected again, once
+    assert upgraded.balanced and upgraded.faces == 0 and upgraded.skipped == upgraded.inputs - 1 and upgraded.rejected == 1, upgraded.render()
+    assert [r["error_class"] for r in read_family(Table(str(root)), "rejects").to_pylist()] == ["UnsafeMemberError"]
+    assert sorted(f["face_id"] for f in _faces(str(root))) == sorted(f["face_id"] for f in faces_before)
+    assert len(read_family(Table(str(root)), "aliases")) == len(faces_before)  # every photo's own name, now with its key
+    settled = run_encode(str(photos), str(root), OPTS)
+    assert settled.skipped == settled.inputs and settled.version == upgraded.version
+    assert run_query(str(root), "select count(*) as n from faces", as_of=1).table.column("n")[0].as_py() == len(faces_before)
+    assert check_table(str(root), progress=False).healthy
+
+
 def test_check_finds_damage_and_repair_removes_only_what_no_commit_needs(photos: Path, tmp_path: Path, capsys):
     root = str(tmp_path / "table")
     run_encode(str(photos), root, OPTS)

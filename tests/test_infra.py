@@ -113,7 +113,7 @@ def test_dataflow_graph_builds_from_the_documented_options(tiny_bundle):
     assert any(o.startswith("worker_accelerator=type:nvidia-l4") for o in gcp.dataflow_service_options)
     assert opts.view_as(WorkerOptions).sdk_container_image == env["IMAGE"]
     assert opts.view_as(WorkerOptions).max_num_workers == int(env["MAX_WORKERS"])
-    ctx = JobContext(env["TABLE"], str(tiny_bundle), "c", "h" * 32, AlignmentConfig(), ("basic",), frozenset())
+    ctx = JobContext(env["TABLE"], str(tiny_bundle), "c", "h" * 32, AlignmentConfig(), ("basic",))
     p = beam.Pipeline(options=opts)  # built, never run: no submission
     build_pipeline(p, ctx, [ShardSpec("s00000-x", ("gs://b/a.jpg",))])
     proto = p.to_runner_api()

@@ -162,7 +162,7 @@ def test_only_the_redetecting_descriptor_runs_on_the_cpu_stage(sample_archive, e
     from facetier.pipelines.jobs.records import FacePreparer, JobContext
 
     cfg = embedded_codec.config
-    ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), frozenset(), descriptor=DETECTED_CHIP_ID)
+    ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), descriptor=DETECTED_CHIP_ID)
     items = FacePreparer(ctx).prepare("s", str(sample_archive / "generated-000.jpg"))
     assert [i["kind"] for i in items] == ["face"] and items[0]["descriptor"].shape == (128,)
     assert items[0]["times"]["descriptor"] > 0

@@ -9,7 +9,10 @@ process so peak memory is its own:
 
 * commit: one more 64-face shard, every family (claim + eight family commits);
 * planning: what the driver does before workers start an incremental run over 10 k new inputs
-  (finish pending commits, snapshot, the ids this model already holds, shard plan);
+  (finish pending commits, snapshot, the anti-join of their source keys against the table's
+  ``source_key`` columns, shard plan);
+* content check: what the driver does at commit for those 10 k photos (which of their content ids
+  this model already stores under other names: an anti-join against the ``photo_id`` columns);
 * query: an attribute query over the base family (bytes read reported);
 * lookup: one face's index row and basic payload by id, as decode reads them.
 
@@ -45,6 +48,7 @@ class ScaleRow:
     build_seconds: float
     commit_seconds: float
     planning_seconds: float
+    content_check_seconds: float
     query_seconds: float
     query_bytes_read: int
     lookup_seconds: float
@@ -96,7 +100,8 @@ def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: i
         fids = pc.binary_join_element_wise(pids, pa.scalar("0"), "-")
         identity = pa.ListArray.from_arrays(pa.array(np.arange(0, 128 * n + 1, 128, dtype=np.int32)),
                                             pa.array(rng.integers(-127, 128, 128 * n, dtype=np.int8)))
-        f = _with(faces.take(pick), FACES_SCHEMA, face_id=fids, photo_id=pids, face_index=pa.array(np.zeros(n, np.int32)))
+        f = _with(faces.take(pick), FACES_SCHEMA, face_id=fids, photo_id=pids, face_index=pa.array(np.zeros(n, np.int32)),
+                  source_key=pa.array(rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64)))
         b = _with(base.take(pick), BASE_SCHEMA, face_id=fids, photo_id=pids, identity=identity)
         shard = f"bulk{k:05d}"
         e = ShardEntry(shard, codec_id, weights_hash, {}, {}, {})
@@ -149,19 +154,36 @@ def _commit_one_shard(root: str, src_table: str) -> float:
 
 def _planning(root: str, weights_hash: str) -> float:
     from facetier.io.commit import finish_pending
+    from facetier.io.sources import source_key
     from facetier.io.table import Table
     from facetier.pipelines.jobs.encode import plan_shards
-    from facetier.pipelines.jobs.table_state import known_inputs
+    from facetier.pipelines.jobs.table_state import held_sources
 
     sources = [f"/archive/new/{i:07d}.jpg" for i in range(NEW_INPUTS)]
+    fingerprints = [f"{30_000 + i}:{1_796_000_000 + i}" for i in range(NEW_INPUTS)]
     started = time.perf_counter()
     t = Table(root)
     finish_pending(t)
     snap = t.snapshot()
-    known = known_inputs(t, snap, weights_hash)
-    plan_shards(sources, weights_hash, 64, snap.version)
-    assert len(known.photo_ids) > 0
-    return time.perf_counter() - started
+    held = held_sources(t, snap, weights_hash, [source_key(s, f) for s, f in zip(sources, fingerprints)])
+    todo = [(s, f) for s, f, h in zip(sources, fingerprints, held) if not h]
+    plan_shards([s for s, _ in todo], weights_hash, 64, snap.version, fingerprints=[f for _, f in todo])
+    elapsed = time.perf_counter() - started
+    assert len(todo) == NEW_INPUTS
+    return elapsed
+
+
+def _content_check(root: str, weights_hash: str) -> float:
+    from facetier.io.table import Table
+    from facetier.pipelines.jobs.table_state import held_photos
+
+    photo_ids = _ids(NEW_INPUTS, seed=12345).to_pylist()
+    started = time.perf_counter()
+    t = Table(root)
+    again = held_photos(t, t.snapshot(), weights_hash, photo_ids)
+    elapsed = time.perf_counter() - started
+    assert not again
+    return elapsed
 
 
 def _query(root: str) -> tuple[float, int]:
@@ -225,13 +247,14 @@ def measure(size: int, work: Path, src_table: str, file_rows: int, v1_max: int) 
     one = read_family(t, "faces", columns=["face_id", "weights_hash"], only_files=[files[len(files) // 2]])
     face_id, weights = one.column("face_id")[one.num_rows // 2].as_py(), one.column("weights_hash")[0].as_py()
     plan, rss_plan = _in_child(f"b._planning({root!r}, {weights!r})")
+    check, rss_check = _in_child(f"b._content_check({root!r}, {weights!r})")
     (q_s, q_bytes), rss_query = _in_child(f"b._query({root!r})")
     lookup, rss_lookup = _in_child(f"b._lookup({root!r}, {face_id!r})")
     commit_s, rss_commit = _in_child(f"b._commit_one_shard({root!r}, {src_table!r})")
     sizes = t.family_bytes()
     v1 = _v1_manifest(size) if size <= v1_max else (float("nan"),) * 4
-    return ScaleRow(size, sum(sizes.values()), sizes.get("basic", 0), build, commit_s, plan, q_s, q_bytes, lookup,
-                    {"planning": rss_plan, "query": rss_query, "lookup": rss_lookup, "commit": rss_commit}, *v1)
+    return ScaleRow(size, sum(sizes.values()), sizes.get("basic", 0), build, commit_s, plan, check, q_s, q_bytes, lookup,
+                    {"planning": rss_plan, "content_check": rss_check, "query": rss_query, "lookup": rss_lookup, "commit": rss_commit}, *v1)
 
 
 def run_scale_bench(sizes: list[int], work: Path, src_table: str, file_rows: int = 250_000, v1_max: int = 1_000_000,
@@ -250,11 +273,11 @@ def run_scale_bench(sizes: list[int], work: Path, src_table: str, file_rows: int
 
 
 def render(rows: list[ScaleRow]) -> str:
-    lines = [f"{'faces':>10} {'table MB':>9} {'base %':>7} {'commit s':>9} {'plan s':>7} {'query s':>8} {'query MB':>9} {'lookup s':>9} "
+    lines = [f"{'faces':>10} {'table MB':>9} {'base %':>7} {'commit s':>9} {'plan s':>7} {'check s':>8} {'query s':>8} {'query MB':>9} {'lookup s':>9} "
              f"{'peak MB':>8} | {'v1 JSON MB':>10} {'v1 commit':>9} {'v1 load':>8} {'v1 skip':>8}"]
     for r in rows:
         lines.append(f"{r.faces:>10} {r.table_bytes / 2**20:>9.1f} {100 * r.base_bytes / max(1, r.table_bytes):>6.1f}% {r.commit_seconds:>9.3f} "
-                     f"{r.planning_seconds:>7.3f} {r.query_seconds:>8.3f} {r.query_bytes_read / 2**20:>9.2f} {r.lookup_seconds:>9.3f} "
+                     f"{r.planning_seconds:>7.3f} {r.content_check_seconds:>8.3f} {r.query_seconds:>8.3f} {r.query_bytes_read / 2**20:>9.2f} {r.lookup_seconds:>9.3f} "
                      f"{max(r.peak_rss_mb.values()):>8.0f} | {r.v1_manifest_mb:>10.1f} {r.v1_commit_seconds:>9.3f} {r.v1_load_seconds:>8.3f} "
                      f"{r.v1_skip_set_seconds:>8.3f}")
     return "\n".join(lines)

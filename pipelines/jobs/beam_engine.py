@@ -48,8 +48,8 @@ class PrepareDoFn(beam.DoFn):
         self._preparer = FacePreparer(self._ctx)
 
     def process(self, shard: ShardSpec) -> Iterable[tuple[str, dict]]:
-        for source in shard.sources:
-            for item in self._preparer.prepare(shard.shard_id, source):
+        for source, key in shard.inputs():
+            for item in self._preparer.prepare(shard.shard_id, source, key):
                 yield shard.shard_id, item
 
 

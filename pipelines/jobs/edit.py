@@ -107,7 +107,7 @@ def _write_rows(codec: FaceCodec, out: str, rows: list[dict], edited_sym: list[n
         return EditResult(len(items), ids, snapshot.version)  # the same edit of the same faces is in the table already
     for it in items:
         it["shard_id"] = shard_id
-    ctx = JobContext(out, "", codec.codec_id, codec.weights_hash, codec.config.alignment, tuple(codec.plan.names), frozenset())
+    ctx = JobContext(out, "", codec.codec_id, codec.weights_hash, codec.config.alignment, tuple(codec.plan.names))
     entry = write_shard(ctx, shard_id, items)
     version = commit(table, snapshot.version, [entry])
     table.remove_done_markers([shard_id])

@@ -1,13 +1,17 @@
 """The encode job: plan shards, run an engine, commit a new table version, summarise.
 
 Incremental and resumable by construction:
-  * every input is read and hashed on every run; inputs whose content hash the table already
-    holds under this model are skipped, so content decides, not names: a file whose bytes changed
-    is encoded again (the old photo's rows stay: they are another photo), and one that could not
-    be read is tried again (its old reject row is dropped when it is retried); only a name
+  * an input the table already holds under this model, by name and listing fingerprint (size and
+    mtime, ETag, generation or a member's CRC: its source key), is skipped unread: the driver
+    anti-joins the listing's source keys against the table's ``source_key`` columns once, and
+    workers receive only their shard's inputs. A file whose bytes changed has a new fingerprint and
+    is read, hashed and encoded again (the old photo's rows stay: they are another photo); one that
+    could not be read is tried again (its old reject row is dropped when it is retried); a name
     rejected for what it is (an archive member escaping its archive) is not read again;
-  * what the table holds is read from the families' id columns (never a list in JSON); a shard's id
-    is a hash of (model, table version, options, its inputs), so a restarted
+  * content decides what is stored: bytes this model already stores, found under a new name (or
+    under a name whose listing changed while its bytes did not), become an alias at commit;
+  * what the table holds is read from the families' columns (never a list in JSON); a shard's id
+    is a hash of (model, table version, options, its inputs and their fingerprints), so a restarted
     run finds the shards an interrupted run finished (their done markers) and does only the rest;
     markers are removed once the run has committed or found nothing to commit;
   * the same bytes under several names in one run are stored once, under the first name in
@@ -32,12 +36,12 @@ from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.codec.stage_times import StageTimes, render_stages
-from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources
+from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources, source_key
 from facetier.io.commit import commit, finish_pending
 from facetier.io.rewrite import rewrite_staged
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
-from facetier.pipelines.jobs.table_state import known_inputs, replaced_rows
+from facetier.pipelines.jobs.table_state import held_photos, held_sources, replaced_rows
 from tqdm import tqdm
 
 from facetier.errors import ConcurrentCommitError, ConfigError, TableError
@@ -112,14 +116,17 @@ class EncodeSummary:
         return "\n".join(lines)
 
 
-def plan_shards(sources: Sequence[str], weights_hash: str, shard_size: int, base_version: int = 0, options: str = "") -> list[ShardSpec]:
+def plan_shards(sources: Sequence[str], weights_hash: str, shard_size: int, base_version: int = 0, options: str = "",
+                fingerprints: Sequence[str | None] | None = None) -> list[ShardSpec]:
     """Shards of ``shard_size`` inputs; ids hash everything that decides their rows: the model, the table
-    version planned on (which fixes what is skipped), ``options`` (layers, limits) and the inputs."""
+    version planned on (which fixes what is skipped), ``options`` (layers, limits), the inputs and
+    their listing fingerprints."""
+    fps = tuple(fingerprints) if fingerprints is not None else (None,) * len(sources)
     shards = []
     for i in range(0, len(sources), shard_size):
-        chunk = tuple(sources[i : i + shard_size])
-        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, *chunk)))).hexdigest()[:20]
-        shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk))
+        chunk, marks = tuple(sources[i : i + shard_size]), fps[i : i + shard_size]
+        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, *chunk, *(m or "" for m in marks))))).hexdigest()[:20]
+        shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk, marks))
     return shards
 
 
@@ -182,14 +189,18 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     if finished := finish_pending(table):
         log.warning("finished version %d, which an earlier run claimed and did not complete", finished)
     snapshot = table.snapshot_or_empty()
-    known = known_inputs(table, snapshot, bundle.weights_hash)
-    sources = [r.key for r in list_sources(src)]
+    listed = list_sources(src)
+    held = held_sources(table, snapshot, bundle.weights_hash, [source_key(r.key, r.fingerprint) for r in listed])
+    refs = [r for r, h in zip(listed, held) if not h]
+    sources = [r.key for r in refs]
+    skipped = len(listed) - len(refs)
     max_source_bytes = int(opts.max_source_mb * 2**20)
     residual_quality = cfg.residual_quality if opts.residual_quality is None else opts.residual_quality
     if not 0 <= residual_quality <= 100:
         raise ConfigError(f"residual quality {residual_quality} is outside 0-100")
     shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
-                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}")
+                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}",
+                         fingerprints=[r.fingerprint for r in refs])
     done = set()
     for s in shards:
         marker = table.done_marker(s.shard_id)
@@ -197,10 +208,11 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
             table.write_done_marker(ShardEntry.from_json(marker))  # fresh again: `check --repair` keeps a resumed run's shards
             done.add(s.shard_id)
     todo = [s for s in shards if s.shard_id not in done]
-    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, known.photo_ids, known.unread_sources, opts.device,
+    ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, opts.device,
                      opts.batch_size, descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
                      residual_quality=residual_quality)
-    log.info("%d inputs in %d shards (%d already done by an interrupted run)", len(sources), len(shards), len(done))
+    log.info("%d inputs listed, %d already in the table; %d to read in %d shards (%d already done by an interrupted run)",
+             len(listed), skipped, len(sources), len(shards), len(done))
     stop = threading.Event()
     seen: list[tuple[float, int]] = []
     watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress, seen), daemon=True)
@@ -235,9 +247,15 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         entries.append(ShardEntry.from_json(marker))
     tag = f"v{snapshot.version + 1}-{uuid.uuid4().hex[:8]}"  # unique to this run: a racing run never writes the same name
     written = {rel for e in entries for rel in e.files.values()}
+    notes = []
+    # bytes the model already stores first, so every name they were found under counts as already in the table
+    if again := held_photos(table, snapshot, bundle.weights_hash, {p for e in entries for p in e.photo_ids}):
+        entries = [rewrite_staged(table, e, f"{tag}-known", again & frozenset(e.photo_ids), already_stored=True) if again & frozenset(e.photo_ids)
+                   else e for e in entries]
+        written |= {rel for e in entries for rel in e.files.values()}
+        notes.append(f"{len(again)} photo(s) read under new or changed names held bytes this model already stores: recorded as aliases")
     entries = once_per_photo(table, entries, tag)
     replaced = replaced_rows(table, snapshot, bundle.weights_hash, {p for e in entries for p in e.photo_ids}, sources, tag)
-    notes = []
     if replaced.older_rows:
         notes.append(f"{replaced.older_rows} face(s) encoded with older weights were replaced by this run's encoding")
     fresh = [e for e in entries if e.files]
@@ -269,11 +287,11 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     return EncodeSummary(
         table=table_root,
         version=version,
-        inputs=sum(st["inputs"] for st in stats),
+        inputs=sum(st["inputs"] for st in stats) + skipped,
         encoded_inputs=sum(st["encoded_inputs"] for st in stats),
         faces=sum(st["faces"] for st in stats),
         rejected=sum(st["rejected"] for st in stats),
-        skipped=sum(st["skipped"] for st in stats),
+        skipped=skipped + sum(st.get("already_stored", 0) for st in stats),
         rejects_by_class=dict(rejects),
         bytes_by_family=table.family_bytes(),
         seconds=time.monotonic() - start,

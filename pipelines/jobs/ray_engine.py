@@ -28,7 +28,9 @@ class Prepare:
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         # sources travel as bytes: Arrow strings must be UTF-8, and a file name need not be
-        items = self.preparer.prepare(row["shard_id"], row["source"].decode("utf-8", "surrogatepass"))
+        key = row.get("source_key")
+        key = int(key) if key is not None and key == key else None  # a block with no key at all may hold nulls as NaN
+        items = self.preparer.prepare(row["shard_id"], row["source"].decode("utf-8", "surrogatepass"), key)
         return [{"shard_id": row["shard_id"], "item": pickle.dumps(it)} for it in items]
 
 
@@ -90,7 +92,7 @@ def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, addr
     import ray
 
     init_ray(workers, address)
-    rows = [{"shard_id": s.shard_id, "source": key_bytes(src)} for s in shards for src in s.sources]
+    rows = [{"shard_id": s.shard_id, "source": key_bytes(src), "source_key": key} for s in shards for src, key in s.inputs()]
     if not rows:
         return
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))

@@ -1,9 +1,9 @@
 """Per-record logic of the encode job, written once and called by every engine adapter.
 
-Items flowing between stages are plain dicts (picklable, Arrow-friendly), one per face, per
-rejected input or per input skipped because the table already holds it with this model:
+Items flowing between stages are plain dicts (picklable, Arrow-friendly), one per face or per
+rejected input (inputs the table already holds never reach a worker: the driver leaves them out):
 
-    kind: "face" | "reject" | "skip";  shard_id; source_uri; photo_id
+    kind: "face" | "reject";  shard_id; source_uri; source_key; photo_id
     face:   face_index, crop (S,S,3 uint8), meta (json), original (bytes | None),
             descriptor (128 float32, when the model's descriptor re-detects the face on the CPU stage)
     reject: error_class, message
@@ -39,6 +39,7 @@ from facetier.io.sources import (
     SourceRef,
     content_id,
     read_source,
+    source_key,
     storable_uri,
 )
 from facetier.io.table import (
@@ -70,6 +71,12 @@ class ShardSpec:
 
     shard_id: str
     sources: tuple[str, ...]
+    fingerprints: tuple[str | None, ...] = ()  # the listing's, aligned with ``sources`` (none: unknown)
+
+    def inputs(self) -> Iterable[tuple[str, int | None]]:
+        """(source, its source key) for each input."""
+        fps = self.fingerprints or (None,) * len(self.sources)
+        return ((src, source_key(src, fp)) for src, fp in zip(self.sources, fps))
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,6 @@ class JobContext:
     weights_hash: str
     alignment: AlignmentConfig
     layers: tuple[str, ...]
-    skip_photo_ids: frozenset[str]
-    skip_sources: frozenset[str] = frozenset()  # rejected for their names by an earlier run
     device: str = "auto"
     batch_size: int = 16
     descriptor: str = ""  # the model's face descriptor id (the detected-chip method runs on the CPU stage)
@@ -91,23 +96,21 @@ class JobContext:
     residual_quality: int | None = None  # None: the model's default
 
 
-def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str) -> dict[str, Any]:
-    return {"kind": "reject", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "error_class": error_class, "message": message[:2000]}
+def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str, key: int | None = None) -> dict[str, Any]:
+    return {"kind": "reject", "shard_id": shard_id, "source_uri": source, "source_key": key, "photo_id": photo_id, "error_class": error_class,
+            "message": message[:2000]}
 
 
 def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDetector,
-                   descriptor: FaceDescriptor | None = None) -> list[dict[str, Any]]:
-    """Read, hash, decode and align one input (and describe its faces); never raises for a bad input."""
+                   descriptor: FaceDescriptor | None = None, key: int | None = None) -> list[dict[str, Any]]:
+    """Read, hash, decode and align one input (and describe its faces); never raises for a bad input.
+    ``key`` is the input's source key, recorded on its rows."""
     photo_id = None
     times = StageTimes()
-    if source in ctx.skip_sources:
-        return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": None, "times": times}]
     try:
         with times.stage("read"):
             data = read_source(SourceRef.parse(source), ctx.max_source_bytes)
             photo_id = content_id(data)
-        if photo_id in ctx.skip_photo_ids:
-            return [{"kind": "skip", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "times": times}]
         with times.stage("decode"):
             image = decode_image(data, draft_size=None)
         with times.stage("detect_align"):
@@ -117,17 +120,17 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
         with times.stage("descriptor"):
             descriptors = list(descriptor.embed_crops(np.stack([f.crop for f in faces]))) if descriptor is not None else [None] * len(faces)
     except InputError as exc:
-        return [{**_reject(shard_id, source, photo_id, exc.error_class, str(exc)), "times": times}]
+        return [{**_reject(shard_id, source, photo_id, exc.error_class, str(exc), key), "times": times}]
     except Exception as exc:  # a bug or an unexpected library error must not kill the job or lose the record
         log.exception("unexpected error preparing %s", source)
-        return [{**_reject(shard_id, source, photo_id, f"Unexpected{type(exc).__name__}", str(exc)), "times": times}]
+        return [{**_reject(shard_id, source, photo_id, f"Unexpected{type(exc).__name__}", str(exc), key), "times": times}]
     items = []
     share = StageTimes()
     share.add(times, 1.0 / len(faces))
     for f, desc in zip(faces, descriptors):
         meta = {"box": list(f.detection.box), "landmarks": f.detection.landmarks.reshape(-1).tolist(), "transform": f.transform.reshape(-1).tolist(),
                 "source_size": list(f.source_size), "score": f.detection.score}
-        items.append({"kind": "face", "shard_id": shard_id, "source_uri": source, "photo_id": photo_id, "face_index": f.face_index,
+        items.append({"kind": "face", "shard_id": shard_id, "source_uri": source, "source_key": key, "photo_id": photo_id, "face_index": f.face_index,
                       "crop": f.crop, "meta": json.dumps(meta), "original": original if f.face_index == 0 else None, "source_bytes": len(data),
                       "descriptor": desc, "times": StageTimes(share)})
     return items
@@ -146,7 +149,8 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
                 return [out for it in items for out in encode_items(codec, [it], layers, residual_quality)]
-            return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc)) if i["kind"] == "face" else i for i in items]
+            return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc), i.get("source_key")) if i["kind"] == "face" else i
+                    for i in items]
         with times.stage("semantic_entropy"):
             described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
         for item, code, columns in zip(faces, codes, described):
@@ -171,12 +175,12 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     table = Table(ctx.table_root)
     faces = [r for r in results if r["kind"] == "face"]
     rejects = [r for r in results if r["kind"] == "reject"]
-    skipped = [r for r in results if r["kind"] == "skip"]
     # the same bytes under several names: stored once (under the first name), the other names as aliases
     first_name: dict[str, str] = {}
     for r in faces + [r for r in rejects if r["photo_id"]]:
         first_name.setdefault(r["photo_id"], r["source_uri"])
     duplicates = {(r["photo_id"], r["source_uri"]) for r in faces + rejects if r["photo_id"] and first_name[r["photo_id"]] != r["source_uri"]}
+    keys = {r["source_uri"]: r.get("source_key") for r in results}
     cols: dict[str, dict[str, list]] = {}
 
     def add(family: str, **row: Any) -> None:
@@ -192,7 +196,7 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         uri, raw = storable_uri(r["source_uri"])
         add(INDEX_FAMILY, face_id=face_id, photo_id=r["photo_id"], face_index=r["face_index"], source_uri=uri, source_uri_raw=raw, box=meta["box"],
             landmarks=meta["landmarks"], transform=meta["transform"], source_width=meta["source_size"][0], source_height=meta["source_size"][1],
-            detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded")
+            detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded", source_key=keys[r["source_uri"]])
         for name, payload in r["layers"].items():
             if name in LAYER_FAMILIES:
                 extra = _base_columns(r.get("semantic")) if name == BASE_FAMILY else {}
@@ -202,12 +206,13 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
                 source_bytes=r["source_bytes"])
     for photo_id, source in sorted(duplicates):
         uri, raw = storable_uri(source)
-        add(ALIAS_FAMILY, photo_id=photo_id, source_uri=uri, source_uri_raw=raw)
+        add(ALIAS_FAMILY, photo_id=photo_id, source_uri=uri, source_uri_raw=raw, weights_hash=ctx.weights_hash, source_key=keys[source])
     for r in rejects:
         if (r["photo_id"], r["source_uri"]) in duplicates:
             continue
         uri, raw = storable_uri(r["source_uri"])
-        add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
+        add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash,
+            source_key=keys[r["source_uri"]])
     files, rows, nbytes, fstats = {}, {}, {}, {}
     for family, data in cols.items():
         arrow = pa.Table.from_pydict(data, schema=family_schema(family))
@@ -222,7 +227,6 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         "aliases": len(duplicates),
         # per input: one with any face stored is encoded, even if another of its faces was rejected
         "rejected": len({r["source_uri"] for r in rejects} - {r["source_uri"] for r in faces}),
-        "skipped": len(skipped),
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
         "stage_seconds": _stage_seconds(results, time.perf_counter() - write_started),
     }
@@ -251,9 +255,9 @@ class FacePreparer:
         self.detector = FaceDetector(ctx.alignment)
         self.descriptor = FaceDescriptor(ctx.descriptor, ctx.alignment.crop_scale, "cpu") if ctx.descriptor == DETECTED_CHIP_ID else None
 
-    def prepare(self, shard_id: str, source: str) -> list[dict[str, Any]]:
-        """The face, reject or skip items of one input (see ``prepare_source``)."""
-        return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor)
+    def prepare(self, shard_id: str, source: str, key: int | None = None) -> list[dict[str, Any]]:
+        """The face or reject items of one input (see ``prepare_source``)."""
+        return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
 
 
 class ShardWorker:
@@ -275,25 +279,25 @@ class ShardWorker:
         # dlib's detector (the detected-chip descriptor) is not known to be thread-safe: one input at a time then
         self._serial = threading.Lock() if self.preparer.descriptor is not None else None
 
-    def _prepare(self, shard_id: str, source: str) -> list[dict[str, Any]]:
+    def _prepare(self, shard_id: str, source: str, key: int | None) -> list[dict[str, Any]]:
         if self._serial is None:
-            return self.preparer.prepare(shard_id, source)
+            return self.preparer.prepare(shard_id, source, key)
         with self._serial:
-            return self.preparer.prepare(shard_id, source)
+            return self.preparer.prepare(shard_id, source, key)
 
     def run(self, shard: ShardSpec) -> ShardEntry:
         results: list[dict[str, Any]] = []
         batch: list[dict[str, Any]] = []
         with ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare") as pool:
             pending: deque[Future[list[dict[str, Any]]]] = deque()
-            sources = iter(shard.sources)
-            for src in islice(sources, self.prefetch):
-                pending.append(pool.submit(self._prepare, shard.shard_id, src))
+            inputs = iter(shard.inputs())
+            for src, key in islice(inputs, self.prefetch):
+                pending.append(pool.submit(self._prepare, shard.shard_id, src, key))
             while pending:
                 items = pending.popleft().result()
-                nxt = next(sources, None)
+                nxt = next(inputs, None)
                 if nxt is not None:
-                    pending.append(pool.submit(self._prepare, shard.shard_id, nxt))
+                    pending.append(pool.submit(self._prepare, shard.shard_id, *nxt))
                 batch += items
                 if len(batch) >= self.ctx.batch_size:
                     results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers, self.ctx.residual_quality)
