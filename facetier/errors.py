@@ -103,6 +103,10 @@ class TableNotFoundError(TableError):
     """No committed table (or no such version) exists at the table location."""
 
 
+class LegacyTableError(TableError):
+    """The table was published by an older facetier (JSON manifests): ``facetier migrate`` converts it."""
+
+
 class ConcurrentCommitError(TableError):
     """Another run committed the table first; this run's staged shards were not published."""
 

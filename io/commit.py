@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, Field, Schema, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, RemoveAction
 from facetier.io.table import APP_ID, COMMIT_ORDER, COMMITS_TABLE, PLANS_DIR, ShardEntry, Table, facetier_version, family_schema, file_stats
@@ -108,24 +108,6 @@ def _ensure(table: Table, family: str) -> DeltaTable:
         dt = table.delta(family)
         if dt is None:
             raise TableCorruptError(f"could not create the {family} family of {table.root}")
-    return _evolved(table, family, dt)
-
-
-def _evolved(table: Table, family: str, dt: DeltaTable) -> DeltaTable:
-    """The family's table with every column of its current schema: a table an older facetier made gets
-    the new (nullable) columns added, so its old files read as nulls there and new files commit whole."""
-    present = {f.name for f in dt.schema().fields}
-    missing = [f for f in family_schema(family) if f.name not in present]
-    if not missing:
-        return dt
-    try:
-        dt.alter.add_columns([Field.from_arrow(f) for f in missing])
-        log.info("added columns %s to the %s family of %s", [f.name for f in missing], family, table.root)
-    except (CommitFailedError, DeltaError) as exc:  # another writer added them a moment earlier
-        log.debug("adding columns to the %s family raced another writer: %s", family, exc)
-    dt = table.delta(family)
-    if dt is None or not {f.name for f in missing} <= {f.name for f in dt.schema().fields}:
-        raise TableCorruptError(f"could not add columns {[f.name for f in missing]} to the {family} family of {table.root}")
     return dt
 
 

@@ -11,10 +11,11 @@ import posixpath
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from facetier.io.commit import FileAdd
 from facetier.io.reader import family_files
-from facetier.io.table import ALIAS_FAMILY, ALIAS_SCHEMA, INDEX_FAMILY, PHOTO_FAMILIES, REJECT_FAMILY, ShardEntry, Snapshot, Table
+from facetier.io.table import ALIAS_FAMILY, ALIAS_SCHEMA, INDEX_FAMILY, INPUTS_FAMILY, PHOTO_FAMILIES, REJECT_FAMILY, ShardEntry, Snapshot, Table
 
 RowFilter = Callable[[pa.Table], list[bool]]  # True: keep the row
 
@@ -59,6 +60,15 @@ def rewrite_staged(table: Table, entry: ShardEntry, tag: str, drop_photo_ids: fr
         kept = data.filter(pa.array(keep))
         files[family], nbytes[family], fstats[family] = _write_like(table, family, f"{entry.shard_id}.{tag}", kept)
         rows[family] = kept.num_rows
+    if INPUTS_FAMILY in entry.files:  # the inputs of dropped rows are still consumed: as aliases now
+        inputs = _read(table, entry.files[INPUTS_FAMILY])
+        moved = pc.fill_null(pc.is_in(inputs.column("photo_id"), pa.array(sorted(drop_photo_ids), pa.string())), False)
+        if pc.any(moved).as_py():
+            outcome = pc.if_else(moved, pa.scalar("alias"), inputs.column("outcome"))
+            error = pc.if_else(moved, pa.scalar(None, pa.string()), inputs.column("error_class"))
+            inputs = inputs.set_column(inputs.column_names.index("outcome"), "outcome", outcome)
+            inputs = inputs.set_column(inputs.column_names.index("error_class"), "error_class", error)
+            files[INPUTS_FAMILY], nbytes[INPUTS_FAMILY], fstats[INPUTS_FAMILY] = _write_like(table, INPUTS_FAMILY, f"{entry.shard_id}.{tag}", inputs)
     if aliases:
         old = _read(table, entry.files[ALIAS_FAMILY]).to_pylist() if ALIAS_FAMILY in entry.files else []
         unique = {(a["photo_id"], a["source_uri"]): a for a in old + aliases}

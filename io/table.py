@@ -7,6 +7,7 @@ Layout under the table root (local path, ``gs://`` or ``s3://``)::
     residual/ original/        the pixel layers (original: one row per photo)
     rejects/                   inputs that produced no face: error class and message
     aliases/                   further names of photos whose bytes another name already brought
+    inputs/                    every input each model consumed: name, source key, outcome (incremental planning)
     _commits/                  one row per facetier commit: the claim that orders racing writers
     _staging/<shard>.json      a shard's done marker (its files and their Delta statistics)
     _staging/commits/*.json    the plan of a commit in flight, removed once every family has it
@@ -33,14 +34,15 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError as DeltaTableNotFoundError
 from facetier.io.storage import delta_storage_options
 
-from facetier.errors import TableNotFoundError
+from facetier.errors import LegacyTableError, TableNotFoundError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 STAGING_DIR = "_staging"
 PLANS_DIR = f"{STAGING_DIR}/commits"
 COMMITS_TABLE = "_commits"
+LEGACY_MANIFEST_DIR = "_manifest"  # facetier's v1 format: the shard list in JSON (facetier.pipelines.jobs.migrate)
 APP_ID = "facetier"  # the application transaction whose version is the facetier table version
 LAYER_FAMILIES = ("basic", "middle", "enhanced", "residual")
 INDEX_FAMILY = "faces"
@@ -48,11 +50,12 @@ BASE_FAMILY = "basic"
 ORIGINAL_FAMILY = "original"
 REJECT_FAMILY = "rejects"
 ALIAS_FAMILY = "aliases"
-ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY, ALIAS_FAMILY)
+INPUTS_FAMILY = "inputs"
+ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY, ALIAS_FAMILY, INPUTS_FAMILY)
 PHOTO_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY)  # rows keyed by photo id
-# Heavy families first and the base family last: a face a reader sees in `basic` has every other
-# layer its run wrote already committed.
-COMMIT_ORDER = (ORIGINAL_FAMILY, "residual", "enhanced", "middle", ALIAS_FAMILY, REJECT_FAMILY, INDEX_FAMILY, BASE_FAMILY)
+# Heavy families first and the base family after them: a face a reader sees in `basic` has every other
+# layer its run wrote already committed; `inputs` last, so an input a planner sees as held is held whole.
+COMMIT_ORDER = (ORIGINAL_FAMILY, "residual", "enhanced", "middle", ALIAS_FAMILY, REJECT_FAMILY, INDEX_FAMILY, BASE_FAMILY, INPUTS_FAMILY)
 # Heavy families get small row groups so a point lookup for one face reads little.
 ROW_GROUP_ROWS = {"residual": 64, ORIGINAL_FAMILY: 16}
 
@@ -72,7 +75,6 @@ FACES_SCHEMA = pa.schema(
         ("codec_id", pa.string()),
         ("weights_hash", pa.string()),
         ("status", pa.string()),
-        ("source_key", pa.int64()),  # facetier.io.sources.source_key of the input: what lets a later run skip it unread
     ]
 )
 LAYER_SCHEMA = pa.schema([("face_id", pa.string()), ("photo_id", pa.string()), ("payload", pa.binary()), ("nbytes", pa.int32()), ("crc32", pa.int64())])
@@ -96,17 +98,20 @@ BASE_SCHEMA = pa.schema([*LAYER_SCHEMA, *ATTRIBUTE_FIELDS, pa.field("identity", 
 ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("payload", pa.binary()),
                              ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("photo_id", pa.string()), ("error_class", pa.string()),
-                           ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string()),
-                           ("source_key", pa.int64())])
-# an alias is a name under which a model found bytes the table already holds (the model's rows are under another name)
-ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary()),
-                          ("weights_hash", pa.string()), ("source_key", pa.int64())])
+                           ("message", pa.string()), ("codec_id", pa.string()), ("weights_hash", pa.string())])
+ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary())])
+# One row per input a model consumed: what lets a later run skip it unread. ``source_key`` hashes the name
+# and the listing's fingerprint (facetier.io.sources.source_key); compaction sorts by name, so the
+# files' name ranges let planning open only files whose range holds a name it lists.
+INPUT_OUTCOMES = ("stored", "alias", "rejected")  # its photo's rows are under this name / under another name / see rejects
+INPUTS_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("source_key", pa.int64()), ("photo_id", pa.string()),
+                           ("weights_hash", pa.string()), ("outcome", pa.string()), ("error_class", pa.string())])
 COMMITS_SCHEMA = pa.schema([("version", pa.int64()), ("job", pa.string()), ("plan", pa.string()), ("families", pa.string())])
 
 
 def family_schema(family: str) -> pa.Schema:
     return {INDEX_FAMILY: FACES_SCHEMA, ORIGINAL_FAMILY: ORIGINAL_SCHEMA, REJECT_FAMILY: REJECT_SCHEMA, ALIAS_FAMILY: ALIAS_SCHEMA,
-            BASE_FAMILY: BASE_SCHEMA, COMMITS_TABLE: COMMITS_SCHEMA}.get(family, LAYER_SCHEMA)
+            INPUTS_FAMILY: INPUTS_SCHEMA, BASE_FAMILY: BASE_SCHEMA, COMMITS_TABLE: COMMITS_SCHEMA}.get(family, LAYER_SCHEMA)
 
 
 def file_stats(table: pa.Table) -> str:
@@ -173,10 +178,11 @@ class Snapshot:
 class Table:
     """A table root on any fsspec filesystem; the families are Delta tables beneath it."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None, allow_legacy: bool = False) -> None:
         self.root = root.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
         self.delta_options = delta_storage_options(self.root)
+        self.allow_legacy = allow_legacy  # only `facetier migrate` opens a v1 table
 
     def _p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -203,6 +209,10 @@ class Table:
     def version(self) -> int:
         """The facetier version: how many commits the table has had (0: none)."""
         commits = self.delta(COMMITS_TABLE)
+        if commits is None and not self.allow_legacy and self.fs.exists(self._p(LEGACY_MANIFEST_DIR)):
+            # writing a Delta table over it would hide its rows, and vacuum would delete its files
+            raise LegacyTableError(f"{self.root} was written by an older facetier (JSON manifests in {LEGACY_MANIFEST_DIR}/): "
+                                   f"run `facetier migrate {self.root}` once, then rerun")
         return 0 if commits is None else facetier_version(commits)
 
     def exists(self) -> bool:

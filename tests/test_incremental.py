@@ -124,34 +124,29 @@ def test_unchanged_inputs_are_not_read_again_and_known_bytes_under_new_names_bec
     assert len(_faces(root)) == len(faces_before), "no face is stored twice"
     aliases = read_family(Table(root), "aliases").to_pylist()
     assert sorted(Path(a["source_uri"]).name for a in aliases) == ["generated-001.jpg", "later-copy.jpg"]
-    assert all(a["weights_hash"] and a["source_key"] is not None for a in aliases)
+    inputs = {Path(i["source_uri"]).name: i for i in read_family(Table(root), "inputs").to_pylist()}
+    assert inputs["later-copy.jpg"]["outcome"] == "alias" and inputs["generated-000.jpg"]["outcome"] == "stored"
+    assert all(i["source_key"] is not None for i in inputs.values())
     reads.clear()
     fourth = run_encode(str(photos), root, OPTS)
     assert fourth.skipped == fourth.inputs and reads == [] and fourth.version == third.version
     assert check_table(root, progress=False).healthy
 
 
-def test_a_table_written_before_source_keys_gains_them_and_stores_nothing_twice(photos: Path, tmp_path: Path):
-    """A table an older facetier wrote (its faces, rejects and aliases without ``source_key``) upgrades on
-    the next commit: those inputs are read once more, found by content, recorded as aliases."""
-    from deltalake import write_deltalake
-    from facetier.io.commit import _txn
-
+def test_a_table_written_before_the_inputs_family_gains_it_and_stores_nothing_twice(photos: Path, tmp_path: Path):
+    """A table an older facetier wrote (no ``inputs`` family) upgrades on the next commit: its inputs are
+    read once more, found by content and counted as already in the table; then they are skipped unread."""
     root = tmp_path / "table"
     run_encode(str(photos), str(root), OPTS)
-    t = Table(str(root))
-    for family, drop in (("faces", ["source_key"]), ("rejects", ["source_key"])):
-        rows = read_family(t, family).drop_columns(drop)
-        shutil.rmtree(root / family)
-        write_deltalake(str(root / family), rows, commit_properties=_txn(1))  # as the older facetier committed it
-    assert "source_key" not in read_family(t, "faces").schema.names or read_family(t, "faces").column("source_key").null_count
+    shutil.rmtree(root / "inputs")  # what the table looked like before the family existed
     faces_before = _faces(str(root))
     upgraded = run_encode(str(photos), str(root), OPTS)
-    # read again (no keys yet), found by content: already in the table; the escaping member is rejected again, once
+    # the escaping member is rejected again, once: its older reject row made way
     assert upgraded.balanced and upgraded.faces == 0 and upgraded.skipped == upgraded.inputs - 1 and upgraded.rejected == 1, upgraded.render()
     assert [r["error_class"] for r in read_family(Table(str(root)), "rejects").to_pylist()] == ["UnsafeMemberError"]
     assert sorted(f["face_id"] for f in _faces(str(root))) == sorted(f["face_id"] for f in faces_before)
-    assert len(read_family(Table(str(root)), "aliases")) == len(faces_before)  # every photo's own name, now with its key
+    inputs = read_family(Table(str(root)), "inputs").to_pylist()
+    assert len(inputs) == upgraded.inputs and {i["outcome"] for i in inputs} == {"alias", "rejected"}
     settled = run_encode(str(photos), str(root), OPTS)
     assert settled.skipped == settled.inputs and settled.version == upgraded.version
     assert run_query(str(root), "select count(*) as n from faces", as_of=1).table.column("n")[0].as_py() == len(faces_before)

@@ -22,6 +22,7 @@ from facetier.io.reader import ByteCounter, read_family
 from facetier.io.sources import SourceRef, read_source
 from facetier.io.table import (
     ALIAS_FAMILY,
+    INPUTS_FAMILY,
     BASE_FAMILY,
     INDEX_FAMILY,
     REJECT_FAMILY,
@@ -56,7 +57,7 @@ def referenced_columns(sql: str, schema: pa.Schema) -> list[str]:
     return [n for n in schema.names if n.lower() in words]
 
 
-QUERY_FAMILIES = (INDEX_FAMILY, BASE_FAMILY, REJECT_FAMILY, ALIAS_FAMILY)
+QUERY_FAMILIES = (INDEX_FAMILY, BASE_FAMILY, REJECT_FAMILY, ALIAS_FAMILY, INPUTS_FAMILY)
 
 
 def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -72,7 +73,7 @@ def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def run_query(table_root: str, sql: str, *, as_of: int | None = None, snapshot: Snapshot | None = None) -> QueryResult:
-    """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family), ``rejects`` and ``aliases``.
+    """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family), ``rejects``, ``aliases`` and ``inputs``.
 
     The connection cannot touch files (external access off, configuration locked): the families
     registered here are all a query can read, so ``bytes_read`` counts everything it touched.

@@ -109,6 +109,13 @@ def _vacuum(a: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.migrate import migrate_v1
+
+    print(migrate_v1(a.table, progress=not a.quiet).render())
+    return 0
+
+
 def _warehouse_ddl(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.warehouse import bigquery_ddl
 
@@ -231,6 +238,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     va.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
     va.add_argument("--quiet", action="store_true", help="no progress bar")
     va.set_defaults(func=_vacuum)
+
+    mi = sub.add_parser("migrate", help="convert a table an older facetier wrote (JSON manifests) into Delta tables, in place, deleting nothing")
+    mi.add_argument("table")
+    mi.add_argument("--quiet", action="store_true", help="no progress bar")
+    mi.set_defaults(func=_migrate)
 
     wh = sub.add_parser("warehouse-ddl", help="BigQuery (BigLake) Delta Lake tables over the faces index and base family")
     wh.add_argument("table")

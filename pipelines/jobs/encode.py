@@ -190,7 +190,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         log.warning("finished version %d, which an earlier run claimed and did not complete", finished)
     snapshot = table.snapshot_or_empty()
     listed = list_sources(src)
-    held = held_sources(table, snapshot, bundle.weights_hash, [source_key(r.key, r.fingerprint) for r in listed])
+    held = held_sources(table, snapshot, bundle.weights_hash, [(r.key, source_key(r.key, r.fingerprint)) for r in listed])
     refs = [r for r, h in zip(listed, held) if not h]
     sources = [r.key for r in refs]
     skipped = len(listed) - len(refs)

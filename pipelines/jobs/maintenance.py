@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_HOURS = 24.0
 COMPACT_TARGET_BYTES = 256 * 2**20
-SORT_KEY = {"original": "photo_id", "aliases": "photo_id", "rejects": "source_uri", "_commits": "version"}
+SORT_KEY = {"original": "photo_id", "aliases": "photo_id", "rejects": "source_uri", "inputs": "source_uri", "_commits": "version"}
 
 
 @dataclass(frozen=True)

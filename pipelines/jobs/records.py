@@ -47,6 +47,7 @@ from facetier.io.table import (
     ATTRIBUTE_FIELDS,
     BASE_FAMILY,
     INDEX_FAMILY,
+    INPUTS_FAMILY,
     LAYER_FAMILIES,
     ORIGINAL_FAMILY,
     REJECT_FAMILY,
@@ -196,7 +197,7 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         uri, raw = storable_uri(r["source_uri"])
         add(INDEX_FAMILY, face_id=face_id, photo_id=r["photo_id"], face_index=r["face_index"], source_uri=uri, source_uri_raw=raw, box=meta["box"],
             landmarks=meta["landmarks"], transform=meta["transform"], source_width=meta["source_size"][0], source_height=meta["source_size"][1],
-            detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded", source_key=keys[r["source_uri"]])
+            detector_score=meta["score"], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash, status="encoded")
         for name, payload in r["layers"].items():
             if name in LAYER_FAMILIES:
                 extra = _base_columns(r.get("semantic")) if name == BASE_FAMILY else {}
@@ -206,13 +207,17 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
                 source_bytes=r["source_bytes"])
     for photo_id, source in sorted(duplicates):
         uri, raw = storable_uri(source)
-        add(ALIAS_FAMILY, photo_id=photo_id, source_uri=uri, source_uri_raw=raw, weights_hash=ctx.weights_hash, source_key=keys[source])
+        add(ALIAS_FAMILY, photo_id=photo_id, source_uri=uri, source_uri_raw=raw)
     for r in rejects:
         if (r["photo_id"], r["source_uri"]) in duplicates:
             continue
         uri, raw = storable_uri(r["source_uri"])
-        add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash,
-            source_key=keys[r["source_uri"]])
+        add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
+    for source, key in sorted(keys.items()):
+        uri, raw = storable_uri(source)
+        photo_id, outcome, error_class = _outcome(source, faces, rejects, duplicates)
+        add(INPUTS_FAMILY, source_uri=uri, source_uri_raw=raw, source_key=key, photo_id=photo_id, weights_hash=ctx.weights_hash, outcome=outcome,
+            error_class=error_class)
     files, rows, nbytes, fstats = {}, {}, {}, {}
     for family, data in cols.items():
         arrow = pa.Table.from_pydict(data, schema=family_schema(family))
@@ -236,6 +241,19 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
                        tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats, fstats)
     table.write_done_marker(entry)
     return entry
+
+
+def _outcome(source: str, faces: list[dict[str, Any]], rejects: list[dict[str, Any]],
+             duplicates: set[tuple[str, str]]) -> tuple[str | None, str, str | None]:
+    """(photo id, outcome, error class) of one input: ``stored`` when its photo's rows are under this name,
+    ``alias`` when they are under another, else ``rejected`` (its reject row tells why)."""
+    mine = [r for r in faces + rejects if r["source_uri"] == source]
+    photo_id = next((r["photo_id"] for r in mine if r["photo_id"]), None)
+    if photo_id is not None and (photo_id, source) in duplicates:
+        return photo_id, "alias", None
+    if any(r["kind"] == "face" for r in mine):
+        return photo_id, "stored", None
+    return photo_id, "rejected", next((r["error_class"] for r in mine if r["kind"] == "reject"), None)
 
 
 def _stage_seconds(results: Iterable[dict[str, Any]], write_seconds: float) -> dict[str, float]:

@@ -1,44 +1,79 @@
 """What a committed table already holds for one model, read from the families' columns.
 
-Planning reads one 8-byte column (and Delta statistics prune files another model wrote), never a
-list kept in JSON: the inputs the model already encoded, rejected or aliased, by source key (name
-and listing fingerprint); at commit time, the photos of a run the model already stores under other
-names, and the committed rows a run replaces.
+Planning reads the ``inputs`` family (one row per input a model consumed), never a list kept in
+JSON: Delta statistics prune the files another model wrote and the files whose name range holds
+none of the listed names, and the rest is an anti-join on the 8-byte source key (name and listing
+fingerprint). At commit time: the photos of a run the model already stores under other names, and
+the committed rows a run replaces.
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from facetier.io.commit import FileAdd
-from facetier.io.reader import family_files, read_family, read_file
+from facetier.io.reader import read_family, read_file
 from facetier.io.rewrite import drop_committed_rows
 from facetier.io.sources import storable_uri
-from facetier.io.table import ALIAS_FAMILY, INDEX_FAMILY, PHOTO_FAMILIES, REJECT_FAMILY, Snapshot, Table
+from facetier.io.table import INDEX_FAMILY, INPUTS_FAMILY, PHOTO_FAMILIES, REJECT_FAMILY, Snapshot, Table, add_actions
 from facetier.pipelines.jobs.records import PERMANENT
 
 
-def held_sources(table: Table, snapshot: Snapshot, weights_hash: str, keys: Sequence[int | None]) -> list[bool]:
-    """For each input's source key, whether this model already holds the input: an anti-join against the
-    ``source_key`` columns of this model's rows in faces, rejects (except failed reads, which are
-    retried) and aliases. One family file at a time, in Arrow, so memory does not grow with the table."""
-    wanted = pa.array(sorted({k for k in keys if k is not None}), pa.int64())
+# Delta writers other than facetier (compaction) may cut long string statistics to a prefix: a bound that
+# long is widened so a name that starts with it still counts as inside the file's range.
+_CUT_STATS = 32
+
+
+def model_files(table: Table, family: str, snapshot: Snapshot, weights_hash: str, names: Sequence[str] | None = None) -> list[tuple[str, bool]]:
+    """(file, whether every row in it is this model's) for the family's files that may hold rows of the
+    model, from the Delta statistics: a file one model wrote is read without a row filter. With
+    ``names`` (sorted ``source_uri`` values), only files whose name range holds one of them."""
+    if not snapshot.has(family):
+        return []
+    dt = table.delta(family, snapshot.family_versions[family])
+    if dt is None:
+        return []
+    actions = add_actions(dt)
+    if not actions.num_rows:
+        return []
+
+    def stat(name: str) -> list:
+        return actions.column(name).to_pylist() if name in actions.column_names else [None] * actions.num_rows
+
+    out = []
+    for path, low, high, name_lo, name_hi in sorted(zip(actions.column("path").to_pylist(), stat("min.weights_hash"), stat("max.weights_hash"),
+                                                       stat("min.source_uri"), stat("max.source_uri"))):
+        if low is not None and high is not None and not low <= weights_hash <= high:
+            continue
+        if names is not None and name_lo is not None and name_hi is not None:
+            upper = name_hi + "\U0010ffff" if len(name_hi) >= _CUT_STATS else name_hi
+            at = bisect.bisect_left(names, name_lo)
+            if at == len(names) or names[at] > upper:
+                continue
+        out.append((f"{family}/{path}", low is not None and low == high == weights_hash))
+    return out
+
+
+def held_sources(table: Table, snapshot: Snapshot, weights_hash: str, sources: Sequence[tuple[str, int | None]]) -> list[bool]:
+    """For each (source, source key), whether this model already consumed that input with those bytes: an
+    anti-join of the keys against the ``inputs`` family's ``source_key`` column (inputs whose read
+    failed do not count: they are read again). Only files whose name range holds one of the names are
+    opened, one at a time, in Arrow: an archive that grows by new names reads little of a large table."""
+    wanted = pa.array(sorted({k for _, k in sources if k is not None}), pa.int64())
     if snapshot.version == 0 or not len(wanted):
-        return [False] * len(keys)
-    mine = [("weights_hash", "=", weights_hash)]
+        return [False] * len(sources)
+    names = sorted({storable_uri(s)[0] for s, k in sources if k is not None})
     held: set[int] = set()
-    for family in (INDEX_FAMILY, REJECT_FAMILY, ALIAS_FAMILY):
-        columns = ["source_key", "photo_id", "error_class"] if family == REJECT_FAMILY else ["source_key"]
-        for rel in family_files(table, family, snapshot, mine):
-            part = read_file(table, rel, family, columns=columns, filters=mine)
-            if family == REJECT_FAMILY:  # a read that failed says nothing about the bytes: read again
-                failed_read = pc.and_(pc.is_null(part.column("photo_id")), pc.invert(pc.is_in(part.column("error_class"), pa.array(sorted(PERMANENT)))))
-                part = part.filter(pc.invert(failed_read))
-            column = part.column("source_key")
-            held.update(column.filter(pc.is_in(column, wanted)).to_pylist())
-    return [k is not None and k in held for k in keys]
+    for rel, only_mine in model_files(table, INPUTS_FAMILY, snapshot, weights_hash, names):
+        part = read_file(table, rel, INPUTS_FAMILY, columns=["source_key", "photo_id", "outcome", "error_class"],
+                         filters=None if only_mine else [("weights_hash", "=", weights_hash)])
+        failed_read = pc.and_(pc.is_null(part.column("photo_id")), pc.invert(pc.is_in(part.column("error_class"), pa.array(sorted(PERMANENT)))))
+        column = part.filter(pc.invert(pc.fill_null(failed_read, False))).column("source_key")
+        held.update(column.filter(pc.is_in(column, wanted)).to_pylist())
+    return [k is not None and k in held for _, k in sources]
 
 
 def held_photos(table: Table, snapshot: Snapshot, weights_hash: str, photo_ids: Collection[str]) -> frozenset[str]:
@@ -47,11 +82,11 @@ def held_photos(table: Table, snapshot: Snapshot, weights_hash: str, photo_ids: 
     wanted = pa.array(sorted(set(photo_ids)), pa.string())
     if snapshot.version == 0 or not len(wanted):
         return frozenset()
-    mine = [("weights_hash", "=", weights_hash)]
     held: set[str] = set()
     for family in (INDEX_FAMILY, REJECT_FAMILY):
-        for rel in family_files(table, family, snapshot, mine):
-            column = read_file(table, rel, family, columns=["photo_id"], filters=mine).column("photo_id")
+        for rel, only_mine in model_files(table, family, snapshot, weights_hash):
+            filters = None if only_mine else [("weights_hash", "=", weights_hash)]
+            column = read_file(table, rel, family, columns=["photo_id"], filters=filters).column("photo_id")
             held.update(column.filter(pc.is_in(column, wanted)).to_pylist())
     return frozenset(held)
 
@@ -69,8 +104,9 @@ class Replacement:
 
 def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: Collection[str], sources: Collection[str], tag: str) -> Replacement:
     """The committed rows this run's commit replaces: every row of a photo the run encoded (only another
-    model can have written one, since this model's photos were skipped), and this model's rejects made
-    before hashing (a failed read; a name rejected by an older table without source keys) of inputs the run read again."""
+    model can have written one, since this model's photos were skipped), and this model's rows made before
+    hashing (a failed read; a name a table without ``inputs`` rejected) for inputs the run read again: the
+    run's outcome for those names replaces them. Files are pruned by their statistics (model, names)."""
     removes: dict[str, list[str]] = {}
     adds: dict[str, list[FileAdd]] = {}
     older = 0
@@ -88,6 +124,11 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
         return pc.invert(pc.is_in(t.column("photo_id"), wanted)).fill_null(True).to_pylist()
 
     read_again = {storable_uri(k) for k in sources}
+    again_here = [("weights_hash", "=", weights_hash), ("source_uri", "in", sorted({u for u, _ in read_again}))]
+
+    def keep_inputs(t: pa.Table) -> list[bool]:
+        cols = (t.column(c).to_pylist() for c in ("photo_id", "source_uri", "source_uri_raw", "weights_hash"))
+        return [not (p is None and w == weights_hash and (u, raw) in read_again) for p, u, raw, w in zip(*cols)]
 
     def keep_rows(t: pa.Table) -> list[bool]:  # rejects: neither another model's row of a photo encoded now, nor a retried read failure
         cols = (t.column(c).to_pylist() for c in ("photo_id", "source_uri", "source_uri_raw", "error_class", "weights_hash"))
@@ -95,10 +136,12 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
         retried_here = [p is None and w == weights_hash and (u, raw) in read_again for p, u, raw, _, w in zip(*cols)]
         return [k and not r for k, r in zip(keep_fresh(t), retried_here)]
 
-    for fam in PHOTO_FAMILIES:
-        if fam == REJECT_FAMILY:  # one pass: a compacted file can hold both kinds of row
-            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_rows, tag, None if stale else [("weights_hash", "=", weights_hash)])
-        elif stale:
+    for fam in (*PHOTO_FAMILIES, INPUTS_FAMILY):
+        if fam == REJECT_FAMILY and (stale or read_again):  # one pass: a compacted file can hold both kinds of row
+            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_rows, tag, None if stale else again_here)
+        elif fam == INPUTS_FAMILY and read_again:
+            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_inputs, tag, again_here)
+        elif stale and fam not in (REJECT_FAMILY, INPUTS_FAMILY):
             r, a, n = drop_committed_rows(table, snapshot, fam, keep_fresh, tag, [("photo_id", "in", sorted(stale))])
             older += n if fam == INDEX_FAMILY else 0
         else:
