@@ -8,13 +8,13 @@ removed from its family by the commit that adds its rewrite, so earlier versions
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from facetier.io.commit import FileAdd
-from facetier.io.reader import family_files
+from facetier.io.reader import family_files, read_file
 from facetier.io.table import ALIAS_FAMILY, ALIAS_SCHEMA, INDEX_FAMILY, INPUTS_FAMILY, PHOTO_FAMILIES, REJECT_FAMILY, ShardEntry, Snapshot, Table
 
 RowFilter = Callable[[pa.Table], list[bool]]  # True: keep the row
@@ -87,11 +87,16 @@ def rewrite_staged(table: Table, entry: ShardEntry, tag: str, drop_photo_ids: fr
 
 
 def drop_committed_rows(table: Table, snapshot: Snapshot, family: str, keep: RowFilter, tag: str,
-                        candidates: list | None = None) -> tuple[list[str], list[FileAdd], int]:
+                        candidates: list | None = None, files: Sequence[str] | None = None,
+                        columns: Sequence[str] | None = None) -> tuple[list[str], list[FileAdd], int]:
     """(files to remove, rewritten files to add, rows dropped) for the committed files of ``family`` in which
-    ``keep`` rejects rows; ``candidates`` (a filter on the Delta statistics) limits which files are read."""
+    ``keep`` rejects rows. ``files``, or else ``candidates`` (a filter on the Delta statistics), limits
+    which files are read; with ``columns`` (all that ``keep`` looks at) a file is read whole only when a
+    row of it goes."""
     removes, adds, dropped = [], [], 0
-    for rel in family_files(table, family, snapshot, candidates):
+    for rel in family_files(table, family, snapshot, candidates) if files is None else files:
+        if columns is not None and all(keep(read_file(table, rel, family, columns=columns))):
+            continue
         data = _read(table, rel)
         mask = keep(data)
         if all(mask):

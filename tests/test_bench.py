@@ -54,4 +54,5 @@ def test_bench_scale_measures_each_size_next_to_the_v1_manifest(sample_archive, 
     assert 0 < r.query_bytes_read < r.base_bytes  # the attribute query reads only the columns it names
     assert r.commit_seconds > 0 and r.planning_seconds > 0 and r.lookup_seconds > 0 and r.v1_manifest_mb > 0
     assert set(r.peak_rss_mb) == {"planning", "content_check", "query", "lookup", "commit"} and r.content_check_seconds > 0
+    assert r.planning_scattered_seconds > 0
     assert json.loads(report.read_text())["rows"][0]["faces"] == 3000 and "v1 JSON MB" in render(rows)

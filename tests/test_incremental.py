@@ -56,6 +56,8 @@ def test_an_input_that_failed_to_read_is_tried_again(photos: Path, sample_archiv
     assert any(f["source_uri"].endswith("later.jpg") for f in _faces(root))
     rejects = read_family(Table(root), "rejects").to_pylist()
     assert not [r for r in rejects if r["source_uri"].endswith("later.jpg")], "the superseded reject row is gone"
+    later = [i for i in read_family(Table(root), "inputs").to_pylist() if i["source_uri"].endswith("later.jpg")]
+    assert [i["outcome"] for i in later] == ["stored"], "and so is its inputs row"
     assert [r["error_class"] for r in rejects] == ["UnsafeMemberError"]
     assert check_table(root, progress=False).healthy
 
@@ -242,7 +244,8 @@ def _table_rows(root: str) -> dict[str, list]:
     t = Table(root)
     fams = {"faces": ["face_id", "photo_id", "source_uri"], "basic": ["face_id", "payload"], "middle": ["face_id", "payload"],
             "enhanced": ["face_id", "payload"], "residual": ["face_id", "payload"], "original": ["photo_id", "payload"],
-            "rejects": ["source_uri", "error_class"], "aliases": ["photo_id", "source_uri"]}
+            "rejects": ["source_uri", "error_class"], "aliases": ["photo_id", "source_uri"],
+            "inputs": ["source_uri", "source_key", "photo_id", "outcome", "error_class"]}
     return {f: sorted(read_family(t, f, columns=c).to_pylist(), key=lambda r: tuple(str(v) for v in r.values())) for f, c in fams.items()}
 
 

@@ -61,7 +61,7 @@ def test_parquet_metadata_and_no_nested_layers(local_table):
         rel = family_files(t, fam, t.snapshot())[0]
         pf = pq.ParquetFile(t.fs.open(t._p(rel), "rb"))
         meta = pf.schema_arrow.metadata
-        assert meta[b"facetier_family"] == fam.encode() and meta[b"facetier_schema_version"] == b"3"
+        assert meta[b"facetier_family"] == fam.encode() and meta[b"facetier_schema_version"] == b"2"
         assert DeltaTable(t.delta_uri(fam)).version() >= 0  # every family is a Delta table any Delta reader opens
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         assert not any(str(f.type).startswith("struct") for f in pf.schema_arrow)

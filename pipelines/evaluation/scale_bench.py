@@ -172,8 +172,9 @@ def _planning(root: str, weights_hash: str, scattered: bool = False) -> float:
     from facetier.pipelines.jobs.encode import plan_shards
     from facetier.pipelines.jobs.table_state import held_sources
 
+    held_before = _held_faces(root)  # also what opens the Delta library, before the clock, in both cases alike
     if scattered:  # new names spread over the whole name range (every file's range holds some): a scan
-        folders = np.random.default_rng(7).integers(0, max(1, _held_faces(root) // 10_000), NEW_INPUTS)
+        folders = np.random.default_rng(7).integers(0, max(1, held_before // 10_000), NEW_INPUTS)
         sources = sorted(f"/archive/2025/{d:05d}/new-{i:07d}.jpg" for i, d in enumerate(folders))
     else:  # the archive grew by a new folder
         sources = [archive_name(i, year=2026) for i in range(NEW_INPUTS)]

@@ -102,6 +102,10 @@ class Replacement:
         return not any(self.removes.values())
 
 
+REJECT_KEYS = ("photo_id", "source_uri", "source_uri_raw", "error_class", "weights_hash")
+INPUT_KEYS = ("photo_id", "source_uri", "source_uri_raw", "weights_hash")
+
+
 def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: Collection[str], sources: Collection[str], tag: str) -> Replacement:
     """The committed rows this run's commit replaces: every row of a photo the run encoded (only another
     model can have written one, since this model's photos were skipped), and this model's rows made before
@@ -124,25 +128,27 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
         return pc.invert(pc.is_in(t.column("photo_id"), wanted)).fill_null(True).to_pylist()
 
     read_again = {storable_uri(k) for k in sources}
-    again_here = [("weights_hash", "=", weights_hash), ("source_uri", "in", sorted({u for u, _ in read_again}))]
+    names = sorted({u for u, _ in read_again})
 
     def keep_inputs(t: pa.Table) -> list[bool]:
-        cols = (t.column(c).to_pylist() for c in ("photo_id", "source_uri", "source_uri_raw", "weights_hash"))
+        cols = (t.column(c).to_pylist() for c in INPUT_KEYS)
         return [not (p is None and w == weights_hash and (u, raw) in read_again) for p, u, raw, w in zip(*cols)]
 
     def keep_rows(t: pa.Table) -> list[bool]:  # rejects: neither another model's row of a photo encoded now, nor a retried read failure
-        cols = (t.column(c).to_pylist() for c in ("photo_id", "source_uri", "source_uri_raw", "error_class", "weights_hash"))
+        cols = (t.column(c).to_pylist() for c in REJECT_KEYS)
         # a reject made before hashing is about the name, not the bytes: this run's outcome for the name replaces it
         retried_here = [p is None and w == weights_hash and (u, raw) in read_again for p, u, raw, _, w in zip(*cols)]
         return [k and not r for k, r in zip(keep_fresh(t), retried_here)]
 
     for fam in (*PHOTO_FAMILIES, INPUTS_FAMILY):
         if fam == REJECT_FAMILY and (stale or read_again):  # one pass: a compacted file can hold both kinds of row
-            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_rows, tag, None if stale else again_here)
+            near = None if stale else [rel for rel, _ in model_files(table, fam, snapshot, weights_hash, names)]
+            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_rows, tag, files=near, columns=REJECT_KEYS)
         elif fam == INPUTS_FAMILY and read_again:
-            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_inputs, tag, again_here)
+            near = [rel for rel, _ in model_files(table, fam, snapshot, weights_hash, names)]
+            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_inputs, tag, files=near, columns=INPUT_KEYS)
         elif stale and fam not in (REJECT_FAMILY, INPUTS_FAMILY):
-            r, a, n = drop_committed_rows(table, snapshot, fam, keep_fresh, tag, [("photo_id", "in", sorted(stale))])
+            r, a, n = drop_committed_rows(table, snapshot, fam, keep_fresh, tag, [("photo_id", "in", sorted(stale))], columns=("photo_id",))
             older += n if fam == INDEX_FAMILY else 0
         else:
             continue
