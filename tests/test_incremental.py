@@ -135,6 +135,25 @@ def test_unchanged_inputs_are_not_read_again_and_known_bytes_under_new_names_bec
     assert check_table(root, progress=False).healthy
 
 
+def test_planning_opens_only_inputs_files_whose_name_range_holds_a_listed_name(photos: Path, tmp_path: Path, monkeypatch):
+    from facetier.io.sources import list_sources, source_key
+    from facetier.pipelines.jobs import table_state
+
+    root = str(tmp_path / "table")
+    run_encode(str(photos), root, OPTS)
+    t = Table(root)
+    snap, weights = t.snapshot(), read_family(t, "inputs").column("weights_hash")[0].as_py()
+    opened = []
+    real = table_state.read_file
+    monkeypatch.setattr(table_state, "read_file", lambda *a, **k: opened.append(a[1]) or real(*a, **k))
+    listed = list_sources(str(photos))
+    assert all(table_state.held_sources(t, snap, weights, [(r.key, source_key(r.key, r.fingerprint)) for r in listed])) and opened
+    opened.clear()
+    elsewhere = [(f"/somewhere/else/{i}.jpg", source_key(f"/somewhere/else/{i}.jpg", "1:2")) for i in range(3)]
+    assert not any(table_state.held_sources(t, snap, weights, elsewhere)) and opened == [], "no file's name range holds them"
+    assert not any(table_state.held_sources(t, snap, "another-model", [(r.key, source_key(r.key, r.fingerprint)) for r in listed])) and opened == []
+
+
 def test_a_table_written_before_the_inputs_family_gains_it_and_stores_nothing_twice(photos: Path, tmp_path: Path):
     """A table an older facetier wrote (no ``inputs`` family) upgrades on the next commit: its inputs are
     read once more, found by content and counted as already in the table; then they are skipped unread."""

@@ -68,7 +68,7 @@ def held_sources(table: Table, snapshot: Snapshot, weights_hash: str, sources: S
     names = sorted({storable_uri(s)[0] for s, k in sources if k is not None})
     held: set[int] = set()
     for rel, only_mine in model_files(table, INPUTS_FAMILY, snapshot, weights_hash, names):
-        part = read_file(table, rel, INPUTS_FAMILY, columns=["source_key", "photo_id", "outcome", "error_class"],
+        part = read_file(table, rel, INPUTS_FAMILY, columns=["source_key", "photo_id", "error_class"],
                          filters=None if only_mine else [("weights_hash", "=", weights_hash)])
         failed_read = pc.and_(pc.is_null(part.column("photo_id")), pc.invert(pc.is_in(part.column("error_class"), pa.array(sorted(PERMANENT)))))
         column = part.filter(pc.invert(pc.fill_null(failed_read, False))).column("source_key")
