@@ -6,8 +6,8 @@ listed file to the current schema, writes it beside the old one under a determin
 commits everything as facetier version 1 through the ordinary commit (so a killed migration is
 finished by the next writer, or repeated from the start: the names and the plan are the same).
 Conversions: fixed-size lists become lists, ``crc32`` becomes int64, the float32 identity becomes
-int8 + scale (facetier.io.identity), aliases get the shard's weights hash; ``source_key`` stays
-null, so the first incremental run reads those inputs once and records their keys as aliases.
+int8 + scale (facetier.io.identity). v1 had no ``inputs`` family, so the first incremental run after
+migration reads those inputs once, finds them by content and records them.
 
 Nothing is deleted: the v1 files become unreferenced and ``facetier vacuum`` removes them once
 they are older than its retention window; ``_manifest/`` stays as the record of what was migrated.
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from facetier.errors import TableCorruptError, TableError
 from facetier.io.commit import commit, finish_pending
 from facetier.io.identity import pack_identity
-from facetier.io.table import ALIAS_FAMILY, BASE_FAMILY, LEGACY_MANIFEST_DIR, ShardEntry, Table, family_schema
+from facetier.io.table import BASE_FAMILY, LEGACY_MANIFEST_DIR, ShardEntry, Table, family_schema
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def latest_manifest(table: Table) -> tuple[int, dict]:
         return versions[-1], json.load(fh)
 
 
-def conform_v1(family: str, data: pa.Table, weights_hash: str) -> pa.Table:
+def conform_v1(family: str, data: pa.Table) -> pa.Table:
     """A v1 file's rows in the family's current schema."""
     schema = family_schema(family)
     n = data.num_rows
@@ -71,8 +71,6 @@ def conform_v1(family: str, data: pa.Table, weights_hash: str) -> pa.Table:
             packed = [pack_identity(v) for v in data.column("identity").to_pylist()]
             values = [p[0] if f.name == "identity" else p[1] for p in packed]
             columns.append(pa.array(values, f.type))
-        elif family == ALIAS_FAMILY and f.name == "weights_hash":
-            columns.append(pa.array([weights_hash] * n, f.type))
         elif f.name in data.column_names:
             columns.append(data.column(f.name).cast(f.type))
         else:
@@ -99,7 +97,7 @@ def migrate_v1(root: str, progress: bool = True) -> MigrationReport:
                 raise TableCorruptError(f"{table.uri(rel)} (listed by manifest v{manifest_version}) cannot be read: {exc}; nothing was migrated") from exc
             if data.num_rows != shard.get("rows", {}).get(family, data.num_rows):
                 raise TableCorruptError(f"{table.uri(rel)} holds {data.num_rows} rows, the manifest says {shard['rows'][family]}; nothing was migrated")
-            rows = conform_v1(family, data, weights_hash)
+            rows = conform_v1(family, data)
             entry.files[family], entry.nbytes[family], entry.file_stats[family] = table.write_family(family, f"{shard['shard_id']}.v1", rows,
                                                                                                    codec_id, weights_hash)
             entry.rows[family] = rows.num_rows
