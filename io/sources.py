@@ -143,7 +143,8 @@ def list_sources(src: str) -> list[SourceRef]:
             with fs.open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is a name like any other
                 lines = [ln.decode("utf-8", "surrogateescape").strip() for ln in fh]
             base = _protocol_uri(fs, posixpath.dirname(path))
-            return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(_resolve(ln, base, fs))})
+            folders: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+            return sorted({ref for ln in lines if ln and not ln.startswith("#") for ref in _expand(_resolve(ln, base, fs), folders)})
         files = {path: fs.info(path)}
     else:
         raise ConfigError(f"no such source: {src}")
@@ -172,17 +173,23 @@ def _resolve(line: str, base: str, fs: fsspec.AbstractFileSystem) -> str:
     return posixpath.join(base, "images", line)
 
 
-def _expand(line: str) -> Iterable[SourceRef]:
+def _expand(line: str, folders: dict[tuple[str, str], dict[str, dict[str, Any]]]) -> Iterable[SourceRef]:
+    """The inputs one list line names; a file's fingerprint comes from one listing of its folder,
+    shared (``folders``) by every line in that folder, not from a request per line."""
     ref = SourceRef.parse(line)
     if ref.member is None and _is_archive(ref.uri):
         return list_sources(ref.uri)
     if ref.member is not None:  # one member named in a list: its header is not read here
         return [SourceRef(ref.uri, ref.member, _member_fingerprint(ref.member, None))]
-    try:
-        fs, path = fsspec.core.url_to_fs(ref.uri)
-        return [SourceRef(ref.uri, None, fingerprint_of(fs.info(path)))]
-    except (OSError, ValueError):  # missing or unreadable: listed all the same, so the read fails and is counted
-        return [ref]
+    fs, path = fsspec.core.url_to_fs(ref.uri)
+    folder = (_protocol_uri(fs, ""), posixpath.dirname(path))
+    if folder not in folders:
+        try:
+            folders[folder] = {e["name"]: e for e in fs.ls(folder[1], detail=True)}
+        except (OSError, ValueError):  # missing or unreadable: listed all the same, so the read fails and is counted
+            folders[folder] = {}
+    info = folders[folder].get(path)
+    return [SourceRef(ref.uri, None, fingerprint_of(info) if info else None)]
 
 
 def read_source(ref: SourceRef, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:

@@ -103,7 +103,7 @@ ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string())
 # One row per input a model consumed: what lets a later run skip it unread. ``source_key`` hashes the name
 # and the listing's fingerprint (facetier.io.sources.source_key); compaction sorts by name, so the
 # files' name ranges let planning open only files whose range holds a name it lists.
-INPUT_OUTCOMES = ("stored", "alias", "rejected")  # its photo's rows are under this name / under another name / see rejects
+# outcome: "stored" (its photo's rows are under this name), "alias" (under another name) or "rejected" (see rejects)
 INPUTS_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("source_key", pa.int64()), ("photo_id", pa.string()),
                            ("weights_hash", pa.string()), ("outcome", pa.string()), ("error_class", pa.string())])
 COMMITS_SCHEMA = pa.schema([("version", pa.int64()), ("job", pa.string()), ("plan", pa.string()), ("families", pa.string())])

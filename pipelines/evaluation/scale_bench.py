@@ -183,9 +183,10 @@ def _planning(root: str, weights_hash: str, scattered: bool = False) -> float:
     t = Table(root)
     finish_pending(t)
     snap = t.snapshot()
-    held = held_sources(t, snap, weights_hash, [(s, source_key(s, f)) for s, f in zip(sources, fingerprints)])
-    todo = [(s, f) for s, f, h in zip(sources, fingerprints, held) if not h]
-    plan_shards([s for s, _ in todo], weights_hash, 64, snap.version, fingerprints=[f for _, f in todo])
+    listed = [(s, source_key(s, f)) for s, f in zip(sources, fingerprints)]
+    held = held_sources(t, snap, weights_hash, listed)
+    todo = [inp for inp, h in zip(listed, held) if not h]
+    plan_shards([s for s, _ in todo], weights_hash, 64, snap.version, keys=[k for _, k in todo])
     elapsed = time.perf_counter() - started
     assert len(todo) == NEW_INPUTS
     return elapsed

@@ -11,7 +11,7 @@ Incremental and resumable by construction:
   * content decides what is stored: bytes this model already stores, found under a new name (or
     under a name whose listing changed while its bytes did not), become an alias at commit;
   * what the table holds is read from the families' columns (never a list in JSON); a shard's id
-    is a hash of (model, table version, options, its inputs and their fingerprints), so a restarted
+    is a hash of (model, table version, options, its inputs and their source keys), so a restarted
     run finds the shards an interrupted run finished (their done markers) and does only the rest;
     markers are removed once the run has committed or found nothing to commit;
   * the same bytes under several names in one run are stored once, under the first name in
@@ -117,15 +117,15 @@ class EncodeSummary:
 
 
 def plan_shards(sources: Sequence[str], weights_hash: str, shard_size: int, base_version: int = 0, options: str = "",
-                fingerprints: Sequence[str | None] | None = None) -> list[ShardSpec]:
+                keys: Sequence[int | None] | None = None) -> list[ShardSpec]:
     """Shards of ``shard_size`` inputs; ids hash everything that decides their rows: the model, the table
     version planned on (which fixes what is skipped), ``options`` (layers, limits), the inputs and
-    their listing fingerprints."""
-    fps = tuple(fingerprints) if fingerprints is not None else (None,) * len(sources)
+    their source keys (name and listing fingerprint)."""
+    all_keys = tuple(keys) if keys is not None else (None,) * len(sources)
     shards = []
     for i in range(0, len(sources), shard_size):
-        chunk, marks = tuple(sources[i : i + shard_size]), fps[i : i + shard_size]
-        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, *chunk, *(m or "" for m in marks))))).hexdigest()[:20]
+        chunk, marks = tuple(sources[i : i + shard_size]), all_keys[i : i + shard_size]
+        h = hashlib.sha256(key_bytes("\n".join((weights_hash, str(base_version), options, *chunk, *(str(m) for m in marks))))).hexdigest()[:20]
         shards.append(ShardSpec(f"s{i // shard_size:05d}-{h}", chunk, marks))
     return shards
 
@@ -189,18 +189,18 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     if finished := finish_pending(table):
         log.warning("finished version %d, which an earlier run claimed and did not complete", finished)
     snapshot = table.snapshot_or_empty()
-    listed = list_sources(src)
-    held = held_sources(table, snapshot, bundle.weights_hash, [(r.key, source_key(r.key, r.fingerprint)) for r in listed])
-    refs = [r for r, h in zip(listed, held) if not h]
-    sources = [r.key for r in refs]
-    skipped = len(listed) - len(refs)
+    listed = [(r.key, source_key(r.key, r.fingerprint)) for r in list_sources(src)]
+    held = held_sources(table, snapshot, bundle.weights_hash, listed)
+    todo_inputs = [inp for inp, h in zip(listed, held) if not h]
+    sources = [s for s, _ in todo_inputs]
+    skipped = len(listed) - len(todo_inputs)
     max_source_bytes = int(opts.max_source_mb * 2**20)
     residual_quality = cfg.residual_quality if opts.residual_quality is None else opts.residual_quality
     if not 0 <= residual_quality <= 100:
         raise ConfigError(f"residual quality {residual_quality} is outside 0-100")
     shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
                          options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}",
-                         fingerprints=[r.fingerprint for r in refs])
+                         keys=[k for _, k in todo_inputs])
     done = set()
     for s in shards:
         marker = table.done_marker(s.shard_id)

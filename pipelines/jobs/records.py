@@ -39,7 +39,6 @@ from facetier.io.sources import (
     SourceRef,
     content_id,
     read_source,
-    source_key,
     storable_uri,
 )
 from facetier.io.table import (
@@ -72,12 +71,11 @@ class ShardSpec:
 
     shard_id: str
     sources: tuple[str, ...]
-    fingerprints: tuple[str | None, ...] = ()  # the listing's, aligned with ``sources`` (none: unknown)
+    keys: tuple[int | None, ...] = ()  # source keys (name + listing fingerprint), aligned with ``sources``; None: unknown
 
     def inputs(self) -> Iterable[tuple[str, int | None]]:
         """(source, its source key) for each input."""
-        fps = self.fingerprints or (None,) * len(self.sources)
-        return ((src, source_key(src, fp)) for src, fp in zip(self.sources, fps))
+        return zip(self.sources, self.keys or (None,) * len(self.sources))
 
 
 @dataclass(frozen=True)
@@ -213,9 +211,12 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
             continue
         uri, raw = storable_uri(r["source_uri"])
         add(REJECT_FAMILY, source_uri=uri, source_uri_raw=raw, photo_id=r["photo_id"], error_class=r["error_class"], message=storable_uri(r["message"])[0], codec_id=ctx.codec_id, weights_hash=ctx.weights_hash)
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for r in faces + rejects:
+        by_source.setdefault(r["source_uri"], []).append(r)
     for source, key in sorted(keys.items()):
         uri, raw = storable_uri(source)
-        photo_id, outcome, error_class = _outcome(source, faces, rejects, duplicates)
+        photo_id, outcome, error_class = _outcome(source, by_source.get(source, []), duplicates)
         add(INPUTS_FAMILY, source_uri=uri, source_uri_raw=raw, source_key=key, photo_id=photo_id, weights_hash=ctx.weights_hash, outcome=outcome,
             error_class=error_class)
     files, rows, nbytes, fstats = {}, {}, {}, {}
@@ -243,11 +244,9 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     return entry
 
 
-def _outcome(source: str, faces: list[dict[str, Any]], rejects: list[dict[str, Any]],
-             duplicates: set[tuple[str, str]]) -> tuple[str | None, str, str | None]:
-    """(photo id, outcome, error class) of one input: ``stored`` when its photo's rows are under this name,
-    ``alias`` when they are under another, else ``rejected`` (its reject row tells why)."""
-    mine = [r for r in faces + rejects if r["source_uri"] == source]
+def _outcome(source: str, mine: list[dict[str, Any]], duplicates: set[tuple[str, str]]) -> tuple[str | None, str, str | None]:
+    """(photo id, outcome, error class) of one input from its face and reject items: ``stored`` when its
+    photo's rows are under this name, ``alias`` when they are under another, else ``rejected`` (its reject row tells why)."""
     photo_id = next((r["photo_id"] for r in mine if r["photo_id"]), None)
     if photo_id is not None and (photo_id, source) in duplicates:
         return photo_id, "alias", None
