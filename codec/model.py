@@ -119,15 +119,21 @@ class FaceCodec:
         """(n, n_latent, style_dim) W+ -> (n, S, S, 3) uint8 images."""
         return self.prior.synthesise(wplus)
 
-    def _symbols(self, wplus: np.ndarray, crop: np.ndarray | None = None, descriptor: np.ndarray | None = None) -> list[np.ndarray]:
-        """Integer symbols of every generative layer of one face's W+ (n_latent, style_dim)."""
+    def _symbols(self, wplus: np.ndarray, crop: np.ndarray | None = None, descriptor: np.ndarray | None = None,
+                 semantic_code: np.ndarray | None = None) -> list[np.ndarray]:
+        """Integer symbols of every generative layer of one face's W+ (n_latent, style_dim).
+
+        ``semantic_code``: the face's float semantic code when a batched call already computed it.
+        """
         context = np.zeros(0, np.int64)
         base = np.zeros_like(wplus)  # what the layers below already explain of each row
         out = []
         for i, coder in enumerate(self.coders):
             if i == 0 and self.semantic is not None:
-                sym = coder.quantise(self.semantic.encode(wplus[None], None if crop is None else crop[None],
-                                                          None if descriptor is None else descriptor[None])[0], context)
+                if semantic_code is None:
+                    semantic_code = self.semantic.encode(wplus[None], None if crop is None else crop[None],
+                                                         None if descriptor is None else descriptor[None])[0]
+                sym = coder.quantise(semantic_code, context)
                 base = self.semantic.decode(sym)[0]
             else:
                 rows = list(coder.model.rows)
@@ -202,8 +208,9 @@ class FaceCodec:
         codes_layers: list[list[LayerCode]] = []
         quantised = []
         with times.stage("semantic_entropy"):
-            for i, (w, crop) in enumerate(zip(wplus, crops)):
-                symbols = self._symbols(w, crop, None if descriptors is None else descriptors[i])
+            semantic_codes = self.semantic.encode(wplus, crops, descriptors) if self.semantic is not None else [None] * len(wplus)
+            for w, semantic_code in zip(wplus, semantic_codes):
+                symbols = self._symbols(w, semantic_code=semantic_code)
                 context = np.zeros(0, np.int64)
                 layer_codes = []
                 for coder, sym in zip(self.coders, symbols):
@@ -218,8 +225,8 @@ class FaceCodec:
                 generated = self.synthesise(np.stack(quantised))
             q = self.config.residual_quality if residual_quality is None else residual_quality
             with times.stage("residual_jxl"):
-                for layer_codes, crop, gen in zip(codes_layers, crops, generated):
-                    layer_codes.append(LayerCode(RESIDUAL, image_layers.encode_residual(crop, gen, q)))
+                for layer_codes, payload in zip(codes_layers, image_layers.encode_residuals(crops, generated, q)):
+                    layer_codes.append(LayerCode(RESIDUAL, payload))
         return [LayeredCode(self.codec_id, self.weights_hash, tuple(lc)) for lc in codes_layers]
 
     def encode(self, image: np.ndarray, *, source_bytes: bytes | None = None, source_is_jpeg: bool = False, layers: Sequence[str] | None = None) -> list[EncodedFace]:

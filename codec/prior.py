@@ -34,6 +34,10 @@ class StylePrior:
         self.generator = Generator(cfg.generator)
         load_generator_weights(self.generator, bundle.prefixed("generator."), ModelError)
         self.generator.to(self.device).eval()
+        # NHWC activations: oneDNN's CPU convolutions (depthwise blurs most of all) run 1.2-2x faster
+        # in it; outputs differ from NCHW by float rounding only (about 1e-6). CUDA keeps NCHW (not measured there).
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.generator.memory_format = self.memory_format
         self.encoder: StyleEncoder | None = None
         if bundle.has_encoder:
             self.encoder = StyleEncoder(cfg.encoder)
@@ -41,7 +45,7 @@ class StylePrior:
                 self.encoder.load_state_dict(bundle.prefixed("encoder."))
             except RuntimeError as exc:
                 raise ModelError(f"encoder weights do not fit the configuration: {str(exc)[:300]}") from exc
-            self.encoder.to(self.device).eval()
+            self.encoder.to(self.device, memory_format=self.memory_format).eval()
         self.latent_avg = bundle.tensors["latent_avg"].float()
         self.encoder_input_size = cfg.encoder.input_size
         self.source = cfg.codec_id
@@ -52,7 +56,7 @@ class StylePrior:
         if self.encoder is None:
             raise ModelError(f"{self.source} is a generator without an encoder, so it cannot encode faces: {TRAIN_AN_ENCODER}")
         x = torch.from_numpy(np.require(crops, np.uint8, ['C', 'W'])).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        w = self.encoder(to_encoder_input(x, self.encoder_input_size)) + self.latent_avg.to(self.device)[None]
+        w = self.encoder(to_encoder_input(x, self.encoder_input_size).contiguous(memory_format=self.memory_format)) + self.latent_avg.to(self.device)[None]
         return w.float().cpu().numpy()
 
     @torch.no_grad()

@@ -198,6 +198,7 @@ class Generator(nn.Module):
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
         self.config = config
+        self.memory_format = torch.contiguous_format  # of the activations; the runtime prior picks NHWC on CPUs
         ch = config.channels
         self.style = nn.Sequential(PixelNorm(), *[EqualLinear(config.style_dim, config.style_dim, lr_mul=0.01, activation=True) for _ in range(config.n_mlp)])
         self.input = ConstantInput(ch[4])
@@ -228,7 +229,7 @@ class Generator(nn.Module):
     def forward(self, wplus: torch.Tensor) -> torch.Tensor:
         b = wplus.shape[0]
         noise = [getattr(self.noises, f"noise_{i}") for i in range(self.config.log_size * 2 - 3)]
-        out = self.input(b)
+        out = self.input(b).contiguous(memory_format=self.memory_format)
         out = self.conv1(out, wplus[:, 0], noise[0])
         skip = self.to_rgb1(out, wplus[:, 1])
         i = 1

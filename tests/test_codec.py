@@ -145,3 +145,32 @@ def test_integer_entropy_params_are_exact(tiny_codec):
     assert np.array_equal(m1, m2) and np.array_equal(s1, s2)
     tables = tiny_codec.bundle.tensors["entropy_tables"].numpy()
     assert tables.dtype == np.int32 and tables.min() >= 1
+
+
+def test_channels_last_prior_matches_the_plain_modules(tiny_codec, crops):
+    """The runtime prior runs NHWC on CPUs for speed; it must compute what the modules compute in NCHW."""
+    import copy
+
+    import torch
+
+    prior = tiny_codec.prior
+    assert prior.memory_format == torch.channels_last
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    wplus = prior.encode_wplus(crops)
+    encoder = copy.deepcopy(prior.encoder).to(memory_format=torch.contiguous_format)
+    generator = copy.deepcopy(prior.generator)
+    generator.memory_format = torch.contiguous_format
+    with torch.no_grad():
+        plain_w = (encoder(x) + prior.latent_avg[None]).numpy()
+        plain_img = generator(torch.from_numpy(wplus)).clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(wplus - plain_w).max() < 1e-4
+    assert np.abs(prior.synthesise(wplus).astype(int) - plain_img.astype(int)).max() <= 1
+
+
+def test_residuals_encoded_in_parallel_equal_one_by_one():
+    from facetier.codec import image_layers
+
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    gen = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    assert image_layers.encode_residuals(src, gen, 80) == [image_layers.encode_residual(s, g, 80) for s, g in zip(src, gen)]

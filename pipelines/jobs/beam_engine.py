@@ -48,9 +48,9 @@ class PrepareDoFn(beam.DoFn):
         self._preparer = FacePreparer(self._ctx)
 
     def process(self, shard: ShardSpec) -> Iterable[tuple[str, dict]]:
-        for source, key in shard.inputs():
-            for item in self._preparer.prepare(shard.shard_id, source, key):
-                yield shard.shard_id, item
+        # fused with RunInference on the same worker thread: the pool prepares the next inputs while the model runs
+        for item in self._preparer.prepare_shard(shard):
+            yield shard.shard_id, item
 
 
 def build_pipeline(p: beam.Pipeline, ctx: JobContext, shards: Sequence[ShardSpec]) -> beam.PCollection:

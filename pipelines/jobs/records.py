@@ -19,7 +19,7 @@ import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -265,61 +265,66 @@ def _stage_seconds(results: Iterable[dict[str, Any]], write_seconds: float) -> d
 class FacePreparer:
     """The CPU stage's models for one worker: the face detector and, for models that re-detect the
     face in the crop (``dlib-resnet-v1``), dlib's descriptor. The fixed-chip descriptor is a batched
-    model call, made with the encoder's batch instead."""
+    model call, made with the encoder's batch instead.
 
-    def __init__(self, ctx: JobContext) -> None:
+    :meth:`prepare_shard` reads, decodes and aligns a shard's inputs in a pool of threads (OpenCV,
+    Pillow and JPEG XL release the GIL), so the next inputs are prepared while the caller runs the
+    model on the ones before; at most ``prefetch`` inputs are in flight, so memory does not grow
+    with the shard.
+    """
+
+    def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
         self.ctx = ctx
         self.detector = FaceDetector(ctx.alignment)
         self.descriptor = FaceDescriptor(ctx.descriptor, ctx.alignment.crop_scale, "cpu") if ctx.descriptor == DETECTED_CHIP_ID else None
+        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self.prefetch = max(2 * ctx.batch_size, 4 * self.threads)
+        # dlib's detector (the detected-chip descriptor) is not known to be thread-safe: one input at a time then
+        self._serial = threading.Lock() if self.descriptor is not None else None
 
     def prepare(self, shard_id: str, source: str, key: int | None = None) -> list[dict[str, Any]]:
         """The face or reject items of one input (see ``prepare_source``)."""
-        return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
+        if self._serial is None:
+            return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
+        with self._serial:
+            return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
+
+    def prepare_shard(self, shard: ShardSpec) -> Iterator[dict[str, Any]]:
+        """Every item of the shard's inputs, in input order, prepared ahead of the caller."""
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare") as pool:
+            inputs = iter(shard.inputs())
+            pending: deque[Future[list[dict[str, Any]]]] = deque(
+                pool.submit(self.prepare, shard.shard_id, src, key) for src, key in islice(inputs, self.prefetch))
+            try:
+                while pending:
+                    items = pending.popleft().result()
+                    if (nxt := next(inputs, None)) is not None:
+                        pending.append(pool.submit(self.prepare, shard.shard_id, *nxt))
+                    yield from items
+            finally:  # a consumer that stops early must not wait for inputs nobody will read
+                for f in pending:
+                    f.cancel()
 
 
 class ShardWorker:
     """Holds the CPU stage's models and the codec for one worker process; used by the local engine.
-
-    Inputs are read, decoded and aligned by a pool of threads (OpenCV, Pillow and JPEG XL release
-    the GIL) while this thread runs the model on full batches; at most ``prefetch`` inputs are in
-    flight, so memory does not grow with the shard.
-    """
+    The model runs on full batches in this thread while the preparer's pool reads ahead."""
 
     def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
         from facetier.codec.model import FaceCodec
 
         self.ctx = ctx
-        self.preparer = FacePreparer(ctx)
+        self.preparer = FacePreparer(ctx, threads)
         self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
-        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
-        self.prefetch = max(2 * ctx.batch_size, 4 * self.threads)
-        # dlib's detector (the detected-chip descriptor) is not known to be thread-safe: one input at a time then
-        self._serial = threading.Lock() if self.preparer.descriptor is not None else None
-
-    def _prepare(self, shard_id: str, source: str, key: int | None) -> list[dict[str, Any]]:
-        if self._serial is None:
-            return self.preparer.prepare(shard_id, source, key)
-        with self._serial:
-            return self.preparer.prepare(shard_id, source, key)
 
     def run(self, shard: ShardSpec) -> ShardEntry:
         results: list[dict[str, Any]] = []
         batch: list[dict[str, Any]] = []
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare") as pool:
-            pending: deque[Future[list[dict[str, Any]]]] = deque()
-            inputs = iter(shard.inputs())
-            for src, key in islice(inputs, self.prefetch):
-                pending.append(pool.submit(self._prepare, shard.shard_id, src, key))
-            while pending:
-                items = pending.popleft().result()
-                nxt = next(inputs, None)
-                if nxt is not None:
-                    pending.append(pool.submit(self._prepare, shard.shard_id, *nxt))
-                batch += items
-                if len(batch) >= self.ctx.batch_size:
-                    results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers, self.ctx.residual_quality)
-                    batch = batch[self.ctx.batch_size:]
-        while batch:
-            results += encode_items(self.codec, batch[: self.ctx.batch_size], self.ctx.layers, self.ctx.residual_quality)
-            batch = batch[self.ctx.batch_size:]
+        for item in self.preparer.prepare_shard(shard):
+            batch.append(item)
+            if len(batch) == self.ctx.batch_size:
+                results += encode_items(self.codec, batch, self.ctx.layers, self.ctx.residual_quality)
+                batch = []
+        if batch:
+            results += encode_items(self.codec, batch, self.ctx.layers, self.ctx.residual_quality)
         return write_shard(self.ctx, shard.shard_id, results)
