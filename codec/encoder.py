@@ -7,6 +7,7 @@ load with :func:`EncoderConfig.psp`; facetier's embedded encoder is the same des
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from facetier.codec.stylegan import EqualLinear
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 @dataclass(frozen=True)
@@ -141,3 +143,36 @@ class StyleEncoder(nn.Module):
             deltas = [torch.zeros_like(w0)] + [self.styles[i](level[i]) for i in range(1, self.config.n_styles)]
             return w0[:, None] + torch.stack(deltas, 1)
         return torch.stack([s(f) for s, f in zip(self.styles, level)], 1)
+
+
+class Subsample(nn.Module):
+    """``MaxPool2d(1, stride)``, the identity shortcut of a strided unit, as the slice it is."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.stride, :: self.stride]
+
+
+def _fold(conv_bn: nn.Sequential) -> nn.Sequential:
+    """(conv, batch norm, rest...) with the batch norm folded into the convolution."""
+    conv, bn, *rest = conv_bn
+    return nn.Sequential(fuse_conv_bn_eval(conv, bn), *rest)
+
+
+def inference_encoder(encoder: StyleEncoder) -> StyleEncoder:
+    """An eval-mode copy for inference: each batch norm that follows a convolution folded into it and
+    stride-only shortcuts sliced. The same function up to float rounding (about 1e-6); the batch
+    norms that precede a padded convolution stay, since folding them would change the borders."""
+    enc = copy.deepcopy(encoder).eval()
+    enc.input_layer = _fold(enc.input_layer)
+    for unit in enc.body:
+        if isinstance(unit.shortcut_layer, nn.MaxPool2d):
+            unit.shortcut_layer = Subsample(int(unit.shortcut_layer.stride))
+        else:
+            unit.shortcut_layer = _fold(unit.shortcut_layer)
+        bn_in, conv1, act, conv2, bn_out, se = unit.res_layer
+        unit.res_layer = nn.Sequential(bn_in, conv1, act, fuse_conv_bn_eval(conv2, bn_out), se)
+    return enc

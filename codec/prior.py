@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from facetier.codec.checkpoints import ModelBundle, load_generator_weights
-from facetier.codec.encoder import StyleEncoder, to_encoder_input
+from facetier.codec.encoder import StyleEncoder, inference_encoder, to_encoder_input
 from facetier.codec.stylegan import Generator
 
 from facetier.errors import ModelError
@@ -45,7 +45,7 @@ class StylePrior:
                 self.encoder.load_state_dict(bundle.prefixed("encoder."))
             except RuntimeError as exc:
                 raise ModelError(f"encoder weights do not fit the configuration: {str(exc)[:300]}") from exc
-            self.encoder.to(self.device, memory_format=self.memory_format).eval()
+            self.encoder = inference_encoder(self.encoder.to(self.device).eval()).to(memory_format=self.memory_format)
         self.latent_avg = bundle.tensors["latent_avg"].float()
         self.encoder_input_size = cfg.encoder.input_size
         self.source = cfg.codec_id

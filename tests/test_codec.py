@@ -148,16 +148,21 @@ def test_integer_entropy_params_are_exact(tiny_codec):
 
 
 def test_channels_last_prior_matches_the_plain_modules(tiny_codec, crops):
-    """The runtime prior runs NHWC on CPUs for speed; it must compute what the modules compute in NCHW."""
+    """The runtime prior runs NHWC on CPUs with batch norms folded, for speed; it must compute what the
+    trained modules compute."""
     import copy
 
     import torch
+
+    from facetier.codec.encoder import StyleEncoder
 
     prior = tiny_codec.prior
     assert prior.memory_format == torch.channels_last
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     wplus = prior.encode_wplus(crops)
-    encoder = copy.deepcopy(prior.encoder).to(memory_format=torch.contiguous_format)
+    encoder = StyleEncoder(tiny_codec.bundle.config.encoder)  # as trained: batch norms unfolded, NCHW
+    encoder.load_state_dict({k: v.float() for k, v in tiny_codec.bundle.prefixed("encoder.").items()})
+    encoder.eval()
     generator = copy.deepcopy(prior.generator)
     generator.memory_format = torch.contiguous_format
     with torch.no_grad():

@@ -100,7 +100,7 @@ def measure_size(size: int, *, faces: int = 4, batch: int = 2, device: str = "cp
     dec_ms = _timed(lambda: [codec.decode_many(cb, generative[-1]) for cb in code_batches], 1) * per
     res_ms = _timed(lambda: [codec.decode_many(cb, RESIDUAL) for cb in code_batches], 1) * per
     return PriorSpeed(size, str(codec.device), torch.get_num_threads(), faces, batch, sum(p.numel() for p in codec.prior.generator.parameters()),
-                      sum(p.numel() for p in codec.prior.encoder.parameters()), fitted.stat().st_size / 2**20, encoder_ms, coding_ms,
+                      sum(t.numel() for t in codec.bundle.prefixed("encoder.").values()), fitted.stat().st_size / 2**20, encoder_ms, coding_ms,
                       encode_all_ms, dec_ms, res_ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
