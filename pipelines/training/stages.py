@@ -36,7 +36,7 @@ from facetier.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
-SEMANTIC_CODEC_ID = "facetier-prior-128-v3"
+SEMANTIC_CODEC_ID = "facetier-prior-128-v3.1"
 EMBEDDED_OUT = "codec/assets/facetier-prior-128.safetensors"
 ENTROPY_FIT_FACES = 6000
 
