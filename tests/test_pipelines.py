@@ -233,3 +233,17 @@ def test_ray_asks_for_gpus_from_the_cluster_not_the_driver():
     assert encoder_gpus("auto", cluster_gpus=0) == 0.0
     assert encoder_gpus("cpu", cluster_gpus=4) == 0.0
     assert encoder_gpus("auto", cluster_gpus=4, gpus_per_worker=0.5) == 0.5
+
+
+def test_workers_sharing_this_machine_split_its_cores(monkeypatch):
+    """Beam's local runner and a Ray started here give each encoder worker its share of the cores;
+    workers on machines of their own (Dataflow, a Ray cluster) keep torch's default."""
+    from facetier.pipelines.jobs import encode, records
+
+    monkeypatch.setattr(records.os, "cpu_count", lambda: 8)
+    assert encode._torch_threads(EncodeOptions(engine="beam", workers=2)) == 4
+    assert encode._torch_threads(EncodeOptions(engine="ray", workers=1)) == 8  # Ray alone would give its actor one thread
+    assert encode._torch_threads(EncodeOptions(engine="ray", workers=16)) == 1
+    assert encode._torch_threads(EncodeOptions(engine="beam", workers=2, beam_args=("--runner=DataflowRunner",))) == 0
+    assert encode._torch_threads(EncodeOptions(engine="ray", workers=2, ray_address="ray://head:10001")) == 0
+    assert encode._torch_threads(EncodeOptions(engine="local")) == 0

@@ -15,6 +15,7 @@ from facetier.pipelines.jobs.records import (
     JobContext,
     ShardSpec,
     encode_items,
+    load_worker_codec,
     write_shard,
 )
 
@@ -29,9 +30,7 @@ class FaceEncoderHandler(ModelHandler[dict, dict, Any]):
         self._ctx = ctx
 
     def load_model(self) -> Any:
-        from facetier.codec.model import FaceCodec
-
-        return FaceCodec.load(self._ctx.weights_path, device=self._ctx.device)
+        return load_worker_codec(self._ctx)
 
     def run_inference(self, batch: Sequence[dict], model: Any, inference_args: dict | None = None) -> Iterable[dict]:
         return encode_items(model, list(batch), self._ctx.layers, self._ctx.residual_quality)

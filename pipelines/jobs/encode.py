@@ -40,7 +40,7 @@ from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources, sourc
 from facetier.io.commit import commit, finish_pending
 from facetier.io.rewrite import rewrite_staged
 from facetier.io.table import ShardEntry, Table
-from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
+from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker, shared_machine_threads
 from facetier.pipelines.jobs.table_state import held_photos, held_sources, replaced_rows
 from tqdm import tqdm
 
@@ -176,6 +176,15 @@ def steady_rate(start: float, seen: Sequence[tuple[float, int]]) -> tuple[float 
     return rate, max(0.0, seen[0][0] - start - seen[0][1] / rate)
 
 
+def _torch_threads(opts: EncodeOptions) -> int:
+    """Each worker's share of this machine's cores when several encoder workers run on it (Beam's
+    local runner, a Ray started here: Ray would give each actor one thread); 0 where workers have
+    machines of their own."""
+    on_this_machine = (opts.engine == "beam" and not any(a.startswith("--runner") for a in opts.beam_args)) or \
+                      (opts.engine == "ray" and not opts.ray_address)
+    return shared_machine_threads(opts.workers) if on_this_machine else 0
+
+
 def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions()) -> EncodeSummary:
     start = time.monotonic()
     weights = opts.weights or str(embedded_weights_path())
@@ -210,7 +219,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, opts.device,
                      opts.batch_size, descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
-                     residual_quality=residual_quality)
+                     residual_quality=residual_quality, torch_threads=_torch_threads(opts))
     log.info("%d inputs listed, %d already in the table; %d to read in %d shards (%d already done by an interrupted run)",
              len(listed), skipped, len(sources), len(shards), len(done))
     stop = threading.Event()

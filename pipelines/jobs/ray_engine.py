@@ -15,6 +15,7 @@ from facetier.pipelines.jobs.records import (
     JobContext,
     ShardSpec,
     encode_items,
+    load_worker_codec,
     write_shard,
 )
 
@@ -39,10 +40,9 @@ class EncoderActor:
 
     def __init__(self, ctx: JobContext) -> None:
         import ray
-        from facetier.codec.model import FaceCodec
 
         self.ctx = ctx
-        self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
+        self.codec = load_worker_codec(ctx)
         if ray.get_gpu_ids() and self.codec.device.type != "cuda":
             log.warning("this encoder actor holds GPU %s but torch sees no CUDA device: is the CPU build of torch installed?", ray.get_gpu_ids())
 
@@ -69,7 +69,9 @@ def init_ray(workers: int, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=max(1, workers), object_store_memory=512 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        # two logical CPUs a worker: its Prepare actor and its encoder actor run side by side (with one,
+        # Ray ran them in turn); the cores themselves are shared out by torch_threads
+        ray.init(num_cpus=2 * max(1, workers), object_store_memory=512 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
 
 
 def encoder_gpus(device: str, cluster_gpus: float, gpus_per_worker: float | None = None) -> float:

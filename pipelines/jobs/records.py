@@ -93,6 +93,25 @@ class JobContext:
     descriptor: str = ""  # the model's face descriptor id (the detected-chip method runs on the CPU stage)
     max_source_bytes: int = MAX_SOURCE_BYTES
     residual_quality: int | None = None  # None: the model's default
+    # torch threads per encoder worker; 0 leaves torch's default (all cores). Several workers sharing
+    # one machine each get their share, or their thread pools fight over the cores (Beam x2 on 2 cores
+    # ran at half the speed of one worker).
+    torch_threads: int = 0
+
+
+def load_worker_codec(ctx: JobContext) -> Any:
+    """The codec of one encoder worker, with the worker's share of the machine's threads."""
+    import torch
+    from facetier.codec.model import FaceCodec
+
+    if ctx.torch_threads:
+        torch.set_num_threads(ctx.torch_threads)
+    return FaceCodec.load(ctx.weights_path, device=ctx.device)
+
+
+def shared_machine_threads(workers: int) -> int:
+    """torch threads for each of ``workers`` encoder workers running on this machine."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def _reject(shard_id: str, source: str, photo_id: str | None, error_class: str, message: str, key: int | None = None) -> dict[str, Any]:
@@ -311,11 +330,9 @@ class ShardWorker:
     The model runs on full batches in this thread while the preparer's pool reads ahead."""
 
     def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
-        from facetier.codec.model import FaceCodec
-
         self.ctx = ctx
         self.preparer = FacePreparer(ctx, threads)
-        self.codec = FaceCodec.load(ctx.weights_path, device=ctx.device)
+        self.codec = load_worker_codec(ctx)
 
     def run(self, shard: ShardSpec) -> ShardEntry:
         results: list[dict[str, Any]] = []
