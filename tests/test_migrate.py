@@ -65,3 +65,6 @@ def test_migrate_keeps_every_row_and_the_table_then_works(v1_table: Path, tmp_pa
     # migrated table is read, and its decode names the weights the streams need instead of guessing
     out = tmp_path / "decoded"
     assert main(["decode", str(v1_table), "--ids", faces[0]["face_id"], "--upto", "middle", "--out", str(out), "--device", "cpu", "--quiet"]) != 0
+    (failure,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["id"] == faces[0]["face_id"] and failure["error_class"] == "ModelMismatchError"
+    assert "facetier-prior-128-v3 weights" in failure["message"], "the message names the model that wrote the stream"

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
@@ -144,8 +144,8 @@ def once_per_photo(table: Table, entries: list[ShardEntry], tag: str) -> list[Sh
     return out
 
 
-def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, enabled: bool, seen: list[tuple[float, int]]) -> None:
-    """Progress from the shards' done markers; ``seen`` gets (time, faces so far) as each one appears."""
+def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, enabled: bool) -> None:
+    """Progress from the shards' done markers."""
     pending = {s.shard_id for s in shards}
     faces = 0
     with tqdm(total=len(shards), desc="encode", unit="shard", disable=not enabled) as bar:
@@ -155,7 +155,6 @@ def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, ena
                 if marker is not None:
                     pending.discard(sid)
                     faces += marker["stats"].get("faces", 0)
-                    seen.append((time.monotonic(), faces))
                     bar.update(1)
                     bar.set_postfix(faces=faces)
             stop.wait(0.25)
@@ -176,6 +175,15 @@ def steady_rate(start: float, seen: Sequence[tuple[float, int]]) -> tuple[float 
     return rate, max(0.0, seen[0][0] - start - seen[0][1] / rate)
 
 
+def _finish_times(stats: Sequence[dict[str, Any]]) -> list[tuple[float, int]]:
+    """(finish time, faces so far) over this run's shards, in the order they finished."""
+    seen, faces = [], 0
+    for st in sorted((st for st in stats if "finished_at" in st), key=lambda st: st["finished_at"]):
+        faces += st.get("faces", 0)
+        seen.append((st["finished_at"], faces))
+    return seen
+
+
 def _torch_threads(opts: EncodeOptions) -> int:
     """Each worker's share of this machine's cores when several encoder workers run on it (Beam's
     local runner, a Ray started here: Ray would give each actor one thread); 0 where workers have
@@ -187,6 +195,7 @@ def _torch_threads(opts: EncodeOptions) -> int:
 
 def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions()) -> EncodeSummary:
     start = time.monotonic()
+    started_at = time.time()  # the shards' markers say when they finished in wall-clock time
     weights = opts.weights or str(embedded_weights_path())
     bundle = load_bundle(Path(weights))
     cfg = bundle.config
@@ -223,8 +232,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     log.info("%d inputs listed, %d already in the table; %d to read in %d shards (%d already done by an interrupted run)",
              len(listed), skipped, len(sources), len(shards), len(done))
     stop = threading.Event()
-    seen: list[tuple[float, int]] = []
-    watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress, seen), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(table, todo, stop, opts.progress), daemon=True)
     watcher.start()
     try:
         if todo:
@@ -292,7 +300,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         rejects.update(st.get("rejects_by_class", {}))
     for sid in {s.shard_id for s in todo}:  # this run's work only, not shards an interrupted run left done
         stage_seconds.add(next(e.stats for e in entries if e.shard_id == sid).get("stage_seconds", {}))
-    steady, startup = steady_rate(start, seen)
+    steady, startup = steady_rate(started_at, _finish_times([e.stats for e in entries if e.shard_id in {s.shard_id for s in todo}]))
     return EncodeSummary(
         table=table_root,
         version=version,

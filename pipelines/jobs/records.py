@@ -254,6 +254,7 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         "rejected": len({r["source_uri"] for r in rejects} - {r["source_uri"] for r in faces}),
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
         "stage_seconds": _stage_seconds(results, time.perf_counter() - write_started),
+        "finished_at": time.time(),  # wall clock, for the job's steady rate: polling markers misses shards that end together
     }
     if "residual" in ctx.layers:
         stats["residual_quality"] = ctx.residual_quality  # the residual payload is JPEG XL, which does not record it
