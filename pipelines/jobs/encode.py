@@ -298,9 +298,13 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     stage_seconds = StageTimes()
     for st in stats:
         rejects.update(st.get("rejects_by_class", {}))
-    for sid in {s.shard_id for s in todo}:  # this run's work only, not shards an interrupted run left done
-        stage_seconds.add(next(e.stats for e in entries if e.shard_id == sid).get("stage_seconds", {}))
-    steady, startup = steady_rate(started_at, _finish_times([e.stats for e in entries if e.shard_id in {s.shard_id for s in todo}]))
+    by_shard: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        by_shard.setdefault(e.shard_id, e.stats)
+    this_run = [by_shard[s.shard_id] for s in todo]  # not shards an interrupted run left done
+    for st in this_run:
+        stage_seconds.add(st.get("stage_seconds", {}))
+    steady, startup = steady_rate(started_at, _finish_times(this_run))
     return EncodeSummary(
         table=table_root,
         version=version,
