@@ -1,64 +1,38 @@
-"""Ray Data adapters. Encode: from_items(shards) -> flat_map(prepare) -> map_batches(encoder actors) -> groupby -> write.
+"""Ray Data adapters. Encode: from_items(shards) -> map_batches(shard encoder actors), each actor
+preparing, encoding and writing whole shards with a ``ShardWorker``, as the local engine does.
 Decode and edit: from_items(batches) -> map_batches(decoder actors, one ``BatchDecoder`` each)."""
 from __future__ import annotations
 
 import logging
 import pickle
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-from facetier.io.sources import key_bytes
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
-from facetier.pipelines.jobs.records import (
-    FacePreparer,
-    JobContext,
-    ShardSpec,
-    encode_items,
-    load_worker_codec,
-    write_shard,
-)
+from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
 
 log = logging.getLogger(__name__)
 
-
-class Prepare:
-    def __init__(self, ctx: JobContext) -> None:
-        self.ctx = ctx
-        self.preparer = FacePreparer(ctx)
-
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        # sources travel as bytes: Arrow strings must be UTF-8, and a file name need not be
-        key = row.get("source_key")
-        key = int(key) if key is not None and key == key else None  # a block with no key at all may hold nulls as NaN
-        items = self.preparer.prepare(row["shard_id"], row["source"].decode("utf-8", "surrogatepass"), key)
-        return [{"shard_id": row["shard_id"], "item": pickle.dumps(it)} for it in items]
+# one block per shard up to this many, so idle actors take shards one at a time (an actor works through
+# a whole block); past it, a block holds a few neighbouring shards
+_MAX_ENCODE_BLOCKS = 10_000
 
 
-class EncoderActor:
-    """One codec per actor; Ray gives each actor a GPU when the job asks for ``num_gpus``."""
+class ShardEncoderActor:
+    """One ``ShardWorker`` per actor: its pool reads, decodes and aligns the next inputs while the
+    model runs, and each shard is written as soon as it is encoded (no shuffle of the faces between
+    operators, so the job's steady rate shows in the shards' finish times). Ray gives the actor a
+    GPU when the job asks for ``num_gpus``."""
 
     def __init__(self, ctx: JobContext) -> None:
         import ray
 
-        self.ctx = ctx
-        self.codec = load_worker_codec(ctx)
-        if ray.get_gpu_ids() and self.codec.device.type != "cuda":
+        self.worker = ShardWorker(ctx)
+        if ray.get_gpu_ids() and self.worker.codec.device.type != "cuda":
             log.warning("this encoder actor holds GPU %s but torch sees no CUDA device: is the CPU build of torch installed?", ray.get_gpu_ids())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [pickle.loads(b) for b in batch["item"]]
-        out = encode_items(self.codec, items, self.ctx.layers, self.ctx.residual_quality)
-        return {"shard_id": batch["shard_id"], "item": np.array([pickle.dumps(it) for it in out], dtype=object)}
-
-
-def _writer(ctx: JobContext):
-    def write(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [pickle.loads(b) for b in group["item"]]
-        entry = write_shard(ctx, str(group["shard_id"][0]), items)
-        return {"shard_id": np.array([entry.shard_id])}
-
-    return write
+        return {"shard_id": np.array([self.worker.run(pickle.loads(s)).shard_id for s in batch["shard"]])}
 
 
 def init_ray(workers: int, address: str | None = None) -> None:
@@ -69,8 +43,8 @@ def init_ray(workers: int, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        # two logical CPUs a worker: its Prepare actor and its encoder actor run side by side (with one,
-        # Ray ran them in turn); the cores themselves are shared out by torch_threads
+        # two logical CPUs a worker: one for its actor, one left for Ray Data's own tasks (which would
+        # otherwise wait while the actors hold every CPU); the cores themselves are shared out by torch_threads
         ray.init(num_cpus=2 * max(1, workers), object_store_memory=512 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
 
 
@@ -94,19 +68,17 @@ def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, addr
     import ray
 
     init_ray(workers, address)
-    rows = [{"shard_id": s.shard_id, "source": key_bytes(src), "source_key": key} for s in shards for src, key in s.inputs()]
-    if not rows:
+    if not shards:
         return
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     gpus = encoder_gpus(ctx.device, cluster_gpus, gpus_per_worker)
     if gpus > cluster_gpus:
         log.warning("each encoder actor asks for %g GPU but the cluster has %g: Ray waits for GPU nodes to join", gpus, cluster_gpus)
     log.info("ray: %d encoder actor(s), %g GPU each (cluster: %g GPU)", workers, gpus, cluster_gpus)
-    ds = ray.data.from_items(rows)
-    ds = ds.flat_map(Prepare, fn_constructor_args=(ctx,), concurrency=workers)
-    ds = ds.map_batches(EncoderActor, fn_constructor_args=(ctx,), batch_size=ctx.batch_size, concurrency=workers, num_gpus=gpus, batch_format="numpy")
-    ds = ds.groupby("shard_id").map_groups(_writer(ctx), batch_format="numpy")
-    ds.materialize()
+    # shard specs travel pickled: Arrow strings must be UTF-8, and a file name need not be
+    rows = [{"shard": pickle.dumps(s)} for s in shards]
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_ENCODE_BLOCKS))
+    ds.map_batches(ShardEncoderActor, fn_constructor_args=(ctx,), batch_size=1, concurrency=workers, num_gpus=gpus, batch_format="numpy").materialize()
 
 
 class DecoderActor:
