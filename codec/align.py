@@ -84,23 +84,40 @@ class FaceDetector:
         return det
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        """All faces in an RGB uint8 image, largest first."""
+        """All faces in an RGB uint8 image, largest first.
+
+        One pass on the photo as it is; a second on the photo with a black margin of a quarter of
+        its side when the first finds no face or a face touching the frame, and then the second's
+        answer is kept. Tightly cropped faces (the face fills the frame) are missed without the
+        margin, and without it the detector also takes slivers of people cut by the frame for faces;
+        but the padded pass sees 2.25x the pixels: paying it only where it may matter halves
+        detection on ordinary photos."""
         h, w = rgb.shape[:2]
         scale = min(1.0, _DETECT_MAX_SIDE / max(h, w))
         img = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        # Tightly cropped faces (the face fills the frame) are missed without a margin.
-        pad = max(img.shape[:2]) // 4
-        bgr = cv2.copyMakeBorder(img[:, :, ::-1], pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        det = self._detector()
-        det.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, faces = det.detect(np.ascontiguousarray(bgr))
-        found: list[Detection] = []
-        for row in [] if faces is None else faces:
-            box = (np.array(row[:4]) - np.array([pad, pad, 0, 0])) / scale
-            lms = (np.array(row[4:14]).reshape(5, 2) - pad) / scale
-            found.append(Detection(box=tuple(float(v) for v in box), landmarks=lms, score=float(row[14])))
+        bgr = np.ascontiguousarray(img[:, :, ::-1])
+        rows = self._pass(bgr, 0)
+        if not rows or any(_touches_frame(r, bgr.shape) for r in rows):
+            rows = self._pass(bgr, max(bgr.shape[:2]) // 4)
+        found = [Detection(box=tuple(float(v) / scale for v in r[:4]), landmarks=r[4:14].reshape(5, 2) / scale, score=float(r[14]))
+                 for r in rows]
         found.sort(key=lambda d: (-d.box[2] * d.box[3], d.box[0], d.box[1]))
         return found[: self.config.max_faces]
+
+    def _pass(self, bgr: np.ndarray, pad: int) -> list[np.ndarray]:
+        """YuNet's rows (box, 5 landmarks, score) for ``bgr`` with a black margin of ``pad`` pixels, in ``bgr``'s coordinates."""
+        if pad:
+            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        det = self._detector()
+        det.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, faces = det.detect(bgr)
+        shift = np.array([pad, pad, 0, 0] + [pad] * 10 + [0], dtype=np.float64)
+        return [np.asarray(row, dtype=np.float64) - shift for row in ([] if faces is None else faces)]
+
+
+def _touches_frame(row: np.ndarray, shape: tuple[int, ...], margin: float = 1.0) -> bool:
+    x, y, w, h = row[:4]
+    return bool(x < margin or y < margin or x + w > shape[1] - margin or y + h > shape[0] - margin)
 
 
 def ffhq_quad(landmarks: np.ndarray, crop_scale: float = 1.0) -> np.ndarray:

@@ -40,6 +40,28 @@ def test_several_faces_yield_several_aligned_faces(embedded_codec, generated_fac
     assert xs[1] - xs[0] > 64
 
 
+def test_the_padded_pass_runs_only_for_faces_at_the_frame(embedded_codec, generated_faces, monkeypatch):
+    """One detector pass on a photo with room around the face; a tight crop (the face fills the frame)
+    is still found, by the second pass on the photo with a margin, whose answer is the one kept."""
+    detector = FaceDetector(embedded_codec.detector.config)
+    pads: list[int] = []
+    one_pass = detector._pass
+
+    def spy(bgr: np.ndarray, pad: int) -> list[np.ndarray]:
+        pads.append(pad)
+        return one_pass(bgr, pad)
+
+    monkeypatch.setattr(detector, "_pass", spy)
+    assert len(detector.detect(_photo([generated_faces[0]]))) == 1
+    assert pads == [0]
+    pads.clear()
+    tight = np.ascontiguousarray(generated_faces[0][8:-8, 8:-8])
+    found = detector.detect(tight)
+    assert len(found) >= 1 and pads == [0, max(tight.shape[:2]) // 4]
+    padded = one_pass(np.ascontiguousarray(tight[:, :, ::-1]), max(tight.shape[:2]) // 4)
+    assert np.allclose(found[0].landmarks, max(padded, key=lambda r: r[2] * r[3])[4:14].reshape(5, 2))
+
+
 def test_no_face_is_a_typed_error(embedded_codec):
     with pytest.raises(NoFaceError):
         align_faces(np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (200, 1, 3)), embedded_codec.detector)
