@@ -46,6 +46,9 @@ class PrepareDoFn(beam.DoFn):
     def setup(self) -> None:
         self._preparer = FacePreparer(self._ctx)
 
+    def teardown(self) -> None:
+        self._preparer.close()
+
     def process(self, shard: ShardSpec) -> Iterable[tuple[str, dict]]:
         # fused with RunInference on the same worker thread: the pool prepares the next inputs while the model runs
         for item in self._preparer.prepare_shard(shard):

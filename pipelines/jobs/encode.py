@@ -238,8 +238,11 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         if todo:
             if opts.engine == "local":
                 worker = ShardWorker(ctx)
-                for shard in todo:
-                    worker.run(shard)
+                try:
+                    for shard in todo:
+                        worker.run(shard)
+                finally:
+                    worker.close()
             elif opts.engine == "beam":
                 from facetier.pipelines.jobs.beam_engine import run_beam
 

@@ -290,7 +290,8 @@ class FacePreparer:
     :meth:`prepare_shard` reads, decodes and aligns a shard's inputs in a pool of threads (OpenCV,
     Pillow and JPEG XL release the GIL), so the next inputs are prepared while the caller runs the
     model on the ones before; at most ``prefetch`` inputs are in flight, so memory does not grow
-    with the shard.
+    with the shard. The pool lives as long as the preparer, so its threads, and the detector each
+    thread loads for itself, are made once per worker rather than once per shard.
     """
 
     def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
@@ -299,6 +300,7 @@ class FacePreparer:
         self.descriptor = FaceDescriptor(ctx.descriptor, ctx.alignment.crop_scale, "cpu") if ctx.descriptor == DETECTED_CHIP_ID else None
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         self.prefetch = max(2 * ctx.batch_size, 4 * self.threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare")
         # dlib's detector (the detected-chip descriptor) is not known to be thread-safe: one input at a time then
         self._serial = threading.Lock() if self.descriptor is not None else None
 
@@ -311,19 +313,21 @@ class FacePreparer:
 
     def prepare_shard(self, shard: ShardSpec) -> Iterator[dict[str, Any]]:
         """Every item of the shard's inputs, in input order, prepared ahead of the caller."""
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare") as pool:
-            inputs = iter(shard.inputs())
-            pending: deque[Future[list[dict[str, Any]]]] = deque(
-                pool.submit(self.prepare, shard.shard_id, src, key) for src, key in islice(inputs, self.prefetch))
-            try:
-                while pending:
-                    items = pending.popleft().result()
-                    if (nxt := next(inputs, None)) is not None:
-                        pending.append(pool.submit(self.prepare, shard.shard_id, *nxt))
-                    yield from items
-            finally:  # a consumer that stops early must not wait for inputs nobody will read
-                for f in pending:
-                    f.cancel()
+        inputs = iter(shard.inputs())
+        pending: deque[Future[list[dict[str, Any]]]] = deque(
+            self._pool.submit(self.prepare, shard.shard_id, src, key) for src, key in islice(inputs, self.prefetch))
+        try:
+            while pending:
+                items = pending.popleft().result()
+                if (nxt := next(inputs, None)) is not None:
+                    pending.append(self._pool.submit(self.prepare, shard.shard_id, *nxt))
+                yield from items
+        finally:  # a consumer that stops early must not leave inputs nobody will read queued
+            for f in pending:
+                f.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
 
 
 class ShardWorker:
@@ -346,3 +350,6 @@ class ShardWorker:
         if batch:
             results += encode_items(self.codec, batch, self.ctx.layers, self.ctx.residual_quality)
         return write_shard(self.ctx, shard.shard_id, results)
+
+    def close(self) -> None:
+        self.preparer.close()
