@@ -87,17 +87,18 @@ class FaceDetector:
         """All faces in an RGB uint8 image, largest first.
 
         One pass on the photo as it is; a second on the photo with a black margin of a quarter of
-        its side when the first finds no face or a face touching the frame, and then the second's
-        answer is kept. Tightly cropped faces (the face fills the frame) are missed without the
-        margin, and without it the detector also takes slivers of people cut by the frame for faces;
-        but the padded pass sees 2.25x the pixels: paying it only where it may matter halves
-        detection on ordinary photos."""
+        its side when the first finds no face, a face touching the frame or one too small to use
+        (on LFW, a face whose landmarks collapsed), and then the second's answer is kept. Tightly
+        cropped faces (the face fills the frame) are missed without the margin, and without it the
+        detector also takes slivers of people cut by the frame for faces; but the padded pass sees
+        2.25x the pixels: paying it only where it may matter halves detection on ordinary photos."""
         h, w = rgb.shape[:2]
         scale = min(1.0, _DETECT_MAX_SIDE / max(h, w))
         img = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         bgr = np.ascontiguousarray(img[:, :, ::-1])
         rows = self._pass(bgr, 0)
-        if not rows or any(_touches_frame(r, bgr.shape) for r in rows):
+        small = self.config.min_eye_distance * scale
+        if not rows or any(_touches_frame(r, bgr.shape) or np.hypot(*(r[6:8] - r[4:6])) < small for r in rows):
             rows = self._pass(bgr, max(bgr.shape[:2]) // 4)
         found = [Detection(box=tuple(float(v) / scale for v in r[:4]), landmarks=r[4:14].reshape(5, 2) / scale, score=float(r[14]))
                  for r in rows]

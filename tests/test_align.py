@@ -111,3 +111,12 @@ def test_real_photos_several_faces(shared_data, embedded_codec):
     photos = [decode_image(p.read_bytes()).rgb for p in sorted((shared_data / "lfw" / "images").glob("*/*.jpg"))[:3]]
     mosaic = np.concatenate(photos, axis=1)
     assert len(align_faces(mosaic, embedded_codec.detector)) >= 3
+
+
+@pytest.mark.shared_data
+def test_a_face_whose_landmarks_collapse_without_the_margin_is_still_found(shared_data, embedded_codec):
+    """On this LFW photo the pass without a margin finds the face with its eyes 7 px apart (too small
+    to use); the padded pass must then run and find it, as detection did before it had two passes."""
+    rgb = decode_image((shared_data / "lfw" / "images" / "Franz_Muentefering" / "Franz_Muentefering_0003.jpg").read_bytes()).rgb
+    faces = align_faces(rgb, embedded_codec.detector)
+    assert faces[0].detection.eye_distance > 15
