@@ -96,28 +96,29 @@ class FaceDetector:
         scale = min(1.0, _DETECT_MAX_SIDE / max(h, w))
         img = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         bgr = np.ascontiguousarray(img[:, :, ::-1])
-        rows = self._pass(bgr, 0)
+        found = self._pass(bgr, 0)
         small = self.config.min_eye_distance * scale
-        if not rows or any(_touches_frame(r, bgr.shape) or np.hypot(*(r[6:8] - r[4:6])) < small for r in rows):
-            rows = self._pass(bgr, max(bgr.shape[:2]) // 4)
-        found = [Detection(box=tuple(float(v) / scale for v in r[:4]), landmarks=r[4:14].reshape(5, 2) / scale, score=float(r[14]))
-                 for r in rows]
+        if not found or any(_touches_frame(d.box, bgr.shape) or d.eye_distance < small for d in found):
+            found = self._pass(bgr, max(bgr.shape[:2]) // 4)
+        if scale != 1.0:
+            found = [Detection(box=tuple(v / scale for v in d.box), landmarks=d.landmarks / scale, score=d.score) for d in found]
         found.sort(key=lambda d: (-d.box[2] * d.box[3], d.box[0], d.box[1]))
         return found[: self.config.max_faces]
 
-    def _pass(self, bgr: np.ndarray, pad: int) -> list[np.ndarray]:
-        """YuNet's rows (box, 5 landmarks, score) for ``bgr`` with a black margin of ``pad`` pixels, in ``bgr``'s coordinates."""
+    def _pass(self, bgr: np.ndarray, pad: int) -> list[Detection]:
+        """YuNet's faces in ``bgr`` with a black margin of ``pad`` pixels around it, in ``bgr``'s coordinates."""
         if pad:
             bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         det = self._detector()
         det.setInputSize((bgr.shape[1], bgr.shape[0]))
         _, faces = det.detect(bgr)
-        shift = np.array([pad, pad, 0, 0] + [pad] * 10 + [0], dtype=np.float64)
-        return [np.asarray(row, dtype=np.float64) - shift for row in ([] if faces is None else faces)]
+        rows = [np.asarray(row, dtype=np.float64) for row in ([] if faces is None else faces)]
+        return [Detection(box=(float(r[0] - pad), float(r[1] - pad), float(r[2]), float(r[3])), landmarks=r[4:14].reshape(5, 2) - pad,
+                          score=float(r[14])) for r in rows]
 
 
-def _touches_frame(row: np.ndarray, shape: tuple[int, ...], margin: float = 1.0) -> bool:
-    x, y, w, h = row[:4]
+def _touches_frame(box: tuple[float, float, float, float], shape: tuple[int, ...], margin: float = 1.0) -> bool:
+    x, y, w, h = box
     return bool(x < margin or y < margin or x + w > shape[1] - margin or y + h > shape[0] - margin)
 
 

@@ -59,7 +59,7 @@ def test_the_padded_pass_runs_only_for_faces_at_the_frame(embedded_codec, genera
     found = detector.detect(tight)
     assert len(found) >= 1 and pads == [0, max(tight.shape[:2]) // 4]
     padded = one_pass(np.ascontiguousarray(tight[:, :, ::-1]), max(tight.shape[:2]) // 4)
-    assert np.allclose(found[0].landmarks, max(padded, key=lambda r: r[2] * r[3])[4:14].reshape(5, 2))
+    assert np.allclose(found[0].landmarks, max(padded, key=lambda d: d.box[2] * d.box[3]).landmarks)
 
 
 def test_no_face_is_a_typed_error(embedded_codec):
