@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -53,6 +53,26 @@ class DecodedFace:
     image: np.ndarray = field(repr=False)  # (S, S, 3) uint8 RGB
     layers_used: tuple[str, ...]
     generated: bool  # True unless the pixels are the source's own (never evidence when True)
+
+
+def in_fixed_batches(fn: Callable[..., np.ndarray], rows: int | None, *arrays: np.ndarray | None) -> np.ndarray:
+    """``fn(*arrays)`` run on batches of exactly ``rows`` rows, the last one padded by repeating its
+    final row and the padding's outputs dropped (``rows=None``: one call as given).
+
+    Why: every new batch shape leaves oneDNN's buffers of a different size in glibc's heap, and a
+    long encode whose shard tails take every size from 1 to the batch size grew by about 300 MB
+    that way; one shape keeps peak memory set by the batch size alone.
+    """
+    n = len(next(a for a in arrays if a is not None))
+    if rows is None or n == rows:
+        return fn(*arrays)
+    outs = []
+    for start in range(0, n, rows):
+        part = [None if a is None else a[start:start + rows] for a in arrays]
+        real = len(next(p for p in part if p is not None))
+        padded = [None if p is None else np.concatenate([p, np.repeat(p[-1:], rows - real, 0)]) for p in part]
+        outs.append(np.asarray(fn(*padded))[:real])
+    return np.concatenate(outs)
 
 
 def frozen_layers_from_bundle(bundle: ModelBundle) -> tuple[list[FrozenLayerModel], np.ndarray]:
@@ -188,27 +208,29 @@ class FaceCodec:
 
     def encode_crops(
         self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None,
-        descriptors: np.ndarray | None = None, times: StageTimes | None = None,
+        descriptors: np.ndarray | None = None, times: StageTimes | None = None, batch_rows: int | None = None,
     ) -> list[LayeredCode]:
         """Layered codes for aligned crops (without the ``original`` layer, which needs the source file).
 
         ``descriptors``: the crops' face descriptors when a CPU stage already computed them (the
         detected-chip method does); computed here in one batch otherwise. ``times`` collects the
-        seconds of each stage.
+        seconds of each stage. ``batch_rows``: the networks run on batches of exactly this many
+        rows (see :func:`in_fixed_batches`); long jobs pass their batch size.
         """
         times = StageTimes() if times is None else times
         wanted = self._wanted(layers)
         if descriptors is not None and np.shape(descriptors) != (len(crops), DESCRIPTOR_DIM):
             raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
         with times.stage("encoder"):
-            wplus = self.encode_wplus(crops)
+            wplus = in_fixed_batches(self.encode_wplus, batch_rows, crops)
         if descriptors is None and self.semantic is not None and self.semantic.cfg.descriptor:
             with times.stage("descriptor"):
-                descriptors = self.semantic.descriptors(crops)  # one batched call, not one per face
+                descriptors = in_fixed_batches(self.semantic.descriptors, batch_rows, crops)  # one batched call, not one per face
         codes_layers: list[list[LayerCode]] = []
         quantised = []
         with times.stage("semantic_entropy"):
-            semantic_codes = self.semantic.encode(wplus, crops, descriptors) if self.semantic is not None else [None] * len(wplus)
+            semantic_codes = (in_fixed_batches(self.semantic.encode, batch_rows, wplus, crops, descriptors)
+                              if self.semantic is not None else [None] * len(wplus))
             for w, semantic_code in zip(wplus, semantic_codes):
                 symbols = self._symbols(w, semantic_code=semantic_code)
                 context = np.zeros(0, np.int64)
@@ -222,7 +244,7 @@ class FaceCodec:
                     quantised.append(self.wplus_from_symbols(symbols))
         if RESIDUAL in wanted:
             with times.stage("synthesis"):
-                generated = self.synthesise(np.stack(quantised))
+                generated = in_fixed_batches(self.synthesise, batch_rows, np.stack(quantised))
             q = self.config.residual_quality if residual_quality is None else residual_quality
             with times.stage("residual_jxl"):
                 for layer_codes, payload in zip(codes_layers, image_layers.encode_residuals(crops, generated, q)):

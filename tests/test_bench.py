@@ -8,16 +8,18 @@ from facetier.pipelines.evaluation.bench import render, run_bench
 
 def test_bench_reports_stages_and_steady_state(sample_archive, tmp_path):
     out = tmp_path / "bench.json"
-    report = run_bench(str(sample_archive), limit=12, configs=[("local", 1)], out=str(out), shard_size=3, device="cpu")
+    # batches of 2: the 6 faces of 4 shards fill batches across shards, and a steady rate needs shards that finish apart
+    report = run_bench(str(sample_archive), limit=12, configs=[("local", 1)], out=str(out), shard_size=3, device="cpu", batch_sizes=(2,))
     assert json.loads(out.read_text()) == report
     decode, local, decode_back = report["rows"]
-    assert decode["name"] == "jpeg-decode-only" and local["name"] == "local x1 b16"
-    assert decode_back["name"] == "decode residual local x1 b16" and decode_back["faces"] == 6 and decode_back["faces_per_second"] > 0
+    assert decode["name"] == "jpeg-decode-only" and local["name"] == "local x1 b2"
+    assert decode_back["name"] == "decode residual local x1 b2" and decode_back["faces"] == 6 and decode_back["faces_per_second"] > 0
     assert local["faces"] == 6 and local["device"] == "cpu"
     stages = local["stage_ms_per_face"]
     for stage in ("read", "decode", "detect_align", "encoder", "semantic_entropy", "synthesis", "residual_jxl", "write"):
         assert stages[stage] > 0, stage
     assert local["steady_faces_per_second"] > 0 and local["startup_seconds"] >= 0
+    assert local["worker_peak_rss_mb"] > 100 and local["peak_rss_mb"] >= local["worker_peak_rss_mb"]
     text = render(report)
     assert "ms per face by stage" in text and "encoder" in text and "decode residual local" in text
 

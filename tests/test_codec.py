@@ -179,3 +179,19 @@ def test_residuals_encoded_in_parallel_equal_one_by_one():
     src = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     gen = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     assert image_layers.encode_residuals(src, gen, 80) == [image_layers.encode_residual(s, g, 80) for s, g in zip(src, gen)]
+
+
+def test_fixed_batches_show_the_networks_one_shape_and_keep_the_codes(tiny_codec, monkeypatch):
+    five = np.random.default_rng(5).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    plain = tiny_codec.encode_crops(five)
+    seen: list[int] = []
+    for name in ("encode_wplus", "synthesise"):
+        real = getattr(tiny_codec, name)
+        monkeypatch.setattr(tiny_codec, name, lambda x, real=real: seen.append(len(x)) or real(x))
+    fixed = tiny_codec.encode_crops(five, batch_rows=4)
+    assert seen == [4, 4, 4, 4], "5 crops in batches of 4: two encoder and two synthesis calls, the second of each padded"
+    assert len(fixed) == 5
+    for a, b in zip(plain, fixed):
+        assert a.names == b.names
+        for name in tiny_codec.plan.names:  # the generative layers' symbols do not depend on the batch around a face
+            assert a.layer(name).payload == b.layer(name).payload

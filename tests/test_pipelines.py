@@ -186,12 +186,31 @@ def test_two_concurrent_runs_leave_a_consistent_table(sample_archive, tmp_path):
     assert len(faces) == len({f["face_id"] for f in faces}) == 6
 
 
+def test_batches_fill_across_shards_and_every_shard_is_written(sample_archive, tmp_path, local_table, monkeypatch):
+    from facetier.pipelines.jobs import shard_worker
+
+    faces_per_call: list[int] = []
+    real = shard_worker.encode_items
+
+    def counting(codec, items, *args):
+        faces_per_call.append(sum(i["kind"] == "face" for i in items))
+        return real(codec, items, *args)
+
+    monkeypatch.setattr(shard_worker, "encode_items", counting)
+    root = str(tmp_path / "across")
+    s = run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=3, batch_size=4, progress=False))
+    # 6 faces in 4 shards of 3 inputs: one full batch, then the job's last batch; no batch per shard tail
+    assert faces_per_call == [4, 2]
+    assert s.shards_run == 4 and s.inputs == s.encoded_inputs + s.rejected + s.skipped
+    assert table_snapshot(root) == table_snapshot(local_table[0])
+
+
 def test_killed_run_resumes_to_the_same_table(sample_archive, tmp_path, local_table):
     ref_root, _ = local_table
     root = str(tmp_path / "killed")
     code = (
         "from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
-        f"run_encode({str(sample_archive)!r}, {root!r}, EncodeOptions(engine='local', shard_size=3, progress=False))"
+        f"run_encode({str(sample_archive)!r}, {root!r}, EncodeOptions(engine='local', shard_size=3, batch_size=2, progress=False))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     staging = Path(root) / "_staging"
@@ -201,7 +220,7 @@ def test_killed_run_resumes_to_the_same_table(sample_archive, tmp_path, local_ta
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not Table(root).exists(), "nothing may be visible before the commit"
-    s = run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=3, progress=False))
+    s = run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=3, batch_size=2, progress=False))
     assert s.shards_reused >= 1
     assert table_snapshot(root) == table_snapshot(ref_root)
 

@@ -159,7 +159,8 @@ def test_only_the_redetecting_descriptor_runs_on_the_cpu_stage(sample_archive, e
     from dataclasses import replace
 
     from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FIXED_CHIP_ID
-    from facetier.pipelines.jobs.records import FacePreparer, JobContext
+    from facetier.pipelines.jobs.records import JobContext
+    from facetier.pipelines.jobs.shard_worker import FacePreparer
 
     cfg = embedded_codec.config
     ctx = JobContext("unused", "", cfg.codec_id, embedded_codec.weights_hash, cfg.alignment, ("basic",), descriptor=DETECTED_CHIP_ID)

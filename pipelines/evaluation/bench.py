@@ -31,12 +31,13 @@ class BenchRow:
     faces: int
     faces_per_second: float
     ratio_to_decode_ceiling: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the largest process of the run: driver, a child it reaped, or a worker that wrote a shard
     steady_faces_per_second: float | None = None
     startup_seconds: float | None = None
     stage_ms_per_face: dict[str, float] | None = None
     batch_size: int | None = None
     device: str = "cpu"
+    worker_peak_rss_mb: float | None = None  # the largest of the processes that wrote shards (Ray actors included)
 
 
 def _decode_rate(keys: list[str]) -> float:
@@ -96,14 +97,15 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
                 "from facetier.codec.stage_times import per_face_ms;"
                 "dev='cuda' if torch.cuda.is_available() and " + repr(device) + " != 'cpu' else 'cpu';"
                 "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss, 'steady': s.steady_faces_per_second,"
-                " 'startup': s.startup_seconds, 'stages': per_face_ms(s.stage_seconds, s.faces), 'device': dev}))"
+                " 'startup': s.startup_seconds, 'stages': per_face_ms(s.stage_seconds, s.faces), 'device': dev, 'worker_mb': s.worker_peak_rss_mb}))"
             )
             res = _child_json(code, f"run {engine} x{workers} batch {batch}")
-            # the largest single process of that run (driver, or a worker it reaped); per run, not cumulative
-            peak = res["rss_kb"] / 1024
+            # the largest single process of that run (driver, a worker it reaped, or a Ray actor that wrote a
+            # shard); per run, not cumulative
+            peak = max(res["rss_kb"] / 1024, res.get("worker_mb") or 0.0)
             fps = res["faces"] / res["seconds"]
             rows.append(BenchRow(f"{engine} x{workers} b{batch}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak,
-                                 res["steady"], res["startup"], res["stages"], batch, res["device"]))
+                                 res["steady"], res["startup"], res["stages"], batch, res["device"], res.get("worker_mb")))
             if decode_upto:
                 decode_rows.append(_decode_row(table, work / f"decoded-{engine}-{workers}-{batch}", engine, workers, batch, device, weights, decode_upto))
             if query is None:

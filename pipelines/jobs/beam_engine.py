@@ -11,13 +11,13 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from apache_beam.options.pipeline_options import PipelineOptions
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
 from facetier.pipelines.jobs.records import (
-    FacePreparer,
     JobContext,
     ShardSpec,
     encode_items,
     load_worker_codec,
     write_shard,
 )
+from facetier.pipelines.jobs.shard_worker import FacePreparer
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,11 @@ class FaceEncoderHandler(ModelHandler[dict, dict, Any]):
         return load_worker_codec(self._ctx)
 
     def run_inference(self, batch: Sequence[dict], model: Any, inference_args: dict | None = None) -> Iterable[dict]:
-        return encode_items(model, list(batch), self._ctx.layers, self._ctx.residual_quality)
+        return encode_items(model, list(batch), self._ctx.layers, self._ctx.residual_quality, self._ctx.batch_size)
 
     def batch_elements_kwargs(self) -> dict[str, int]:
-        return {"min_batch_size": 1, "max_batch_size": self._ctx.batch_size}
+        # full batches: the networks run on padded batches of this size anyway (see encode_items)
+        return {"min_batch_size": self._ctx.batch_size, "max_batch_size": self._ctx.batch_size}
 
 
 class PrepareDoFn(beam.DoFn):

@@ -40,7 +40,8 @@ from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources, sourc
 from facetier.io.commit import commit, finish_pending
 from facetier.io.rewrite import rewrite_staged
 from facetier.io.table import ShardEntry, Table
-from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker, shared_machine_threads
+from facetier.pipelines.jobs.records import JobContext, ShardSpec, shared_machine_threads
+from facetier.pipelines.jobs.shard_worker import ShardWorker
 from facetier.pipelines.jobs.table_state import held_photos, held_sources, replaced_rows
 from tqdm import tqdm
 
@@ -87,6 +88,7 @@ class EncodeSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over this run's shards and faces
     steady_faces_per_second: float | None = None  # after the first shard finished: engine start-up excluded
     startup_seconds: float | None = None  # wall time not explained by the steady rate (model loads, engine start)
+    worker_peak_rss_mb: float | None = None  # the largest peak of the processes that wrote this run's shards
 
     @property
     def faces_per_second(self) -> float:
@@ -96,7 +98,8 @@ class EncodeSummary:
         """Time per stage per face, and start-up apart from steady state."""
         steady = "n/a (fewer than two shards)" if self.steady_faces_per_second is None else f"{self.steady_faces_per_second:.2f} faces/s"
         startup = "" if self.startup_seconds is None else f"; start-up {self.startup_seconds:.1f}s"
-        return f"steady state {steady}{startup}\n" + render_stages(self.stage_seconds, self.faces)
+        memory = "" if self.worker_peak_rss_mb is None else f"; peak worker memory {self.worker_peak_rss_mb:.0f} MB"
+        return f"steady state {steady}{startup}{memory}\n" + render_stages(self.stage_seconds, self.faces)
 
     @property
     def balanced(self) -> bool:
@@ -239,8 +242,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
             if opts.engine == "local":
                 worker = ShardWorker(ctx)
                 try:
-                    for shard in todo:
-                        worker.run(shard)
+                    for _ in worker.run_many(todo):
+                        pass  # the watcher reports progress from the done markers
                 finally:
                     worker.close()
             elif opts.engine == "beam":
@@ -326,4 +329,5 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
         stage_seconds=stage_seconds.ordered(),
         steady_faces_per_second=steady,
         startup_seconds=startup,
+        worker_peak_rss_mb=max((st["worker_peak_rss_mb"] for st in this_run if "worker_peak_rss_mb" in st), default=None),
     )

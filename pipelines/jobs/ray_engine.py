@@ -9,13 +9,22 @@ from collections.abc import Sequence
 
 import numpy as np
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
-from facetier.pipelines.jobs.records import JobContext, ShardSpec, ShardWorker
+from facetier.pipelines.jobs.records import JobContext, ShardSpec
+from facetier.pipelines.jobs.shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
-# one block per shard up to this many, so idle actors take shards one at a time (an actor works through
-# a whole block); past it, a block holds a few neighbouring shards
+# one block per shard up to this many, so idle actors take a few shards at a time (a call's batch of
+# blocks); past it, a block holds a few neighbouring shards
 _MAX_ENCODE_BLOCKS = 10_000
+# an actor call encodes up to this many shards with batches running on across them, so only a call's
+# last batch is padded; fewer when that would leave actors without work
+_MAX_SHARDS_PER_CALL = 16
+
+
+def shards_per_call(shards: int, workers: int) -> int:
+    """Shards in one actor call: about four calls per actor at least, so a slow actor does not hold back the end."""
+    return max(1, min(_MAX_SHARDS_PER_CALL, shards // (4 * max(1, workers))))
 
 
 class ShardEncoderActor:
@@ -32,7 +41,7 @@ class ShardEncoderActor:
             log.warning("this encoder actor holds GPU %s but torch sees no CUDA device: is the CPU build of torch installed?", ray.get_gpu_ids())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"shard_id": np.array([self.worker.run(pickle.loads(s)).shard_id for s in batch["shard"]])}
+        return {"shard_id": np.array([e.shard_id for e in self.worker.run_many(pickle.loads(s) for s in batch["shard"])])}
 
 
 def init_ray(workers: int, address: str | None = None) -> None:
@@ -78,7 +87,8 @@ def run_ray(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, addr
     # shard specs travel pickled: Arrow strings must be UTF-8, and a file name need not be
     rows = [{"shard": pickle.dumps(s)} for s in shards]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_ENCODE_BLOCKS))
-    ds.map_batches(ShardEncoderActor, fn_constructor_args=(ctx,), batch_size=1, concurrency=workers, num_gpus=gpus, batch_format="numpy").materialize()
+    ds.map_batches(ShardEncoderActor, fn_constructor_args=(ctx,), batch_size=shards_per_call(len(shards), workers), concurrency=workers,
+                   num_gpus=gpus, batch_format="numpy").materialize()
 
 
 class DecoderActor:

@@ -15,20 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
+import resource
+import sys
 import time
 import zlib
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
-from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
+from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.codec.stage_times import StageTimes
@@ -154,8 +153,11 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
     return items
 
 
-def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], residual_quality: int | None = None) -> list[dict[str, Any]]:
-    """Encode the face items of a batch; other items pass through unchanged."""
+def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], residual_quality: int | None = None,
+                 batch_rows: int | None = None) -> list[dict[str, Any]]:
+    """Encode the face items of a batch; other items pass through unchanged. ``batch_rows``: the
+    networks always see batches of this many rows (a shard's last batch is padded), so memory
+    does not creep up as a long job meets every batch size."""
     faces = [i for i in items if i["kind"] == "face"]
     if faces:
         wanted = [n for n in layers if n != ORIGINAL]
@@ -163,10 +165,10 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
         times = StageTimes()
         try:
             codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted, times=times, residual_quality=residual_quality,
-                                       descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
+                                       descriptors=np.stack(descs) if all(d is not None for d in descs) else None, batch_rows=batch_rows)
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
-                return [out for it in items for out in encode_items(codec, [it], layers, residual_quality)]
+                return [out for it in items for out in encode_items(codec, [it], layers, residual_quality, batch_rows)]
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc), i.get("source_key")) if i["kind"] == "face" else i
                     for i in items]
         with times.stage("semantic_entropy"):
@@ -255,6 +257,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         "rejects_by_class": dict(Counter(r["error_class"] for r in rejects)),
         "stage_seconds": _stage_seconds(results, time.perf_counter() - write_started),
         "finished_at": time.time(),  # wall clock, for the job's steady rate: polling markers misses shards that end together
+        # the writing process's peak so far: Ray's and Dataflow's workers are not the driver's children
+        "worker_peak_rss_mb": round(peak_rss_mb(), 1),
     }
     if "residual" in ctx.layers:
         stats["residual_quality"] = ctx.residual_quality  # the residual payload is JPEG XL, which does not record it
@@ -262,6 +266,12 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
                        tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats, fstats)
     table.write_done_marker(entry)
     return entry
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _outcome(source: str, mine: list[dict[str, Any]], duplicates: set[tuple[str, str]]) -> tuple[str | None, str, str | None]:
@@ -280,76 +290,3 @@ def _stage_seconds(results: Iterable[dict[str, Any]], write_seconds: float) -> d
     for r in results:
         total.add(r.get("times") or {})
     return {k: round(v, 6) for k, v in total.ordered().items()}
-
-
-class FacePreparer:
-    """The CPU stage's models for one worker: the face detector and, for models that re-detect the
-    face in the crop (``dlib-resnet-v1``), dlib's descriptor. The fixed-chip descriptor is a batched
-    model call, made with the encoder's batch instead.
-
-    :meth:`prepare_shard` reads, decodes and aligns a shard's inputs in a pool of threads (OpenCV,
-    Pillow and JPEG XL release the GIL), so the next inputs are prepared while the caller runs the
-    model on the ones before; at most ``prefetch`` inputs are in flight, so memory does not grow
-    with the shard. The pool lives as long as the preparer, so its threads, and the detector each
-    thread loads for itself, are made once per worker rather than once per shard.
-    """
-
-    def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
-        self.ctx = ctx
-        self.detector = FaceDetector(ctx.alignment)
-        self.descriptor = FaceDescriptor(ctx.descriptor, ctx.alignment.crop_scale, "cpu") if ctx.descriptor == DETECTED_CHIP_ID else None
-        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
-        self.prefetch = max(2 * ctx.batch_size, 4 * self.threads)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="facetier-prepare")
-        # dlib's detector (the detected-chip descriptor) is not known to be thread-safe: one input at a time then
-        self._serial = threading.Lock() if self.descriptor is not None else None
-
-    def prepare(self, shard_id: str, source: str, key: int | None = None) -> list[dict[str, Any]]:
-        """The face or reject items of one input (see ``prepare_source``)."""
-        if self._serial is None:
-            return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
-        with self._serial:
-            return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
-
-    def prepare_shard(self, shard: ShardSpec) -> Iterator[dict[str, Any]]:
-        """Every item of the shard's inputs, in input order, prepared ahead of the caller."""
-        inputs = iter(shard.inputs())
-        pending: deque[Future[list[dict[str, Any]]]] = deque(
-            self._pool.submit(self.prepare, shard.shard_id, src, key) for src, key in islice(inputs, self.prefetch))
-        try:
-            while pending:
-                items = pending.popleft().result()
-                if (nxt := next(inputs, None)) is not None:
-                    pending.append(self._pool.submit(self.prepare, shard.shard_id, *nxt))
-                yield from items
-        finally:  # a consumer that stops early must not leave inputs nobody will read queued
-            for f in pending:
-                f.cancel()
-
-    def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
-
-
-class ShardWorker:
-    """Holds the CPU stage's models and the codec for one worker process; used by the local engine.
-    The model runs on full batches in this thread while the preparer's pool reads ahead."""
-
-    def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
-        self.ctx = ctx
-        self.preparer = FacePreparer(ctx, threads)
-        self.codec = load_worker_codec(ctx)
-
-    def run(self, shard: ShardSpec) -> ShardEntry:
-        results: list[dict[str, Any]] = []
-        batch: list[dict[str, Any]] = []
-        for item in self.preparer.prepare_shard(shard):
-            batch.append(item)
-            if len(batch) == self.ctx.batch_size:
-                results += encode_items(self.codec, batch, self.ctx.layers, self.ctx.residual_quality)
-                batch = []
-        if batch:
-            results += encode_items(self.codec, batch, self.ctx.layers, self.ctx.residual_quality)
-        return write_shard(self.ctx, shard.shard_id, results)
-
-    def close(self) -> None:
-        self.preparer.close()
