@@ -64,7 +64,7 @@ def in_fixed_batches(fn: Callable[..., np.ndarray], rows: int | None, *arrays: n
     that way; one shape keeps peak memory set by the batch size alone.
     """
     n = len(next(a for a in arrays if a is not None))
-    if rows is None or n == rows:
+    if rows is None or n in (0, rows):
         return fn(*arrays)
     outs = []
     for start in range(0, n, rows):

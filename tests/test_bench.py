@@ -39,7 +39,7 @@ def test_steady_rate_needs_shards_spread_over_the_run():
 
     rate, startup = steady_rate(0.0, [(10.0, 10), (20.0, 30), (30.0, 50)])
     assert rate == 2.0 and startup == 5.0  # 20 faces in 10 s after the first shard; the first 10 faces took 5 s of it
-    assert steady_rate(0.0, [(100.0, 10), (101.0, 1000)]) == (None, None)  # all written at the end (Beam's GroupByKey)
+    assert steady_rate(0.0, [(100.0, 10), (101.0, 1000)]) == (None, None)  # all written at the end (one batch, or a group-by before the write)
     assert steady_rate(0.0, [(10.0, 10)]) == (None, None)
 
 

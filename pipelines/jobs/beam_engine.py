@@ -1,70 +1,52 @@
-"""Apache Beam adapters. Encode: Create(shards) -> prepare -> RunInference(encoder) -> GroupByKey -> write.
+"""Apache Beam adapters. Encode: Create(groups of shards) -> Reshuffle -> one ``ShardWorker`` per DoFn,
+which prepares, encodes and writes whole shards as the local engine does.
 Decode and edit: Create(batches) -> Reshuffle -> one ``BatchDecoder`` per worker."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
-from facetier.pipelines.jobs.records import (
-    JobContext,
-    ShardSpec,
-    encode_items,
-    load_worker_codec,
-    write_shard,
-)
-from facetier.pipelines.jobs.shard_worker import FacePreparer
+from facetier.pipelines.jobs.records import JobContext, ShardSpec
+from facetier.pipelines.jobs.shard_worker import ShardWorker, shards_per_call
 
 log = logging.getLogger(__name__)
 
 
-class FaceEncoderHandler(ModelHandler[dict, dict, Any]):
-    """Loads the codec once per worker (CUDA when present) and encodes batches of face items."""
+class EncodeShardsDoFn(beam.DoFn):
+    """One ``ShardWorker`` per DoFn instance, as in the local engine and each Ray actor: its pool
+    prepares inputs ahead of the model, batches fill across the shards of an element, and each
+    shard is written as soon as its faces are encoded.
 
-    def __init__(self, ctx: JobContext) -> None:
-        super().__init__()
-        self._ctx = ctx
+    Why not RunInference and a group-by before the write: the runner then holds every encoded
+    payload until the group-by ends. The in-process runner did so in memory, 4.0 GB at its peak for
+    10,000 LFW photos against 1.0 GB for 1,000; here a worker holds the shard in hand and no more.
+    """
 
-    def load_model(self) -> Any:
-        return load_worker_codec(self._ctx)
-
-    def run_inference(self, batch: Sequence[dict], model: Any, inference_args: dict | None = None) -> Iterable[dict]:
-        return encode_items(model, list(batch), self._ctx.layers, self._ctx.residual_quality, self._ctx.batch_size)
-
-    def batch_elements_kwargs(self) -> dict[str, int]:
-        # full batches: the networks run on padded batches of this size anyway (see encode_items)
-        return {"min_batch_size": self._ctx.batch_size, "max_batch_size": self._ctx.batch_size}
-
-
-class PrepareDoFn(beam.DoFn):
     def __init__(self, ctx: JobContext) -> None:
         self._ctx = ctx
 
     def setup(self) -> None:
-        self._preparer = FacePreparer(self._ctx)
+        self._worker = ShardWorker(self._ctx)
 
     def teardown(self) -> None:
-        self._preparer.close()
+        self._worker.close()
 
-    def process(self, shard: ShardSpec) -> Iterable[tuple[str, dict]]:
-        # fused with RunInference on the same worker thread: the pool prepares the next inputs while the model runs
-        for item in self._preparer.prepare_shard(shard):
-            yield shard.shard_id, item
+    def process(self, shards: list[ShardSpec]) -> Iterable[str]:
+        for entry in self._worker.run_many(shards):
+            yield entry.shard_id
 
 
-def build_pipeline(p: beam.Pipeline, ctx: JobContext, shards: Sequence[ShardSpec]) -> beam.PCollection:
+def build_pipeline(p: beam.Pipeline, ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1) -> beam.PCollection:
+    per_call = shards_per_call(len(shards), workers)
+    groups = [list(shards[i:i + per_call]) for i in range(0, len(shards), per_call)]
     return (
         p
-        | "Shards" >> beam.Create(list(shards))
+        | "Shards" >> beam.Create(groups)
         | "Spread" >> beam.Reshuffle()
-        | "Prepare" >> beam.ParDo(PrepareDoFn(ctx))
-        | "Encode" >> RunInference(KeyedModelHandler(FaceEncoderHandler(ctx)))
-        | "ByShard" >> beam.GroupByKey()
-        | "Write" >> beam.MapTuple(lambda shard_id, items: write_shard(ctx, shard_id, items).shard_id)
+        | "Encode" >> beam.ParDo(EncodeShardsDoFn(ctx))
     )
 
 
@@ -80,7 +62,7 @@ def pipeline_options(workers: int, extra_args: Sequence[str] = ()) -> PipelineOp
 
 def run_beam(ctx: JobContext, shards: Sequence[ShardSpec], workers: int = 1, extra_args: Sequence[str] = ()) -> None:
     with beam.Pipeline(options=pipeline_options(workers, extra_args)) as p:
-        build_pipeline(p, ctx, shards)
+        build_pipeline(p, ctx, shards, workers)
 
 
 class DecodeBatchDoFn(beam.DoFn):

@@ -33,6 +33,9 @@ def dataflow_pipeline_args(env: dict[str, str]) -> list[str]:
         f"--dataflow_service_options=worker_accelerator={env['ACCELERATOR']}",
         "--experiments=use_runner_v2",
         "--experiments=no_use_multiple_sdk_containers",  # one process per VM: one model copy per GPU
+        # and one harness thread in it: each encode DoFn holds a ShardWorker (the model, and a pool that
+        # prepares inputs on all of the VM's cores), so more threads would mean more model copies
+        "--number_of_worker_harness_threads=1",
         "--autoscaling_algorithm=THROUGHPUT_BASED",
         f"--max_num_workers={env['MAX_WORKERS']}",
         "--disk_size_gb=50",

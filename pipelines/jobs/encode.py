@@ -167,7 +167,7 @@ def steady_rate(start: float, seen: Sequence[tuple[float, int]]) -> tuple[float 
     """(faces/s after the first shard, start-up seconds) from when shards finished (time, faces so far).
 
     None with fewer than 2 shards, or when the shards all finished together at the end: an engine
-    that groups every shard before writing any (Beam's GroupByKey on a small job) shows no steady
+    that writes every shard at the end (a job of one batch, or an engine that groups before writing) shows no steady
     state, and a rate over the last instants of the run would be meaningless.
     """
     if len(seen) < 2 or seen[-1][0] <= seen[0][0] or seen[-1][1] <= seen[0][1]:

@@ -10,21 +10,13 @@ from collections.abc import Sequence
 import numpy as np
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
 from facetier.pipelines.jobs.records import JobContext, ShardSpec
-from facetier.pipelines.jobs.shard_worker import ShardWorker
+from facetier.pipelines.jobs.shard_worker import ShardWorker, shards_per_call
 
 log = logging.getLogger(__name__)
 
 # one block per shard up to this many, so idle actors take a few shards at a time (a call's batch of
 # blocks); past it, a block holds a few neighbouring shards
 _MAX_ENCODE_BLOCKS = 10_000
-# an actor call encodes up to this many shards with batches running on across them, so only a call's
-# last batch is padded; fewer when that would leave actors without work
-_MAX_SHARDS_PER_CALL = 16
-
-
-def shards_per_call(shards: int, workers: int) -> int:
-    """Shards in one actor call: about four calls per actor at least, so a slow actor does not hold back the end."""
-    return max(1, min(_MAX_SHARDS_PER_CALL, shards // (4 * max(1, workers))))
 
 
 class ShardEncoderActor:

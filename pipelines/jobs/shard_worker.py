@@ -1,6 +1,6 @@
 """The objects one encode worker holds for its life: ``FacePreparer`` (a pool that reads, decodes and
 aligns inputs ahead of the model) and ``ShardWorker`` (preparer + codec, encoding and writing shards).
-The local engine and every Ray actor run a ``ShardWorker``; Beam's DoFns use the preparer."""
+The local engine, every Ray actor and every Beam encode DoFn run a ``ShardWorker``."""
 from __future__ import annotations
 
 import os
@@ -24,13 +24,22 @@ from facetier.pipelines.jobs.records import (
     write_shard,
 )
 
+# a worker call (a Ray actor's batch, a Beam element) encodes up to this many shards with batches running
+# on across them, so only its last batch is padded; fewer when that would leave workers without work
+MAX_SHARDS_PER_CALL = 16
+
+
+def shards_per_call(shards: int, workers: int) -> int:
+    """Shards in one worker call: at least about four calls per worker, so a slow one does not hold back the end."""
+    return max(1, min(MAX_SHARDS_PER_CALL, shards // (4 * max(1, workers))))
+
 
 class FacePreparer:
     """The CPU stage's models for one worker: the face detector and, for models that re-detect the
     face in the crop (``dlib-resnet-v1``), dlib's descriptor. The fixed-chip descriptor is a batched
     model call, made with the encoder's batch instead.
 
-    :meth:`prepare_shard` reads, decodes and aligns a shard's inputs in a pool of threads (OpenCV,
+    :meth:`prepare_inputs` reads, decodes and aligns shards' inputs in a pool of threads (OpenCV,
     Pillow and JPEG XL release the GIL), so the next inputs are prepared while the caller runs the
     model on the ones before; at most ``prefetch`` inputs are in flight, so memory does not grow
     with the shard. The pool lives as long as the preparer, so its threads, and the detector each
@@ -53,11 +62,6 @@ class FacePreparer:
             return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
         with self._serial:
             return prepare_source(shard_id, source, self.ctx, self.detector, self.descriptor, key)
-
-    def prepare_shard(self, shard: ShardSpec) -> Iterator[dict[str, Any]]:
-        """Every item of the shard's inputs, in input order, prepared ahead of the caller."""
-        for _, items in self.prepare_inputs([shard]):
-            yield from items
 
     def prepare_inputs(self, shards: Iterable[ShardSpec]) -> Iterator[tuple[ShardSpec, list[dict[str, Any]]]]:
         """Each input's items with its shard, in order; the read-ahead runs on across shard boundaries."""
