@@ -87,8 +87,9 @@ class FacePreparer:
 
 
 class ShardWorker:
-    """Holds the CPU stage's models and the codec for one worker process; used by the local engine.
-    The model runs on full batches in this thread while the preparer's pool reads ahead."""
+    """Holds the CPU stage's models and the codec for one worker: the local engine's, each Ray
+    actor's and each Beam encode DoFn's. The model runs on full batches in this thread while the
+    preparer's pool reads ahead."""
 
     def __init__(self, ctx: JobContext, threads: int | None = None) -> None:
         self.ctx = ctx
