@@ -187,7 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--residual-quality", type=int, help="JPEG XL quality (0-100) of the residual layer (default: the model's, 80); recorded in each shard's options")
     e.add_argument("--gpus-per-worker", type=float,
                    help="ray: GPUs each encoder actor asks for (default: 1 when the cluster has GPUs, whichever node the driver runs on; 0 never)")
-    e.add_argument("--profile", action="store_true", help="also print time per stage per face, and start-up apart from steady state")
+    e.add_argument("--profile", action="store_true", help="also print time per stage per face, start-up apart from steady state, and the largest encode worker's peak memory")
     e.set_defaults(func=_encode)
 
     d = sub.add_parser("decode", help="decode selected faces at a layer prefix (or their source files) to any folder or bucket")
