@@ -96,7 +96,7 @@ class EncodeSummary:
 
     def render_profile(self) -> str:
         """Time per stage per face, and start-up apart from steady state."""
-        steady = "n/a (fewer than two shards)" if self.steady_faces_per_second is None else f"{self.steady_faces_per_second:.2f} faces/s"
+        steady = "n/a (fewer than two shards finished apart)" if self.steady_faces_per_second is None else f"{self.steady_faces_per_second:.2f} faces/s"
         startup = "" if self.startup_seconds is None else f"; start-up {self.startup_seconds:.1f}s"
         memory = "" if self.worker_peak_rss_mb is None else f"; peak worker memory {self.worker_peak_rss_mb:.0f} MB"
         return f"steady state {steady}{startup}{memory}\n" + render_stages(self.stage_seconds, self.faces)
