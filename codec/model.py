@@ -69,7 +69,7 @@ def in_fixed_batches(fn: Callable[..., np.ndarray], rows: int | None, *arrays: n
     outs = []
     for start in range(0, n, rows):
         part = [None if a is None else a[start:start + rows] for a in arrays]
-        real = len(next(p for p in part if p is not None))
+        real = min(rows, n - start)
         padded = [None if p is None else np.concatenate([p, np.repeat(p[-1:], rows - real, 0)]) for p in part]
         outs.append(np.asarray(fn(*padded))[:real])
     return np.concatenate(outs)

@@ -13,7 +13,6 @@ from typing import Any
 
 from facetier.codec.align import FaceDetector
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
-from facetier.io.sources import SourceRef
 from facetier.io.table import ShardEntry
 from facetier.pipelines.jobs.records import (
     JobContext,
@@ -67,7 +66,7 @@ class FacePreparer:
         """Each input's items with its shard, in order; the read-ahead runs on across shard boundaries."""
         inputs = ((shard, src, key) for shard in shards for src, key in shard.inputs())
 
-        def submit(shard: ShardSpec, src: SourceRef | str, key: int | None) -> tuple[ShardSpec, Future[list[dict[str, Any]]]]:
+        def submit(shard: ShardSpec, src: str, key: int | None) -> tuple[ShardSpec, Future[list[dict[str, Any]]]]:
             return shard, self._pool.submit(self.prepare, shard.shard_id, src, key)
 
         pending = deque(submit(*nxt) for nxt in islice(inputs, self.prefetch))
@@ -95,10 +94,6 @@ class ShardWorker:
         self.ctx = ctx
         self.preparer = FacePreparer(ctx, threads)
         self.codec = load_worker_codec(ctx)
-
-    def run(self, shard: ShardSpec) -> ShardEntry:
-        (entry,) = self.run_many([shard])
-        return entry
 
     def run_many(self, shards: Iterable[ShardSpec]) -> Iterator[ShardEntry]:
         """Encode and write ``shards`` in order, yielding each shard's entry once it is written.
