@@ -109,6 +109,8 @@ class FaceDescriptor:
         self.crop_scale = crop_scale
         self.device = torch.device(device)
         self.net: DlibFaceNet = load_dlib_facenet(models_dir() / NET_FILE).to(self.device)
+        if self.device.type == "cpu":
+            self.net.memory_format = torch.channels_last
         self.runtime = runtime
         self._infer: Callable[[torch.Tensor], torch.Tensor] = OnnxFaceNet(self.net) if runtime == ONNXRUNTIME else self.net
         self._dlib: tuple[object, object, object] | None = None
