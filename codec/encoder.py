@@ -162,33 +162,10 @@ def _fold(conv_bn: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(fuse_conv_bn_eval(conv, bn), *rest)
 
 
-class RowChunks(nn.Module):
-    """``module`` run on ``rows`` rows of the batch at a time, the outputs concatenated.
-
-    Why: at full resolution a CPU batch's activations outgrow the cache (16 crops of 128 px with 32
-    channels are 33 MB, the L3 of a cloud core pair is about 32), and every elementwise pass between
-    the convolutions (batch norm, PReLU) then runs at memory speed. Two rows at a time stay in cache:
-    the embedded encoder ran 30 % faster with its full-resolution front chunked, with the same output."""
-
-    def __init__(self, module: nn.Module, rows: int) -> None:
-        super().__init__()
-        self.module = module
-        self.rows = rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.rows:
-            return self.module(x)
-        return torch.cat([self.module(part) for part in x.split(self.rows)])
-
-
-def inference_encoder(encoder: StyleEncoder, front_rows: int | None = None) -> StyleEncoder:
+def inference_encoder(encoder: StyleEncoder) -> StyleEncoder:
     """An eval-mode copy for inference: each batch norm that follows a convolution folded into it and
     stride-only shortcuts sliced. The same function up to float rounding (about 1e-6); the batch
-    norms that precede a padded convolution stay, since folding them would change the borders.
-
-    ``front_rows``: run the full-resolution front (the stem and the first unit, which convolves at
-    the input's size before it strides) ``front_rows`` rows at a time (see :class:`RowChunks`); for
-    CPUs, where it is cache-bound, not GPUs, which want the whole batch."""
+    norms that precede a padded convolution stay, since folding them would change the borders."""
     enc = copy.deepcopy(encoder).eval()
     enc.input_layer = _fold(enc.input_layer)
     for unit in enc.body:
@@ -198,8 +175,4 @@ def inference_encoder(encoder: StyleEncoder, front_rows: int | None = None) -> S
             unit.shortcut_layer = _fold(unit.shortcut_layer)
         bn_in, conv1, act, conv2, bn_out, se = unit.res_layer
         unit.res_layer = nn.Sequential(bn_in, conv1, act, fuse_conv_bn_eval(conv2, bn_out), se)
-    if front_rows:
-        # the first unit's output is still what body[0] yields (a feature tap in some configurations)
-        enc.input_layer = RowChunks(nn.Sequential(enc.input_layer, enc.body[0]), front_rows)
-        enc.body[0] = nn.Identity()
     return enc

@@ -15,10 +15,6 @@ from facetier.codec.stylegan import Generator
 from facetier.errors import ModelError
 
 
-# rows of a batch the encoder's full-resolution front takes at a time on a CPU (see RowChunks): 2 ran
-# the embedded encoder at 0.69x the time of a whole batch of 16, 4 at 0.88x
-CPU_FRONT_ROWS = 2
-
 TRAIN_AN_ENCODER = ("train one with `facetier train prior --freeze-generator --init-from-bundle BUNDLE --work DIR`, "
                     "then `facetier train entropy --work DIR --out CODEC_BUNDLE`")
 
@@ -49,8 +45,7 @@ class StylePrior:
                 self.encoder.load_state_dict(bundle.prefixed("encoder."))
             except RuntimeError as exc:
                 raise ModelError(f"encoder weights do not fit the configuration: {str(exc)[:300]}") from exc
-            front_rows = CPU_FRONT_ROWS if self.device.type == "cpu" else None
-            self.encoder = inference_encoder(self.encoder.to(self.device).eval(), front_rows).to(memory_format=self.memory_format)
+            self.encoder = inference_encoder(self.encoder.to(self.device).eval()).to(memory_format=self.memory_format)
         self.latent_avg = bundle.tensors["latent_avg"].float()
         self.encoder_input_size = cfg.encoder.input_size
         self.source = cfg.codec_id
