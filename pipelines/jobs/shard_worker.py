@@ -51,6 +51,7 @@ class FacePreparer:
         self.ctx = ctx
         # The pool runs inputs side by side; OpenCV's own threads inside each detection on top of it
         # cost 15-40 % more CPU per face (10 against 11-14 ms on LFW photos) on cores the model needs.
+        # The setting is process-wide: a worker process runs its OpenCV work in this pool.
         cv2.setNumThreads(1)
         self.detector = FaceDetector(ctx.alignment)
         self.descriptor = FaceDescriptor(ctx.descriptor, ctx.alignment.crop_scale, "cpu") if ctx.descriptor == DETECTED_CHIP_ID else None
