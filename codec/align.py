@@ -1,15 +1,15 @@
 """Face detection and FFHQ-style alignment from five landmarks.
 
-Detection uses YuNet (OpenCV's ``FaceDetectorYN``; the 300 KB Apache-2.0 ONNX file ships in
-``codec/assets``), which returns a box and the five standard landmarks (eye centres, nose tip,
-mouth corners) in a few milliseconds on a CPU. Alignment follows the FFHQ recipe (a square
+Detection uses YuNet (the 300 KB Apache-2.0 ONNX file ships in ``codec/assets``; run through ONNX
+Runtime with OpenCV ``FaceDetectorYN``'s decoding, see :mod:`facetier.codec.yunet`), which returns a
+box and the five standard landmarks (eye centres, nose tip, mouth corners) in a few milliseconds
+on a CPU. Alignment follows the FFHQ recipe (a square
 quad from the eye and mouth midpoints) and keeps the similarity transform, so a decoded crop
 can be pasted back into the original frame with :func:`paste_back`.
 """
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facetier.codec.yunet import YuNet, YuNetSettings
 from facetier.errors import FaceTooSmallError, NoFaceError
 
 log = logging.getLogger(__name__)
@@ -65,23 +66,13 @@ class AlignmentConfig:
 
 
 class FaceDetector:
-    """YuNet face detector; one instance per thread (OpenCV detectors are not thread-safe)."""
+    """YuNet face detector; one instance may be shared by threads."""
 
     def __init__(self, config: AlignmentConfig | None = None, model_path: str | Path | None = None) -> None:
         self.config = config or AlignmentConfig()
         if model_path is None:
             model_path = resources.files("facetier.codec").joinpath("assets", _YUNET_FILE)
-        self._model_path = str(model_path)
-        self._local = threading.local()
-
-    def _detector(self) -> cv2.FaceDetectorYN:
-        det = getattr(self._local, "det", None)
-        if det is None:
-            det = cv2.FaceDetectorYN.create(
-                self._model_path, "", (320, 320), self.config.score_threshold, self.config.nms_threshold, 5000
-            )
-            self._local.det = det
-        return det
+        self._yunet = YuNet(str(model_path), YuNetSettings(self.config.score_threshold, self.config.nms_threshold))
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """All faces in an RGB uint8 image, largest first.
@@ -109,10 +100,7 @@ class FaceDetector:
         """YuNet's faces in ``bgr`` with a black margin of ``pad`` pixels around it, in ``bgr``'s coordinates."""
         if pad:
             bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        det = self._detector()
-        det.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, faces = det.detect(bgr)
-        rows = [np.asarray(row, dtype=np.float64) for row in ([] if faces is None else faces)]
+        rows = [np.asarray(row, dtype=np.float64) for row in self._yunet.detect(bgr)]
         return [Detection(box=(float(r[0] - pad), float(r[1] - pad), float(r[2]), float(r[3])), landmarks=r[4:14].reshape(5, 2) - pad,
                           score=float(r[14])) for r in rows]
 

@@ -34,7 +34,7 @@ from facetier.codec.dlib_resnet import (
     chips_tensor,
     load_dlib_facenet,
 )
-from facetier.codec.facenet_onnx import ONNXRUNTIME, RUNTIMES, TORCH, OnnxFaceNet, onnxruntime_missing
+from facetier.codec.facenet_onnx import ONNXRUNTIME, RUNTIMES, TORCH, OnnxFaceNet
 
 from facetier.errors import ConfigError
 
@@ -103,8 +103,6 @@ class FaceDescriptor:
             raise ConfigError(f"unknown face descriptor {method!r}; this facetier knows {', '.join(DESCRIPTOR_IDS)}")
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {runtime!r} for the face network; one of {', '.join(RUNTIMES)}")
-        if runtime == ONNXRUNTIME and (why := onnxruntime_missing()):
-            raise ConfigError(f"the face network cannot run through ONNX Runtime: {why}")
         self.method = method
         self.crop_scale = crop_scale
         self.device = torch.device(device)

@@ -6,44 +6,22 @@ torch on a CPU (measured 4.0 against 8.4 ms a face, batch 64, 2 threads), which 
 ``facetier rd`` score its ~70 settings on the full LFW protocol in under an hour. The outputs agree
 with torch's within 1e-5; encode keeps torch, where the base layer's symbols must not depend on the
 runtime.
-
-Needs the ``onnx`` and ``onnxruntime`` packages (``pip install -e '.[eval]'``); without them the
-judges run torch and say so.
 """
 from __future__ import annotations
 
 import io
-import logging
 import warnings
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from facetier.codec.dlib_resnet import CHIP_SIZE, DlibFaceNet
 
 from facetier.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 TORCH = "torch"
 ONNXRUNTIME = "onnxruntime"
 RUNTIMES = (TORCH, ONNXRUNTIME)
-
-
-def onnxruntime_missing() -> str | None:
-    """None when the network can run through ONNX Runtime here, else why not."""
-    import importlib.util
-
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    return f"{' and '.join(missing)} not installed (pip install -e '.[eval]')" if missing else None
-
-
-def best_runtime() -> str:
-    """ONNX Runtime when it is installed (faster on CPU), else torch, logged."""
-    why = onnxruntime_missing()
-    if why is None:
-        return ONNXRUNTIME
-    log.info("dlib's face network runs in torch: %s", why)
-    return TORCH
 
 
 class OnnxFaceNet:
@@ -51,8 +29,6 @@ class OnnxFaceNet:
 
     def __init__(self, net: DlibFaceNet, threads: int | None = None) -> None:
         """``net`` must be on the CPU (ONNX Runtime's CPU provider); it is exported, not changed."""
-        import onnxruntime as ort
-
         if net.projection.device.type != "cpu":
             raise ConfigError("ONNX Runtime runs dlib's face network on the CPU; use runtime 'torch' on other devices")
         example = torch.zeros(2, 3, CHIP_SIZE, CHIP_SIZE)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from facetier.codec.checkpoints import ModelBundle, load_generator_weights
 from facetier.codec.encoder import StyleEncoder, inference_encoder, to_encoder_input
+from facetier.codec.heap import keep_activations_on_heap
 from facetier.codec.stylegan import Generator
 
 from facetier.errors import ModelError
@@ -37,6 +38,8 @@ class StylePrior:
         # NHWC activations: oneDNN's CPU convolutions (depthwise blurs most of all) run 1.2-2x faster
         # in it; outputs differ from NCHW by float rounding only (about 1e-6). CUDA keeps NCHW (not measured there).
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        if self.device.type == "cpu":
+            keep_activations_on_heap()
         self.generator.memory_format = self.memory_format
         self.encoder: StyleEncoder | None = None
         if bundle.has_encoder:

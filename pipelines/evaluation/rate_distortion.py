@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from facetier.codec import image_layers
 from facetier.codec.face_descriptor import FIXED_CHIP_ID, FaceDescriptor
-from facetier.codec.facenet_onnx import best_runtime
+from facetier.codec.facenet_onnx import ONNXRUNTIME
 from facetier.codec.layers import RESIDUAL
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
@@ -119,7 +119,7 @@ class _Judge:
 
     def __init__(self, faces: _Faces, method: str, crop_scale: float, peer: object | None) -> None:
         self.faces = faces
-        self.embedder = FaceDescriptor(method, crop_scale, runtime=best_runtime())
+        self.embedder = FaceDescriptor(method, crop_scale, runtime=ONNXRUNTIME)
         self.peer = peer
         self.seen = self._peer_read(faces.crops[faces.peer_idx]) if peer is not None else []
         self.crop_verification = self._verification(self.embedder.embed_crops(faces.crops)) if faces.pairs else None
