@@ -205,6 +205,38 @@ def test_batches_fill_across_shards_and_every_shard_is_written(sample_archive, t
     assert table_snapshot(root) == table_snapshot(local_table[0])
 
 
+def test_the_model_loads_and_runs_on_the_thread_that_encodes(sample_archive, tmp_path, local_table, monkeypatch):
+    """Built on one thread and called on another (as Ray Data does with an actor's UDF), a worker
+    loads its codec on the calling thread: torch's parallel operators then keep one OpenMP team."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from facetier.pipelines.jobs import shard_worker
+
+    threads: dict[str, str] = {}
+    load, encode, run_many = shard_worker.load_worker_codec, shard_worker.encode_items, shard_worker.ShardWorker.run_many
+
+    def loading(*args):
+        threads["load"] = threading.current_thread().name
+        return load(*args)
+
+    def encoding(*args):
+        threads["encode"] = threading.current_thread().name
+        return encode(*args)
+
+    def called_elsewhere(self, shards):
+        assert "load" not in threads, "the worker loaded its model where it was built"
+        with ThreadPoolExecutor(1, thread_name_prefix="engine-call") as calls:
+            yield from calls.submit(lambda: list(run_many(self, shards))).result()
+
+    monkeypatch.setattr(shard_worker, "load_worker_codec", loading)
+    monkeypatch.setattr(shard_worker, "encode_items", encoding)
+    monkeypatch.setattr(shard_worker.ShardWorker, "run_many", called_elsewhere)
+    root = str(tmp_path / "elsewhere")
+    run_encode(str(sample_archive), root, EncodeOptions(engine="local", progress=False))
+    assert threads["load"].startswith("engine-call") and threads["encode"].startswith("engine-call")
+    assert table_snapshot(root) == table_snapshot(local_table[0])
+
+
 def test_killed_run_resumes_to_the_same_table(sample_archive, tmp_path, local_table):
     ref_root, _ = local_table
     root = str(tmp_path / "killed")

@@ -27,9 +27,10 @@ class ShardEncoderActor:
 
     def __init__(self, ctx: JobContext) -> None:
         import ray
+        import torch
 
-        self.worker = ShardWorker(ctx)
-        if ray.get_gpu_ids() and self.worker.codec.device.type != "cuda":
+        self.worker = ShardWorker(ctx)  # its codec loads on the thread Ray Data runs the calls on
+        if ray.get_gpu_ids() and ctx.device != "cpu" and not torch.cuda.is_available():
             log.warning("this encoder actor holds GPU %s but torch sees no CUDA device: is the CPU build of torch installed?", ray.get_gpu_ids())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
