@@ -89,10 +89,10 @@ class YuNet:
         idx = np.flatnonzero(score >= self.settings.score_threshold)
         if not len(idx):
             return np.zeros((0, 15), np.float32)
-        r, c = (idx // cols).astype(np.float32)[:, None], (idx % cols).astype(np.float32)[:, None]
+        cell = np.stack([idx % cols, idx // cols], 1).astype(np.float32)  # (x, y) of each anchor's grid cell
         bbox = outputs[f"bbox_{stride}"].reshape(rows * cols, 4)[idx]
         kps = outputs[f"kps_{stride}"].reshape(rows * cols, 5, 2)[idx]
         size = np.exp(bbox[:, 2:4]) * stride
-        centre = (np.concatenate([c, r], 1) + bbox[:, :2]) * stride
-        landmarks = (kps + np.concatenate([c, r], 1)[:, None, :]) * stride
+        centre = (cell + bbox[:, :2]) * stride
+        landmarks = (kps + cell[:, None, :]) * stride
         return np.concatenate([centre - size / 2, size, landmarks.reshape(-1, 10), score[idx, None]], 1).astype(np.float32)
