@@ -292,6 +292,18 @@ class Table:
             log.warning("ignoring the unreadable done marker %s; its shard runs again", self.uri(f"{STAGING_DIR}/{shard_id}.json"))
             return None
 
+    def done_shard_ids(self) -> set[str]:
+        """Ids of the shards whose done markers are on storage now, from one listing of the staging
+        folder (paginated on object stores) rather than one request per shard."""
+        folder = self._p(STAGING_DIR)
+        self.fs.invalidate_cache(folder)  # object-store filesystems cache listings; progress needs the current one
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return set()
+        # a local writer's temporary file ends ".tmp", after the shard's ".json"
+        return {posixpath.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
+
     def write_done_marker(self, entry: ShardEntry) -> None:
         self.fs.makedirs(self._p(STAGING_DIR), exist_ok=True)
         self.put(self._p(STAGING_DIR, f"{entry.shard_id}.json"), json.dumps(entry.to_json()).encode())

@@ -161,3 +161,15 @@ def test_gcs_racing_writers_and_kills_lose_nothing(gcs_server):
 
     racing_writers(_bucket("gs") + "/race", rounds=1)
     kills_mid_commit(_bucket("gs") + "/kills", episodes=10, seed=2)
+
+
+def test_s3_lists_done_markers(s3_server):
+    from test_progress import check_marker_listing
+
+    check_marker_listing(_bucket("s3") + "/progress")
+
+
+def test_gcs_lists_done_markers(gcs_server):
+    from test_progress import check_marker_listing
+
+    check_marker_listing(_bucket("gs") + "/progress")
