@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 from facetier.pipelines.evaluation.bench import render, run_bench
 
 
-def test_bench_reports_stages_and_steady_state(sample_archive, tmp_path):
+def test_bench_reports_stages_and_steady_state(sample_archive, tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     # batches of 2: the 6 faces of 4 shards fill batches across shards, and a steady rate needs shards that finish apart
     report = run_bench(str(sample_archive), limit=12, configs=[("local", 1)], out=str(out), shard_size=3, device="cpu", batch_sizes=(2,))
     assert json.loads(out.read_text()) == report
+    assert not list(scratch.iterdir()), "the bench left its tables behind"
     decode, local, decode_back = report["rows"]
     assert decode["name"] == "jpeg-decode-only" and local["name"] == "local x1 b2"
     assert decode_back["name"] == "decode residual local x1 b2" and decode_back["faces"] == 6 and decode_back["faces_per_second"] > 0

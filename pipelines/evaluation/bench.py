@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,39 +81,43 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
               decode_upto: str | None = "residual") -> dict:
     keys = [r.key for r in list_sources(src)][:limit]
     work = Path(tempfile.mkdtemp(prefix="facetier-bench-"))
-    listing = work / "inputs.txt"
-    listing.write_text("\n".join(keys) + "\n")
-    ceiling = _decode_rate(keys)
-    rows = [BenchRow("jpeg-decode-only", len(keys) / ceiling, len(keys), len(keys), ceiling, 1.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
-    query = None
-    decode_rows: list[BenchRow] = []
-    for engine, workers in configs:
-        for batch in batch_sizes:
-            table = work / f"table-{engine}-{workers}-{batch}"
-            opts = f"engine={engine!r}, workers={workers}, batch_size={batch}, device={device!r}, weights={weights!r}, shard_size={shard_size}, progress=False"
-            code = (
-                "import json,resource,sys,torch;from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
-                f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions({opts}));"
-                "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
-                "from facetier.codec.stage_times import per_face_ms;"
-                "dev='cuda' if torch.cuda.is_available() and " + repr(device) + " != 'cpu' else 'cpu';"
-                "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss, 'steady': s.steady_faces_per_second,"
-                " 'startup': s.startup_seconds, 'stages': per_face_ms(s.stage_seconds, s.faces), 'device': dev, 'worker_mb': s.worker_peak_rss_mb}))"
-            )
-            res = _child_json(code, f"run {engine} x{workers} batch {batch}")
-            # the largest single process of that run (driver, a worker it reaped, or a Ray actor that wrote a
-            # shard); per run, not cumulative
-            peak = max(res["rss_kb"] / 1024, res.get("worker_mb") or 0.0)
-            fps = res["faces"] / res["seconds"]
-            rows.append(BenchRow(f"{engine} x{workers} b{batch}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak,
-                                 res["steady"], res["startup"], res["stages"], batch, res["device"], res.get("worker_mb")))
-            if decode_upto:
-                decode_rows.append(_decode_row(table, work / f"decoded-{engine}-{workers}-{batch}", engine, workers, batch, device, weights, decode_upto))
-            if query is None:
-                from facetier.pipelines.jobs.analytics import run_query
+    try:
+        listing = work / "inputs.txt"
+        listing.write_text("\n".join(keys) + "\n")
+        ceiling = _decode_rate(keys)
+        rows = [BenchRow("jpeg-decode-only", len(keys) / ceiling, len(keys), len(keys), ceiling, 1.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
+        query = None
+        decode_rows: list[BenchRow] = []
+        for engine, workers in configs:
+            for batch in batch_sizes:
+                table = work / f"table-{engine}-{workers}-{batch}"
+                opts = f"engine={engine!r}, workers={workers}, batch_size={batch}, device={device!r}, weights={weights!r}, shard_size={shard_size}, progress=False"
+                code = (
+                    "import json,resource,sys,torch;from facetier.pipelines.jobs.encode import run_encode, EncodeOptions;"
+                    f"s=run_encode({str(listing)!r}, {str(table)!r}, EncodeOptions({opts}));"
+                    "rss=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+                    "from facetier.codec.stage_times import per_face_ms;"
+                    "dev='cuda' if torch.cuda.is_available() and " + repr(device) + " != 'cpu' else 'cpu';"
+                    "print(json.dumps({'faces': s.faces, 'inputs': s.inputs, 'seconds': s.seconds, 'rss_kb': rss, 'steady': s.steady_faces_per_second,"
+                    " 'startup': s.startup_seconds, 'stages': per_face_ms(s.stage_seconds, s.faces), 'device': dev, 'worker_mb': s.worker_peak_rss_mb}))"
+                )
+                res = _child_json(code, f"run {engine} x{workers} batch {batch}")
+                # the largest single process of that run (driver, a worker it reaped, or a Ray actor that wrote a
+                # shard); per run, not cumulative
+                peak = max(res["rss_kb"] / 1024, res.get("worker_mb") or 0.0)
+                fps = res["faces"] / res["seconds"]
+                rows.append(BenchRow(f"{engine} x{workers} b{batch}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak,
+                                     res["steady"], res["startup"], res["stages"], batch, res["device"], res.get("worker_mb")))
+                if decode_upto:
+                    decode_rows.append(_decode_row(table, work / f"decoded-{engine}-{workers}-{batch}", engine, workers, batch, device, weights, decode_upto))
+                if query is None:
+                    from facetier.pipelines.jobs.analytics import run_query
 
-                q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
-                query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
+                    q = run_query(str(table), "select count(*) from faces f join basic b using (face_id)")
+                    query = {"bytes_read": q.bytes_read, "table_bytes": q.table_bytes, "fraction": q.bytes_read / q.table_bytes}
+    finally:
+        # each run's table and decodes (GBs at 10,000 photos): the report holds what was measured
+        shutil.rmtree(work, ignore_errors=True)
     report = {"inputs": len(keys), "rows": [asdict(r) for r in rows + decode_rows], "base_only_query": query}
     if cross_device:
         from facetier.pipelines.evaluation.cross_device import check_cross_device
