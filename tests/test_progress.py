@@ -63,3 +63,24 @@ def test_the_watcher_reads_only_finished_markers_and_stops_when_all_are_done(tmp
 def test_no_watcher_polls_without_a_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(Table, "done_shard_ids", lambda self: pytest.fail("listed the staging folder with progress off"))
     _watch(Table(str(tmp_path / "t")), [ShardSpec("s00000-x", ("/p.jpg",))], threading.Event(), False)
+
+
+def test_a_failed_listing_costs_one_poll_not_the_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    table = Table(str(tmp_path / "t"))
+    shard = ShardSpec("s00000-x", ("/p.jpg",))
+    real, calls = Table.done_shard_ids, []
+
+    def flaky(self: Table) -> set[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the store hung up")
+        return real(self)
+
+    monkeypatch.setattr(Table, "done_shard_ids", flaky)
+    _marker(table, shard.shard_id, 1)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(table, [shard], stop, True))
+    watcher.start()
+    watcher.join(10)
+    stop.set()
+    assert not watcher.is_alive() and len(calls) == 2

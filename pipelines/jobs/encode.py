@@ -159,7 +159,12 @@ def _watch(table: Table, shards: Sequence[ShardSpec], stop: threading.Event, ena
     faces = 0
     with tqdm(total=len(shards), desc="encode", unit="shard") as bar:
         while pending and not stop.is_set():
-            for sid in sorted(pending & table.done_shard_ids()):
+            try:
+                done = table.done_shard_ids()
+            except OSError as e:  # a failed listing costs the bar one poll, not the rest of the job's progress
+                log.debug("progress: listing the staging folder failed (%s); trying again", e)
+                done = set()
+            for sid in sorted(pending & done):
                 marker = table.done_marker(sid)
                 if marker is not None:
                     pending.discard(sid)
