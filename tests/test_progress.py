@@ -84,3 +84,16 @@ def test_a_failed_listing_costs_one_poll_not_the_progress(tmp_path: Path, monkey
     watcher.join(10)
     stop.set()
     assert not watcher.is_alive() and len(calls) == 2
+
+
+def test_a_run_reads_each_shard_marker_once_and_none_it_did_not_find_listed(sample_archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Planning asks storage which shards an interrupted run finished with one listing; the markers
+    are read after the engine, once each."""
+    from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+
+    reads: list[str] = []
+    real = Table.done_marker
+    monkeypatch.setattr(Table, "done_marker", lambda self, sid: reads.append(sid) or real(self, sid))
+    s = run_encode(str(sample_archive), str(tmp_path / "t"), EncodeOptions(engine="local", shard_size=4, progress=False))
+    assert s.shards_run > 1 and s.shards_reused == 0
+    assert len(reads) == len(set(reads)) == s.shards_run

@@ -234,8 +234,9 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
                          options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}",
                          keys=[k for _, k in todo_inputs])
     done = set()
+    staged = table.done_shard_ids()  # one listing, not a request per planned shard
     for s in shards:
-        marker = table.done_marker(s.shard_id)
+        marker = table.done_marker(s.shard_id) if s.shard_id in staged else None
         if marker is not None:
             table.write_done_marker(ShardEntry.from_json(marker))  # fresh again: `check --repair` keeps a resumed run's shards
             done.add(s.shard_id)
