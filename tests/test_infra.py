@@ -22,18 +22,54 @@ def _yaml(rel: str) -> dict:
     return yaml.safe_load((INFRA / rel).read_text())
 
 
-def test_images_pin_the_project_versions():
+def _locked(package: str, python: str = "3.11") -> str:
+    """The version requirements/lock.txt pins for ``package`` on the images' Python."""
+    from packaging.markers import Marker
+
+    env = {"python_full_version": f"{python}.0", "python_version": python, "sys_platform": "linux", "platform_system": "Linux",
+           "platform_machine": "x86_64", "implementation_name": "cpython"}
+    for line in (ROOT / "requirements" / "lock.txt").read_text().splitlines():
+        spec, _, marker = line.partition(";")
+        name, sep, version = spec.strip().partition("==")
+        if sep and name.lower() == package and (not marker.strip() or Marker(marker.strip()).evaluate(env)):
+            return version.strip()
+    raise AssertionError(f"{package} is not pinned in requirements/lock.txt for Python {python}")
+
+
+def test_images_install_from_the_lock():
+    """The images take every package from requirements/lock.txt (the pins CI tests), not from
+    whatever an index serves on the day they are built; the harness and cluster match its pins."""
+    beam, ray_version, torch_version = _locked("apache-beam"), _locked("ray"), _locked("torch")
+    torch_pin = (ROOT / "requirements" / "torch.txt").read_text()
+    assert f"torch=={torch_version}" in torch_pin.splitlines()
+    for name in ("Dockerfile.gpu", "Dockerfile.cpu"):
+        text = (INFRA / "docker" / name).read_text()
+        installs = [line for line in text.splitlines() if line.startswith("RUN pip install")]
+        assert installs and all("-c requirements/lock.txt" in line for line in installs), name
+        assert any(f"torch=={torch_version}" in line for line in installs), name
+        assert any("'.[worker]'" in line for line in installs), name
+        assert "COPY requirements ./requirements" in text
+        assert f"apache/beam_python3.11_sdk:{beam}" in text, name
+        assert "/opt/apache/beam/boot" in text
+    for job in ("ray/rayjob.yaml", "ray/rayjob-decode.yaml"):
+        assert _yaml(job)["spec"]["rayClusterSpec"]["rayVersion"] == ray_version, job
+
+
+def test_ci_and_the_readme_install_from_the_lock():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "pip install -c requirements/lock.txt torch==2.13.0 && pip install -c requirements/lock.txt -e '.[test]' && python -m pytest -q"
+    assert command in readme and command in ci
+    assert "pip install -c requirements/lock.txt torch==2.13.0 && pip install -c requirements/lock.txt -e . && facetier demo" in readme
+
+
+def test_the_installed_engines_are_the_locked_ones():
+    """What this test run imports is what the lock pins (CI installs from it)."""
     import apache_beam
     import ray
 
-    for name in ("Dockerfile.gpu", "Dockerfile.cpu"):
-        text = (INFRA / "docker" / name).read_text()
-        assert "torch==2.13.0" in text
-        assert f"apache-beam[gcp]=={apache_beam.__version__}" in text
-        assert f"apache/beam_python3.11_sdk:{apache_beam.__version__}" in text
-        assert f"ray[default,data]=={ray.__version__}" in text
-        assert "/opt/apache/beam/boot" in text
-    assert _yaml("ray/rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    assert apache_beam.__version__ == _locked("apache-beam", f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert ray.__version__ == _locked("ray", f"{sys.version_info.major}.{sys.version_info.minor}")
 
 
 def test_rayjob_and_cronjob_run_the_same_cli_entrypoint():
