@@ -55,16 +55,31 @@ class DecodedFace:
     generated: bool  # True unless the pixels are the source's own (never evidence when True)
 
 
-def in_fixed_batches(fn: Callable[..., np.ndarray], rows: int | None, *arrays: np.ndarray | None) -> np.ndarray:
-    """``fn(*arrays)`` run on batches of exactly ``rows`` rows, the last one padded by repeating its
-    final row and the padding's outputs dropped (``rows=None``: one call as given).
+MICRO_BATCH = {"cpu": 16, "cuda": 128}
+"""Rows of every network call that decides stored bytes or decoded pixels, per device kind, whatever
+the job's batch size (other device kinds take the CUDA figure).
 
-    Why: every new batch shape leaves oneDNN's buffers of a different size in glibc's heap, and a
-    long encode whose shard tails take every size from 1 to the batch size grew by about 300 MB
-    that way; one shape keeps peak memory set by the batch size alone.
-    """
+Why: PyTorch's CPU kernels (oneDNN convolutions, MKL matrix products) pick their algorithm, and so
+their float rounding, by the shape of a call and the number of threads; a face coded in a batch of
+4 came out a pixel level away from the same face in a batch of 16, and the residual's bytes moved.
+At one fixed shape a face's outputs do not depend on its batch-mates, its place in the batch, or
+the thread count (measured on an AVX-512 Xeon: 1-16 threads, random mates and places; the dense
+layers that did depend on the thread count run in float64, see ``SemanticCodec``), so a table's
+bytes do not depend on how a job was cut. One shape also keeps peak memory set by this number:
+every new shape leaves oneDNN buffers of another size in glibc's heap. A GPU gets a larger shape
+because it needs one to be busy; its bytes differ from a CPU's by float rounding anyway.
+"""
+
+
+def micro_batch(device: torch.device) -> int:
+    return MICRO_BATCH.get(device.type, MICRO_BATCH["cuda"])
+
+
+def in_fixed_batches(fn: Callable[..., np.ndarray], rows: int, *arrays: np.ndarray | None) -> np.ndarray:
+    """``fn(*arrays)`` run on batches of exactly ``rows`` rows, the last one padded by repeating its
+    final row and the padding's outputs dropped."""
     n = len(next(a for a in arrays if a is not None))
-    if rows is None or n in (0, rows):
+    if n in (0, rows):
         return fn(*arrays)
     outs = []
     for start in range(0, n, rows):
@@ -107,6 +122,7 @@ class FaceCodec:
                 "run `facetier train entropy --from-bundle BUNDLE --out CODEC_BUNDLE` (README: 'Bring your own prior')"
             )
         self.device = self.prior.device
+        self.micro_batch = micro_batch(self.device)
         self.latent_avg = self.prior.latent_avg
         self.semantic: SemanticCodec | None = None
         if cfg.plan.is_semantic:
@@ -208,28 +224,28 @@ class FaceCodec:
 
     def encode_crops(
         self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None,
-        descriptors: np.ndarray | None = None, times: StageTimes | None = None, batch_rows: int | None = None,
+        descriptors: np.ndarray | None = None, times: StageTimes | None = None,
     ) -> list[LayeredCode]:
         """Layered codes for aligned crops (without the ``original`` layer, which needs the source file).
 
         ``descriptors``: the crops' face descriptors when a CPU stage already computed them (the
         detected-chip method does); computed here in one batch otherwise. ``times`` collects the
-        seconds of each stage. ``batch_rows``: the networks run on batches of exactly this many
-        rows (see :func:`in_fixed_batches`); long jobs pass their batch size.
+        seconds of each stage. Every network runs on batches of :data:`MICRO_BATCH` rows (per device
+        kind), so a face's bytes do not depend on which faces it was coded with.
         """
         times = StageTimes() if times is None else times
         wanted = self._wanted(layers)
         if descriptors is not None and np.shape(descriptors) != (len(crops), DESCRIPTOR_DIM):
             raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
         with times.stage("encoder"):
-            wplus = in_fixed_batches(self.encode_wplus, batch_rows, crops)
+            wplus = in_fixed_batches(self.encode_wplus, self.micro_batch, crops)
         if descriptors is None and self.semantic is not None and self.semantic.cfg.descriptor:
             with times.stage("descriptor"):
-                descriptors = in_fixed_batches(self.semantic.descriptors, batch_rows, crops)  # one batched call, not one per face
+                descriptors = in_fixed_batches(self.semantic.descriptors, self.micro_batch, crops)  # one batched call, not one per face
         codes_layers: list[list[LayerCode]] = []
         quantised = []
         with times.stage("semantic_entropy"):
-            semantic_codes = (in_fixed_batches(self.semantic.encode, batch_rows, wplus, crops, descriptors)
+            semantic_codes = (in_fixed_batches(self.semantic.encode, self.micro_batch, wplus, crops, descriptors)
                               if self.semantic is not None else [None] * len(wplus))
             for w, semantic_code in zip(wplus, semantic_codes):
                 symbols = self._symbols(w, semantic_code=semantic_code)
@@ -244,7 +260,7 @@ class FaceCodec:
                     quantised.append(self.wplus_from_symbols(symbols))
         if RESIDUAL in wanted:
             with times.stage("synthesis"):
-                generated = in_fixed_batches(self.synthesise, batch_rows, np.stack(quantised))
+                generated = in_fixed_batches(self.synthesise, self.micro_batch, np.stack(quantised))
             q = self.config.residual_quality if residual_quality is None else residual_quality
             with times.stage("residual_jxl"):
                 for layer_codes, payload in zip(codes_layers, image_layers.encode_residuals(crops, generated, q)):
@@ -300,7 +316,7 @@ class FaceCodec:
         """Decode faces at a prefix: a generative layer name or ``residual``."""
         top = self.plan.names[-1] if upto == RESIDUAL else upto
         wplus = np.stack([self.wplus_from_symbols(self.decode_symbols(c, top)) for c in codes])
-        images = self.synthesise(wplus)
+        images = in_fixed_batches(self.synthesise, self.micro_batch, wplus)  # the encoder's residual reference, exactly, on this machine
         used = self.plan.names[: self.plan.index(top) + 1]
         out = []
         for code, img in zip(codes, images):

@@ -26,12 +26,25 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def reproducible_cuda() -> None:
+    """CUDA settings under which a GPU's bytes stay a function of its input: no autotuning (cuDNN's
+    benchmark mode may pick another algorithm each run), deterministic algorithms, and no TF32 (it
+    keeps 10 bits of mantissa: generated pixels would move by several levels from a CPU's).
+    Process-wide, as torch's flags are; a worker process holds one codec."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class StylePrior:
     """Generator, encoder (when the bundle has one) and ``latent_avg``, on one device, in eval mode."""
 
     def __init__(self, bundle: ModelBundle, device: str = "auto") -> None:
         cfg = bundle.config
         self.device = pick_device(device)
+        if self.device.type == "cuda":
+            reproducible_cuda()
         self.generator = Generator(cfg.generator)
         load_generator_weights(self.generator, bundle.prefixed("generator."), ModelError)
         self.generator.to(self.device).eval()

@@ -11,6 +11,7 @@ symbols, so analytics columns are computed once at encode time and edits move on
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -201,6 +202,13 @@ class SemanticCodec:
         self.net = SemanticNet(cfg, wplus_shape[0] * wplus_shape[1])
         self.net.load_state_dict({k: v.float() for k, v in tensors.items()})
         self.net.eval()
+        # The dense layers (PCA projection, MLPs, identity head) run in float64 at run time. Why: in
+        # float32, MKL's matrix product of a batch of W+ rows (3,072 long) split its sums by thread
+        # count, so a face's code moved with the worker's threads; float64 sums differ only far below
+        # the float32 inputs' precision, so the symbols they round to do not (and they cost little).
+        # The crop's CNN branch stays float32 (oneDNN, thread-independent at the codec's fixed batch).
+        self._dense = copy.deepcopy(self.net).double()
+        self._dense.image = None
         self._descriptor: FaceDescriptor | None = None
 
     def descriptors(self, crops: np.ndarray) -> np.ndarray:
@@ -211,28 +219,32 @@ class SemanticCodec:
 
     @torch.no_grad()
     def encode(self, wplus: np.ndarray, crops: np.ndarray | None = None, descriptors: np.ndarray | None = None) -> np.ndarray:
-        """Float codes of (n, rows, dim) W+; ``crops`` (n, S, S, 3) uint8 when the model reads pixels too.
+        """Float codes (float64) of (n, rows, dim) W+; ``crops`` (n, S, S, 3) uint8 when the model reads pixels too.
 
         ``descriptors`` (n, 128), when given, stand for the descriptors of ``crops``.
         """
-        flat = torch.from_numpy(np.asarray(wplus, np.float32).reshape(len(wplus), -1))
-        images = crops_to_tensor(crops, self.cfg.image_size) if self.cfg.image_size and crops is not None else None
-        desc = None
+        dense = self._dense
+        flat = torch.from_numpy(np.asarray(wplus, np.float32).reshape(len(wplus), -1).astype(np.float64))
+        parts = [((flat - dense.pca_mean) @ dense.pca_basis) / dense.pca_std]
+        if self.net.image is not None:
+            if crops is None:
+                raise ConfigError("this semantic layer reads the aligned crop: pass the crops")
+            parts.append(self.net.image(crops_to_tensor(crops, self.cfg.image_size)).double())
         if self.cfg.descriptor:
-            if descriptors is not None:
-                desc = torch.from_numpy(np.asarray(descriptors, np.float32).reshape(len(flat), -1))
-            elif crops is not None:
-                desc = torch.from_numpy(self.descriptors(crops))
-        return self.net.encode(flat, images, desc).double().numpy()
+            if descriptors is None and crops is None:
+                raise ConfigError("this semantic layer reads the face descriptor: pass the descriptors")
+            desc = np.asarray(descriptors if descriptors is not None else self.descriptors(crops), np.float32)
+            parts.append((torch.from_numpy(desc.reshape(len(flat), -1).astype(np.float64)) - dense.desc_mean) / dense.desc_std)
+        return dense.enc(torch.cat(parts, 1)).numpy()
 
     @torch.no_grad()
     def decode(self, code: np.ndarray) -> np.ndarray:
-        flat = self.net.decode(torch.from_numpy(np.asarray(code, np.float32).reshape(-1, self.cfg.code_dim)))
-        return flat.numpy().reshape(-1, *self.wplus_shape)
+        flat = self._dense.decode(torch.from_numpy(np.asarray(code, np.float64).reshape(-1, self.cfg.code_dim)))
+        return flat.numpy().astype(np.float32).reshape(-1, *self.wplus_shape)
 
     @torch.no_grad()
     def identity(self, code: np.ndarray) -> np.ndarray:
-        return self.net.identity(torch.from_numpy(np.asarray(code, np.float32).reshape(-1, self.cfg.code_dim))).numpy()
+        return self._dense.identity(torch.from_numpy(np.asarray(code, np.float64).reshape(-1, self.cfg.code_dim))).numpy().astype(np.float32)
 
     def attributes(self, code: np.ndarray) -> dict[str, np.ndarray]:
         """Analytics columns (name -> one value per face) read from the code."""

@@ -36,7 +36,8 @@ def test_cross_device_check_on_the_cpu(sample_archive):
     r = check_cross_device(str(sample_archive), "cpu", limit=12)  # the archive's 6 good faces
     assert r.faces == 6 and r.device == "cpu"
     assert r.streams_identical_after_cpu_recode == r.symbols_equal_to_cpu_encode == r.residual_decodes_equal == 6
-    assert r.max_pixel_difference == 0
+    assert r.max_pixel_difference == r.max_residual_decode_difference == 0
+    assert r.holds and r.to_json()["holds"]
 
 
 def test_steady_rate_needs_shards_spread_over_the_run():

@@ -181,17 +181,20 @@ def test_residuals_encoded_in_parallel_equal_one_by_one():
     assert image_layers.encode_residuals(src, gen, 80) == [image_layers.encode_residual(s, g, 80) for s, g in zip(src, gen)]
 
 
-def test_fixed_batches_show_the_networks_one_shape_and_keep_the_codes(tiny_codec, monkeypatch):
-    five = np.random.default_rng(5).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    plain = tiny_codec.encode_crops(five)
+def test_every_network_call_has_the_micro_batch_shape_and_a_face_codes_alike_in_any_batch(tiny_codec, monkeypatch):
+    rows = tiny_codec.micro_batch
+    assert rows == 16, "the CPU's fixed network shape"
+    crops = np.random.default_rng(5).integers(0, 256, (rows + 3, 32, 32, 3), dtype=np.uint8)
+    alone = [tiny_codec.encode_crops(c[None])[0] for c in crops[:4]]
     seen: list[int] = []
     for name in ("encode_wplus", "synthesise"):
         real = getattr(tiny_codec, name)
         monkeypatch.setattr(tiny_codec, name, lambda x, real=real: seen.append(len(x)) or real(x))
-    fixed = tiny_codec.encode_crops(five, batch_rows=4)
-    assert seen == [4, 4, 4, 4], "5 crops in batches of 4: two encoder and two synthesis calls, the second of each padded"
-    assert len(fixed) == 5
-    for a, b in zip(plain, fixed):
+    batched = tiny_codec.encode_crops(crops)
+    assert seen == [rows] * 4, "two encoder and two synthesis calls, the second of each padded to the micro-batch"
+    assert len(batched) == len(crops)
+    for a, b in zip(alone, batched):  # every layer, the residual included, whatever the batch around a face
         assert a.names == b.names
-        for name in tiny_codec.plan.names:  # the generative layers' symbols do not depend on the batch around a face
-            assert a.layer(name).payload == b.layer(name).payload
+        assert [layer.payload for layer in a.layers] == [layer.payload for layer in b.layers]
+
+

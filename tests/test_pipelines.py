@@ -20,19 +20,9 @@ from facetier.pipelines.jobs.decode import run_decode
 from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 
 from facetier.errors import ConcurrentCommitError, ConfigError
+from tables import table_snapshot
 
 EXPECTED_REJECTS = {"EmptyFileError", "NotAnImageError", "CorruptImageError", "NoFaceError", "ImageTooLargeError", "UnsafeMemberError"}
-
-
-def table_snapshot(root: str) -> dict[str, list]:
-    """Every committed family's rows, sorted: two tables are equal iff their snapshots are."""
-    t = Table(root)
-    m = t.snapshot()
-    out = {}
-    for fam in ("faces", "basic", "middle", "enhanced", "residual", "original", "rejects"):
-        rows = read_family(t, fam, snapshot=m).to_pylist()
-        out[fam] = sorted(rows, key=lambda r: repr(sorted(r.items())))
-    return out
 
 
 @pytest.fixture(scope="module")

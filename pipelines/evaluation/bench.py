@@ -146,7 +146,9 @@ def render(report: dict) -> str:
     if x := report.get("cross_device"):
         lines.append(f"cross-device ({x['device']} -> cpu), {x['faces']} faces: streams re-coded identically on the CPU "
                      f"{x['streams_identical_after_cpu_recode']}, same symbols as a CPU encode {x['symbols_equal_to_cpu_encode']}, "
-                     f"full decodes equal {x['residual_decodes_equal']}, max synthesis difference {x['max_pixel_difference']}/255")
+                     f"full decodes equal {x['residual_decodes_equal']}, max synthesis difference {x['max_pixel_difference']}/255, "
+                     f"max full-decode difference {x['max_residual_decode_difference']}/255 (stated bound {x['device_pixel_bound']}): "
+                     f"{'holds' if x['holds'] else 'DOES NOT HOLD'}")
     q = report["base_only_query"]
     if q:
         lines.append(f"base-only query read {q['bytes_read']} of {q['table_bytes']} table bytes ({100 * q['fraction']:.2f}%)")

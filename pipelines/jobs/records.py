@@ -153,11 +153,9 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
     return items
 
 
-def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], residual_quality: int | None = None,
-                 batch_rows: int | None = None) -> list[dict[str, Any]]:
-    """Encode the face items of a batch; other items pass through unchanged. ``batch_rows``: the
-    networks always see batches of this many rows (a shard's last batch is padded), so memory
-    does not creep up as a long job meets every batch size."""
+def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], residual_quality: int | None = None) -> list[dict[str, Any]]:
+    """Encode the face items of a batch; other items pass through unchanged. A face's bytes do not
+    depend on the batch (the codec runs its networks on fixed micro-batches)."""
     faces = [i for i in items if i["kind"] == "face"]
     if faces:
         wanted = [n for n in layers if n != ORIGINAL]
@@ -165,10 +163,10 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
         times = StageTimes()
         try:
             codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted, times=times, residual_quality=residual_quality,
-                                       descriptors=np.stack(descs) if all(d is not None for d in descs) else None, batch_rows=batch_rows)
+                                       descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
-                return [out for it in items for out in encode_items(codec, [it], layers, residual_quality, batch_rows)]
+                return [out for it in items for out in encode_items(codec, [it], layers, residual_quality)]
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc), i.get("source_key")) if i["kind"] == "face" else i
                     for i in items]
         with times.stage("semantic_entropy"):
