@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, RemoveAction
@@ -134,8 +133,7 @@ def _commit_family(table: Table, family: str, plan: CommitPlan) -> None:
 
 def _stats_of(table: Table, rel: str) -> str:
     """Statistics of a file whose done marker predates them: read it back."""
-    with table.fs.open(table._p(rel), "rb") as fh:
-        return file_stats(pq.read_table(fh))
+    return file_stats(table.read_parquet(rel))
 
 
 def _plan_path(version: int, job: str) -> str:

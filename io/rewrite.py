@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from facetier.io.commit import FileAdd
 from facetier.io.reader import family_files, read_file
 from facetier.io.table import ALIAS_FAMILY, ALIAS_SCHEMA, INDEX_FAMILY, INPUTS_FAMILY, PHOTO_FAMILIES, REJECT_FAMILY, ShardEntry, Snapshot, Table
@@ -21,8 +20,7 @@ RowFilter = Callable[[pa.Table], list[bool]]  # True: keep the row
 
 
 def _read(table: Table, rel: str) -> pa.Table:
-    with table.fs.open(table._p(rel), "rb") as fh:
-        return pq.read_table(fh)
+    return table.read_parquet(rel)
 
 
 def _write_like(table: Table, family: str, name: str, rows: pa.Table) -> tuple[str, int, str]:

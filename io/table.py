@@ -190,6 +190,13 @@ class Table:
     def uri(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
+    def read_parquet(self, rel: str) -> pa.Table:
+        """A whole Parquet file of the table (path relative to the root): one read, parsed from memory.
+        Why not ``pq.read_table`` on the open file: Arrow's threads then call back into Python, and
+        at interpreter exit the process could abort (see ``reader._read_part``)."""
+        with self.fs.open(self._p(rel), "rb") as fh:
+            return pq.read_table(pa.BufferReader(fh.read()))
+
     @property
     def is_local(self) -> bool:
         proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]

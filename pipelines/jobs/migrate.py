@@ -20,7 +20,6 @@ import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from facetier.errors import TableCorruptError, TableError
@@ -91,8 +90,7 @@ def migrate_v1(root: str, progress: bool = True) -> MigrationReport:
         entry = ShardEntry(shard["shard_id"], codec_id, weights_hash, {}, {}, {}, tuple(shard.get("photo_ids", ())), dict(shard.get("stats", {})), {})
         for family, rel in sorted(shard["files"].items()):
             try:
-                with table.fs.open(table._p(rel), "rb") as fh:
-                    data = pq.read_table(fh)
+                data = table.read_parquet(rel)
             except (OSError, pa.ArrowException) as exc:
                 raise TableCorruptError(f"{table.uri(rel)} (listed by manifest v{manifest_version}) cannot be read: {exc}; nothing was migrated") from exc
             if data.num_rows != shard.get("rows", {}).get(family, data.num_rows):
