@@ -159,7 +159,7 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gallery", action="store_true", help="also write gallery.html and gallery.png next to the outputs")
     p.add_argument("--engine", choices=["local", "beam", "ray"], default="local")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32, help="faces per model call")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per task; the networks run on micro-batches of 16 rows on a CPU (128 on a GPU)")
     p.add_argument("--ray-address", help="address of a running Ray cluster (default: start one in-process)")
     p.add_argument("--beam-arg", action="append", help="extra Beam pipeline option, e.g. --beam-arg=--runner=DataflowRunner")
     p.add_argument("--weights")

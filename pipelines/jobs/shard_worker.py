@@ -15,6 +15,8 @@ import cv2
 
 from facetier.codec.align import FaceDetector
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
+from facetier.codec.model import micro_batch
+from facetier.codec.prior import pick_device
 from facetier.io.table import ShardEntry
 from facetier.pipelines.jobs.records import (
     JobContext,
@@ -28,6 +30,13 @@ from facetier.pipelines.jobs.records import (
 # a worker call (a Ray actor's batch, a Beam element) encodes up to this many shards with batches running
 # on across them, so only its last batch is padded; fewer when that would leave workers without work
 MAX_SHARDS_PER_CALL = 16
+
+
+def faces_per_call(batch_size: int, micro: int) -> int:
+    """The job's batch size rounded up to whole micro-batches: the codec runs its networks on
+    ``micro`` rows whatever it is given, so a smaller or ragged batch would only add padding
+    (``--batch-size 4`` ran at half the speed of 16 before this rounding)."""
+    return max(1, -(-max(1, batch_size) // micro)) * micro
 
 
 def shards_per_call(shards: int, workers: int) -> int:
@@ -100,6 +109,7 @@ class ShardWorker:
         self.ctx = ctx
         self.preparer = FacePreparer(ctx, threads)
         self._codec: Any = None
+        self.faces_per_call = faces_per_call(ctx.batch_size, micro_batch(pick_device(ctx.device)))
 
     @property
     def codec(self) -> Any:
@@ -144,7 +154,7 @@ class ShardWorker:
                 results[shard.shard_id] = []
             for item in items:
                 (batch if item["kind"] == "face" else results[shard.shard_id]).append(item)
-                if len(batch) == self.ctx.batch_size:
+                if len(batch) == self.faces_per_call:
                     encode_batch()
                     yield from write_finished(shard.shard_id)
         if batch:
