@@ -297,9 +297,23 @@ class SemanticCodec:
 
 def _number(name: str, text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is not a number") from None
+    if not math.isfinite(value):  # a NaN or infinite coordinate decodes to a colour blob, not a face
+        raise ConfigError(f"{name}: {text!r} is not a finite number")
+    return value
+
+
+def require_finite_edits(edits: Mapping[str, str]) -> None:
+    """A NaN or infinite edit value is an error before any face is selected or decoded."""
+    for name, text in edits.items():
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            continue  # a label (``gender=female``); checked against the attribute when applied
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: {text!r} is not a finite number")
 
 
 def parse_edits(items: list[str]) -> dict[str, str]:
@@ -310,4 +324,5 @@ def parse_edits(items: list[str]) -> dict[str, str]:
         if not sep or not name.strip() or not value.strip():
             raise ConfigError(f"bad edit {item!r}; write NAME=VALUE, NAME=+DELTA or NAME=-DELTA")
         out[name.strip()] = value.strip()
+    require_finite_edits(out)
     return out

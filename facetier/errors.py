@@ -52,6 +52,12 @@ class SourceReadError(InputError):
     """The source could not be read from its storage."""
 
 
+class NotARegularFileError(SourceReadError):
+    """The input is named like a photo but is a FIFO, a device, a socket or a directory (or a link to
+    one): rejected from its metadata, never opened for reading (a FIFO would block the reader
+    forever, ``/dev/zero`` never ends)."""
+
+
 # --- bitstreams --------------------------------------------------------------------------------
 class StreamError(FacetierError):
     """A layered bitstream cannot be decoded."""
@@ -113,6 +119,10 @@ class ConcurrentCommitError(TableError):
 
 class QueryError(TableError):
     """A query over the table failed."""
+
+
+class QueryLimitError(QueryError):
+    """A query ran past its time or memory limit (``--query-seconds``, ``--query-memory-mb``)."""
 
 
 class TableCorruptError(TableError):

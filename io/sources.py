@@ -7,7 +7,9 @@ contains ``..`` is listed (so it is counted) but reading it raises :class:`Unsaf
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
+import stat
 import tarfile
 import zipfile
 from collections.abc import Iterable
@@ -16,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from facetier.errors import ConfigError, SourceReadError, UnsafeMemberError
+from facetier.errors import ConfigError, NotARegularFileError, SourceReadError, UnsafeMemberError
 
 MEMBER_SEP = "!"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -150,7 +152,7 @@ def list_sources(src: str) -> list[SourceRef]:
         raise ConfigError(f"no such source: {src}")
     for p, info in files.items():
         uri = _protocol_uri(fs, p)
-        if _is_archive(p):
+        if _is_archive(p) and info.get("type", "file") == "file":  # an "archive" that is a FIFO or device is not opened: its read rejects it
             refs += [SourceRef(uri, m, _member_fingerprint(m, fp)) for m, fp in _archive_members(fs, p)]
         else:
             refs.append(SourceRef(uri, None, fingerprint_of(info)))
@@ -199,10 +201,17 @@ def read_source(ref: SourceRef, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
     try:
         fs, path = fsspec.core.url_to_fs(ref.uri)
         if ref.member is None:
+            if _is_local(fs):
+                return _read_local(path, max_bytes)
             size = fs.size(path)
             if size is not None and size > max_bytes:
                 raise SourceReadError(f"{size} bytes exceeds the {max_bytes} byte source limit")
-            return fs.cat_file(path)
+            if size is not None:
+                return fs.cat_file(path)
+            with fs.open(path, "rb") as fh:
+                return _bounded(fh, max_bytes)
+        if _is_local(fs):
+            _require_regular(path)
         with fs.open(path, "rb") as fh:
             if path.lower().endswith(".zip"):
                 with zipfile.ZipFile(fh) as zf:
@@ -222,3 +231,37 @@ def read_source(ref: SourceRef, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
         raise
     except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile, ValueError) as exc:
         raise SourceReadError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular(path: str) -> os.stat_result:
+    """The file's status (a link followed); only regular files are inputs, known from metadata alone."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "not a regular file")
+        raise NotARegularFileError(f"{path} is {kind}, not a regular file: not read")
+    return st
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    """A local regular file's bytes, read no further than the source limit (it may grow while read)."""
+    st = _require_regular(path)
+    if st.st_size > max_bytes:
+        raise SourceReadError(f"{st.st_size} bytes exceeds the {max_bytes} byte source limit")
+    with open(path, "rb") as fh:
+        return _bounded(fh, max_bytes)
+
+
+def _bounded(fh: Any, max_bytes: int) -> bytes:
+    data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SourceReadError(f"more than the {max_bytes} byte source limit (its size was not known before reading)")
+    return data

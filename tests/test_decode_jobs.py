@@ -185,3 +185,59 @@ def test_replicated_table_decodes_like_its_source(table: str, tmp_path: Path) ->
     a = run_decode(table, [one], "basic", str(tmp_path / "a"), device="cpu").files[0].path
     b = run_decode(big, [copy], "basic", str(tmp_path / "b"), device="cpu").files[0].path
     assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_a_zero_byte_file_at_an_output_name_is_written_again(table: str, tmp_path: Path) -> None:
+    first = sorted(f["face_id"] for f in _faces(table))[0]
+    (tmp_path / f"{first}_basic.png").write_bytes(b"")  # a copy or an upload that stopped before its first byte
+    res = run_decode(table, [first], "basic", str(tmp_path), device="cpu")
+    assert res.written == 1 and res.present == 0
+    assert Image.open(tmp_path / f"{first}_basic.png").size[0] > 0
+
+
+@pytest.mark.parametrize("bad", [{"limit": -1}, {"batch_size": 0}, {"workers": 0}])
+def test_counts_below_their_range_are_typed_errors(table: str, tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(ConfigError, match="must be"):
+        run_decode(table, None, "basic", str(tmp_path), where="true", device="cpu", **bad)
+    with pytest.raises(ConfigError, match="--limit"):
+        select(table, where="true", limit=-2)
+    assert select(table, where="true", limit=0).units == ()
+
+
+@pytest.mark.parametrize("bad", [{"shard_size": 0}, {"batch_size": -3}, {"workers": 0}, {"max_source_mb": 0}, {"residual_quality": 101}])
+def test_encode_options_out_of_range_are_typed_errors(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        EncodeOptions(**bad)
+
+
+@pytest.mark.parametrize("value", ["nan", "+inf", "-inf", "NaN"])
+def test_edits_to_a_non_finite_value_are_typed_errors(table: str, tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="finite"):
+        edit(table, "true", {"smile": value}, str(tmp_path), device="cpu")
+
+
+def test_an_output_that_is_a_file_or_cannot_be_created_is_a_typed_error(table: str, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_decode(table, None, "basic", str(tmp_path / "a-file"), where="true", device="cpu")
+    with pytest.raises(ConfigError, match="cannot be created"):
+        run_decode(table, None, "basic", str(tmp_path / "a-file" / "below"), where="true", device="cpu")
+
+
+def test_a_runaway_query_stops_at_its_limits_with_a_typed_error(table: str, tmp_path: Path) -> None:
+    import time
+
+    from facetier.pipelines.jobs.analytics import QueryLimits, run_query
+
+    from facetier.errors import QueryLimitError
+
+    started = time.monotonic()
+    with pytest.raises(QueryLimitError, match="time limit of 1 s"):
+        run_query(table, "select count(*) from faces, range(100000000) a, range(100000000) b", limits=QueryLimits(seconds=1))
+    assert time.monotonic() - started < 30
+    with pytest.raises(QueryLimitError, match="memory limit of 64 MB"):
+        run_query(table, "select list(range) from faces, range(50000000)", limits=QueryLimits(memory_mb=64))
+    with pytest.raises(QueryLimitError, match="time limit"):  # a --where selection runs under the same limits
+        run_decode(table, None, "basic", str(tmp_path), device="cpu", query_limits=QueryLimits(seconds=1),
+                   where="face_id in (select f.face_id from faces f, range(100000000) a, range(100000000) b)")
+    assert run_query(table, "select count(*) as n from faces").table.column("n")[0].as_py() == len(_faces(table))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +124,48 @@ def test_folder_tar_zip_glob_and_list_sources(tmp_path):
     with pytest.raises(SourceReadError):
         read_source(SourceRef(str(tmp_path / "missing.jpg")))
     assert content_id(jpg) == content_id(bytes(jpg)) and len(content_id(jpg)) == 32
+
+
+def test_only_regular_files_are_read_and_reads_stop_at_the_limit(tmp_path):
+    from facetier.errors import NotARegularFileError
+
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "pipe.tar")  # an "archive" that is a FIFO: not opened to list its members either
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "big.jpg").write_bytes(b"\xff" * 2048)
+    (tmp_path / "list.txt").write_text("folder.jpg\n")
+    refs = {Path(r.uri).name: r for r in list_sources(str(tmp_path)) if r.member is None}
+    assert {"zero.jpg", "pipe.jpg", "pipe.tar", "big.jpg"} <= set(refs)
+    for name in ("zero.jpg", "pipe.jpg", "pipe.tar"):  # a read would never end (zero) or block forever (FIFOs)
+        with pytest.raises(NotARegularFileError, match="not a regular file"):
+            read_source(refs[name])
+    (folder,) = list_sources(str(tmp_path / "list.txt"))
+    with pytest.raises(NotARegularFileError, match="a directory"):
+        read_source(folder)
+    with pytest.raises(SourceReadError, match="source limit"):
+        read_source(refs["big.jpg"], max_bytes=1024)
+    assert read_source(refs["big.jpg"], max_bytes=2048) == b"\xff" * 2048
+
+
+def test_an_encode_beside_dev_zero_and_a_fifo_rejects_them_and_encodes_the_photos(sample_archive, tmp_path):
+    """In a subprocess with a time limit: before, /dev/zero took the machine's memory and a FIFO hung the run."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for photo in sorted(sample_archive.glob("generated-*.jpg"))[:2]:
+        shutil.copy(photo, src / photo.name)
+    (src / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(src / "pipe.jpg")
+    code = ("import json, resource, sys\nfrom facetier.pipelines.jobs.encode import EncodeOptions, run_encode\n"
+            f"s = run_encode({str(src)!r}, {str(tmp_path / 'table')!r}, EncodeOptions(progress=False, max_source_mb=5))\n"
+            "print(json.dumps([s.inputs, s.encoded_inputs, s.rejected, s.rejects_by_class, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    inputs, encoded, rejected, by_class, peak_kb = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (inputs, encoded, rejected) == (4, 2, 2)
+    assert by_class == {"NotARegularFileError": 2}
+    assert peak_kb < 3 * 2**20, f"peak RSS {peak_kb / 2**20:.1f} GB: something read /dev/zero"

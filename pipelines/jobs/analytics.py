@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass
 
 import duckdb
@@ -31,9 +32,23 @@ from facetier.io.table import (
     family_schema,
 )
 
-from facetier.errors import ConfigError, InputError, QueryError
+from facetier.errors import ConfigError, InputError, QueryError, QueryLimitError
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """How long and how much working memory one SQL query may take (``query``, ``decode --where``,
+    ``edit --where``): a cross join of two large families or a sort of a random key over every row
+    otherwise runs until the machine is out of memory."""
+
+    seconds: float = 300.0
+    memory_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        if not (self.seconds > 0 and self.memory_mb > 0):
+            raise ConfigError(f"query limits must be positive, got {self.seconds} s and {self.memory_mb} MB")
+
 
 @dataclass(frozen=True)
 class QueryResult:
@@ -72,29 +87,40 @@ def read_only_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryError(f"query is read-only: a SELECT, not a {statements[0].type.name} statement")
 
 
-def run_query(table_root: str, sql: str, *, as_of: int | None = None, snapshot: Snapshot | None = None) -> QueryResult:
+def run_query(table_root: str, sql: str, *, as_of: int | None = None, snapshot: Snapshot | None = None,
+              limits: QueryLimits = QueryLimits()) -> QueryResult:
     """One read-only SQL SELECT (DuckDB) over ``faces`` (the index), ``basic`` (the base family), ``rejects``, ``aliases`` and ``inputs``.
 
     The connection cannot touch files (external access off, configuration locked): the families
     registered here are all a query can read, so ``bytes_read`` counts everything it touched.
     ``as_of`` reads facetier version ``as_of`` of the table (time travel) instead of the latest.
+    A query past ``limits`` stops with :class:`QueryLimitError`.
     """
     table = Table(table_root)
     snapshot = snapshot or table.snapshot(as_of)
     counter = ByteCounter()
     words = sql_words(sql)
     # closed explicitly: a connection left to interpreter teardown can abort the process on exit
-    with duckdb.connect(config={"enable_external_access": False, "lock_configuration": True}) as con:
+    config = {"enable_external_access": False, "memory_limit": f"{limits.memory_mb}MB", "lock_configuration": True}
+    with duckdb.connect(config=config) as con:
         read_only_statement(con, sql)
         for family in QUERY_FAMILIES:
             if family not in words:
                 continue
             cols = referenced_columns(sql, family_schema(family)) or [family_schema(family).names[0]]
             con.register(family, read_family(table, family, snapshot=snapshot, columns=cols, counter=counter))
+        timer = threading.Timer(limits.seconds, con.interrupt)
+        timer.start()
         try:
             result = con.sql(sql).to_arrow_table()
+        except duckdb.InterruptException as exc:
+            raise QueryLimitError(f"the query ran past its time limit of {limits.seconds:g} s (--query-seconds)") from exc
+        except duckdb.OutOfMemoryException as exc:
+            raise QueryLimitError(f"the query needed more than its memory limit of {limits.memory_mb} MB (--query-memory-mb)") from exc
         except duckdb.Error as exc:
             raise QueryError(str(exc)) from exc
+        finally:
+            timer.cancel()
     return QueryResult(result, counter.total, sum(table.family_bytes(snapshot).values()))
 
 

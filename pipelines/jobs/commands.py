@@ -31,9 +31,10 @@ def _encode(a: argparse.Namespace) -> int:
 
 
 def _decode_options(a: argparse.Namespace, **extra: object):
+    from facetier.pipelines.jobs.analytics import QueryLimits
     from facetier.pipelines.jobs.decode import DecodeOptions
 
-    return DecodeOptions(where=a.where, ids_file=a.ids_file, limit=a.limit, fmt=a.format, quality=a.quality, paste_back=a.paste_back,
+    return DecodeOptions(query_limits=QueryLimits(a.query_seconds, a.query_memory_mb), where=a.where, ids_file=a.ids_file, limit=a.limit, fmt=a.format, quality=a.quality, paste_back=a.paste_back,
                          gallery=a.gallery, dry_run=a.dry_run, engine=a.engine, workers=a.workers, batch_size=a.batch_size, weights=a.weights,
                          device=a.device, ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet,
                          as_of=getattr(a, "as_of", None), **extra)
@@ -60,9 +61,9 @@ def _report_failures(failures: tuple, written: int) -> int:
 
 
 def _query(a: argparse.Namespace) -> int:
-    from facetier.pipelines.jobs.analytics import run_query
+    from facetier.pipelines.jobs.analytics import QueryLimits, run_query
 
-    res = run_query(a.table, a.sql, as_of=a.as_of)
+    res = run_query(a.table, a.sql, as_of=a.as_of, limits=QueryLimits(a.query_seconds, a.query_memory_mb))
     print(res.table.to_pandas().to_string(index=False, max_rows=a.max_rows))
     print(f"-- read {res.bytes_read} bytes of {res.table_bytes} in the table ({100 * res.bytes_read / max(1, res.table_bytes):.2f}%)", file=sys.stderr)
     return 0
@@ -146,9 +147,15 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _query_limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--query-seconds", type=float, default=300.0, help="stop the SQL query after this many seconds (QueryLimitError)")
+    p.add_argument("--query-memory-mb", type=int, default=2048, help="the SQL query's working memory limit (QueryLimitError past it)")
+
+
 def _job_arguments(p: argparse.ArgumentParser) -> None:
     """What decode and edit share: the selection, the outputs and the engine."""
     p.add_argument("--where", help="SQL condition over the faces index and the base family, e.g. \"gender = 'female' AND age > 60\"")
+    _query_limit_arguments(p)
     p.add_argument("--ids", nargs="+", help="face ids or photo ids")
     p.add_argument("--ids-file", help="file (path or URI) of ids, whitespace separated")
     p.add_argument("--limit", type=int, help="at most this many of the selected faces (in id order)")
@@ -205,6 +212,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("sql")
     q.add_argument("--max-rows", type=int, default=50)
     q.add_argument("--as-of", type=int, metavar="VERSION", help="query the table as it was at this version (time travel; default: the latest)")
+    _query_limit_arguments(q)
     q.set_defaults(func=_query)
 
     se = sub.add_parser("search", help="nearest faces by identity embedding, reading only the base family")

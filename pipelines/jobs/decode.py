@@ -28,6 +28,7 @@ from facetier.pipelines.jobs.decode_records import (
     batch_id,
 )
 from facetier.pipelines.jobs.outputs import JOB_DIR, OutputFolder
+from facetier.pipelines.jobs.analytics import QueryLimits
 from facetier.pipelines.jobs.selection import Selection, select
 from tqdm import tqdm
 
@@ -59,6 +60,14 @@ class DecodeOptions:
     progress: bool = False
     edits: tuple[tuple[str, str], ...] = ()
     as_of: int | None = None  # a facetier table version (time travel); None: the latest
+    query_limits: QueryLimits = field(default_factory=QueryLimits)  # of the --where selection
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"--limit must be 0 or more, got {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ def run_decode(table_root: str, ids: Sequence[str] | None, upto: str, out: str, 
         raise ConfigError("--upto original writes the source files: nothing to paste back or edit")
     started = time.monotonic()
     snapshot = Table(table_root).snapshot(opts.as_of)  # one table state for the selection and every batch
-    selection = select(table_root, ids=ids or (), ids_file=opts.ids_file, where=opts.where, by_photo=upto == ORIGINAL, limit=opts.limit,
+    selection = select(table_root, ids=ids or (), ids_file=opts.ids_file, where=opts.where, by_photo=upto == ORIGINAL, limit=opts.limit, limits=opts.query_limits,
                        snapshot=snapshot)
     log.info("%d selected (%d of them not in the table); the selection read %d bytes", selection.size, len(selection.failures), selection.bytes_read)
     if opts.dry_run:

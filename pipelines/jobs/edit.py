@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from facetier.codec.model import FaceCodec
+from facetier.codec.semantic import require_finite_edits
 from facetier.io.commit import commit, finish_pending
 from facetier.io.reader import read_family
 from facetier.io.table import INDEX_FAMILY, Table
+from facetier.pipelines.jobs.analytics import QueryLimits
 from facetier.pipelines.jobs.decode import DecodeOptions, DecodeResult, run_decode
 from facetier.pipelines.jobs.records import JobContext, write_shard
 from facetier.pipelines.jobs.selection import select
@@ -55,6 +57,7 @@ def edit(
     through the decode job's engines) or new rows (``out`` a table)."""
     if not edits:
         raise ConfigError("nothing to edit: give at least one --set NAME=VALUE")
+    require_finite_edits(edits)
     if not (as_table or Table(out).exists()):
         job = run_decode(table_root, ids, upto, out, opts, where=where, edits=tuple(sorted(edits.items())), weights=weights, device=device, limit=limit)
         return EditResult(job.written + job.present, tuple(f.path for f in job.files), None, job.failures, job)
@@ -63,7 +66,8 @@ def edit(
         raise ConfigError(f"{codec.codec_id} has no semantic base layer: nothing to edit")
     if upto not in codec.plan.names:
         raise ConfigError(f"--upto must be one of the generative layers {codec.plan.names}")
-    selection = select(table_root, ids=ids, ids_file=opts.ids_file if opts else None, where=where, limit=limit)
+    selection = select(table_root, ids=ids, ids_file=opts.ids_file if opts else None, where=where, limit=limit,
+                       limits=opts.query_limits if opts else QueryLimits())
     if not selection.units:
         return EditResult(0, (), None, selection.failures)
     table = Table(table_root)

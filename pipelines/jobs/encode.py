@@ -68,6 +68,15 @@ class EncodeOptions:
     max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
     residual_quality: int | None = None  # JPEG XL quality of the residual layer; None: the model's default
 
+    def __post_init__(self) -> None:
+        for name in ("workers", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.max_source_mb > 0:
+            raise ConfigError(f"--max-source-mb must be a positive number, got {self.max_source_mb}")
+        if self.residual_quality is not None and not 0 <= self.residual_quality <= 100:
+            raise ConfigError(f"--residual-quality must be 0-100, got {self.residual_quality}")
+
 
 @dataclass(frozen=True)
 class EncodeSummary:

@@ -25,7 +25,14 @@ class OutputFolder:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
-            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise ConfigError(f"--out {uri} is a file, not a folder: nothing was written")
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--out {uri} cannot be created: {exc.strerror or exc}") from exc
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {uri} is not writable: nothing was written")
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -34,7 +41,12 @@ class OutputFolder:
         return f"{self.uri}/{name}"
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+        """Whether a finished output is there: a file of zero bytes (a copy or upload that stopped
+        before its first byte) is not one, and is written again."""
+        try:
+            return int(self.fs.info(self.path(name)).get("size") or 0) > 0
+        except FileNotFoundError:
+            return False
 
     def write(self, name: str, data: bytes) -> None:
         target = self.path(name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import fsspec
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.table import INDEX_FAMILY, Snapshot, Table
-from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.analytics import QueryLimits, run_query
 from facetier.pipelines.jobs.stored_codes import FaceFailure
 
 from facetier.errors import ConfigError, NotInTableError
@@ -41,8 +41,11 @@ def read_ids_file(uri: str) -> list[str]:
 
 
 def select(table_root: str, *, ids: Sequence[str] = (), ids_file: str | None = None, where: str | None = None,
-           by_photo: bool = False, limit: int | None = None, snapshot: Snapshot | None = None) -> Selection:
+           by_photo: bool = False, limit: int | None = None, snapshot: Snapshot | None = None,
+           limits: QueryLimits = QueryLimits()) -> Selection:
     """Resolve ids and/or a SQL condition into sorted, distinct units; ``by_photo`` gives photo ids."""
+    if limit is not None and limit < 0:  # a negative slice would silently drop faces from the end
+        raise ConfigError(f"--limit must be 0 or more, got {limit}")
     wanted = list(ids) + (read_ids_file(ids_file) if ids_file else [])
     if not wanted and where is None:
         raise ConfigError("say which faces: --ids, --ids-file or --where")
@@ -52,7 +55,7 @@ def select(table_root: str, *, ids: Sequence[str] = (), ids_file: str | None = N
     if where is not None:
         sql = (f"SELECT DISTINCT {'photo_id' if by_photo else 'face_id'} AS unit FROM faces LEFT JOIN basic USING (face_id, photo_id) "
                f"WHERE ({where})")
-        res = run_query(table_root, sql, snapshot=snapshot)
+        res = run_query(table_root, sql, snapshot=snapshot, limits=limits)
         units.update(res.table.column("unit").to_pylist())
         counter.add(res.bytes_read)
     if wanted:
