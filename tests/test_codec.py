@@ -199,9 +199,3 @@ def test_every_network_call_has_the_micro_batch_shape_and_a_face_codes_alike_in_
 
 
 
-
-def test_a_job_batch_is_whole_micro_batches():
-    from facetier.pipelines.jobs.shard_worker import faces_per_call
-
-    assert [faces_per_call(b, 16) for b in (1, 4, 16, 17, 64)] == [16, 16, 16, 32, 64]
-    assert faces_per_call(100, 128) == 128

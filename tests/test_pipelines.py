@@ -189,8 +189,8 @@ def test_batches_fill_across_shards_and_every_shard_is_written(sample_archive, t
     monkeypatch.setattr(shard_worker, "encode_items", counting)
     root = str(tmp_path / "across")
     s = run_encode(str(sample_archive), root, EncodeOptions(engine="local", shard_size=3, batch_size=4, progress=False))
-    # 6 faces in 4 shards of 3 inputs, a batch of 4 raised to the CPU's micro-batch of 16: one call, no batch per shard tail
-    assert faces_per_call == [6]
+    # 6 faces in 4 shards of 3 inputs: one full batch, then the job's last batch; no batch per shard tail
+    assert faces_per_call == [4, 2]
     assert s.shards_run == 4 and s.inputs == s.encoded_inputs + s.rejected + s.skipped
     assert table_snapshot(root) == table_snapshot(local_table[0])
 

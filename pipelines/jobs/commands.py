@@ -183,8 +183,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--shard-size", type=int, default=64, help="inputs per shard (the unit of resume)")
     e.add_argument("--batch-size", type=int, default=16,
-                   help="faces gathered per model step; the networks run on fixed micro-batches (16 rows on a CPU, 128 on a GPU), "
-                        "so the bytes do not depend on it")
+                   help="faces per model step; the networks run on fixed micro-batches (16 rows on a CPU, 128 on a GPU), so the bytes "
+                        "do not depend on it, and a step of fewer rows is padded to a whole micro-batch")
     e.add_argument("--layers", help="comma-separated layers to store (default: all)")
     e.add_argument("--weights", help="model bundle (default: the embedded model)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -3,6 +3,7 @@ aligns inputs ahead of the model) and ``ShardWorker`` (preparer + codec, encodin
 The local engine, every Ray actor and every Beam encode DoFn run a ``ShardWorker``."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -27,16 +28,11 @@ from facetier.pipelines.jobs.records import (
     write_shard,
 )
 
+log = logging.getLogger(__name__)
+
 # a worker call (a Ray actor's batch, a Beam element) encodes up to this many shards with batches running
 # on across them, so only its last batch is padded; fewer when that would leave workers without work
 MAX_SHARDS_PER_CALL = 16
-
-
-def faces_per_call(batch_size: int, micro: int) -> int:
-    """The job's batch size rounded up to whole micro-batches: the codec runs its networks on
-    ``micro`` rows whatever it is given, so a smaller or ragged batch would only add padding
-    (``--batch-size 4`` ran at half the speed of 16 before this rounding)."""
-    return max(1, -(-max(1, batch_size) // micro)) * micro
 
 
 def shards_per_call(shards: int, workers: int) -> int:
@@ -109,7 +105,10 @@ class ShardWorker:
         self.ctx = ctx
         self.preparer = FacePreparer(ctx, threads)
         self._codec: Any = None
-        self.faces_per_call = faces_per_call(ctx.batch_size, micro_batch(pick_device(ctx.device)))
+        micro = micro_batch(pick_device(ctx.device))
+        if ctx.batch_size % micro:
+            log.warning("--batch-size %d is not a multiple of the networks' fixed micro-batch of %d rows: each model step is padded to "
+                        "%d rows (no faster, and no smaller in memory, than a batch of that size)", ctx.batch_size, micro, -(-ctx.batch_size // micro) * micro)
 
     @property
     def codec(self) -> Any:
@@ -154,7 +153,7 @@ class ShardWorker:
                 results[shard.shard_id] = []
             for item in items:
                 (batch if item["kind"] == "face" else results[shard.shard_id]).append(item)
-                if len(batch) == self.faces_per_call:
+                if len(batch) == self.ctx.batch_size:
                     encode_batch()
                     yield from write_finished(shard.shard_id)
         if batch:
