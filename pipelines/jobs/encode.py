@@ -75,7 +75,7 @@ class EncodeOptions:
         if not self.max_source_mb > 0:
             raise ConfigError(f"--max-source-mb must be a positive number, got {self.max_source_mb}")
         if self.residual_quality is not None and not 0 <= self.residual_quality <= 100:
-            raise ConfigError(f"--residual-quality must be 0-100, got {self.residual_quality}")
+            raise ConfigError(f"residual quality {self.residual_quality} is outside 0-100")
 
 
 @dataclass(frozen=True)
