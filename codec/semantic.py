@@ -309,11 +309,10 @@ def require_finite_edits(edits: Mapping[str, str]) -> None:
     """A NaN or infinite edit value is an error before any face is selected or decoded."""
     for name, text in edits.items():
         try:
-            value = float(str(text).strip())
+            float(str(text).strip())
         except ValueError:
             continue  # a label (``gender=female``); checked against the attribute when applied
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}: {text!r} is not a finite number")
+        _number(name, str(text).strip())
 
 
 def parse_edits(items: list[str]) -> dict[str, str]:

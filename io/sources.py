@@ -127,9 +127,16 @@ def _archive_members(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str
             return [(m.name, f"{m.size}:{m.mtime}") for m in tf.getmembers() if m.isfile()]
 
 
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return _protocol(fs) in ("file", "local")
+
+
 def _protocol_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if proto in ("file", "local") else f"{proto}://{path}"
+    return path if _is_local(fs) else f"{_protocol(fs)}://{path}"
 
 
 def list_sources(src: str) -> list[SourceRef]:
@@ -231,11 +238,6 @@ def read_source(ref: SourceRef, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
         raise
     except (OSError, KeyError, tarfile.TarError, zipfile.BadZipFile, ValueError) as exc:
         raise SourceReadError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
 
 
 _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),

@@ -10,8 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from facetier.errors import ConfigError
+
+if TYPE_CHECKING:
+    from facetier.pipelines.jobs.analytics import QueryLimits
 
 
 def _encode(a: argparse.Namespace) -> int:
@@ -31,13 +35,12 @@ def _encode(a: argparse.Namespace) -> int:
 
 
 def _decode_options(a: argparse.Namespace, **extra: object):
-    from facetier.pipelines.jobs.analytics import QueryLimits
     from facetier.pipelines.jobs.decode import DecodeOptions
 
-    return DecodeOptions(query_limits=QueryLimits(a.query_seconds, a.query_memory_mb), where=a.where, ids_file=a.ids_file, limit=a.limit, fmt=a.format, quality=a.quality, paste_back=a.paste_back,
+    return DecodeOptions(where=a.where, ids_file=a.ids_file, limit=a.limit, fmt=a.format, quality=a.quality, paste_back=a.paste_back,
                          gallery=a.gallery, dry_run=a.dry_run, engine=a.engine, workers=a.workers, batch_size=a.batch_size, weights=a.weights,
                          device=a.device, ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet,
-                         as_of=getattr(a, "as_of", None), **extra)
+                         as_of=getattr(a, "as_of", None), query_limits=_query_limits(a), **extra)
 
 
 def _decode(a: argparse.Namespace) -> int:
@@ -61,9 +64,9 @@ def _report_failures(failures: tuple, written: int) -> int:
 
 
 def _query(a: argparse.Namespace) -> int:
-    from facetier.pipelines.jobs.analytics import QueryLimits, run_query
+    from facetier.pipelines.jobs.analytics import run_query
 
-    res = run_query(a.table, a.sql, as_of=a.as_of, limits=QueryLimits(a.query_seconds, a.query_memory_mb))
+    res = run_query(a.table, a.sql, as_of=a.as_of, limits=_query_limits(a))
     print(res.table.to_pandas().to_string(index=False, max_rows=a.max_rows))
     print(f"-- read {res.bytes_read} bytes of {res.table_bytes} in the table ({100 * res.bytes_read / max(1, res.table_bytes):.2f}%)", file=sys.stderr)
     return 0
@@ -148,8 +151,15 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _query_limit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--query-seconds", type=float, default=300.0, help="stop the SQL query after this many seconds (QueryLimitError)")
-    p.add_argument("--query-memory-mb", type=int, default=2048, help="the SQL query's working memory limit (QueryLimitError past it)")
+    p.add_argument("--query-seconds", type=float, help="stop the SQL query after this many seconds (QueryLimitError; default 300)")
+    p.add_argument("--query-memory-mb", type=int, help="the SQL query's working memory limit (QueryLimitError past it; default 2048)")
+
+
+def _query_limits(a: argparse.Namespace) -> QueryLimits:
+    from facetier.pipelines.jobs.analytics import QueryLimits
+
+    given = {"seconds": a.query_seconds, "memory_mb": a.query_memory_mb}
+    return QueryLimits(**{k: v for k, v in given.items() if v is not None})
 
 
 def _job_arguments(p: argparse.ArgumentParser) -> None:

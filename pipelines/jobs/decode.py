@@ -66,8 +66,6 @@ class DecodeOptions:
         for name in ("workers", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"--limit must be 0 or more, got {self.limit}")
 
 
 @dataclass(frozen=True)

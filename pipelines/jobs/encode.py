@@ -237,8 +237,6 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     skipped = len(listed) - len(todo_inputs)
     max_source_bytes = int(opts.max_source_mb * 2**20)
     residual_quality = cfg.residual_quality if opts.residual_quality is None else opts.residual_quality
-    if not 0 <= residual_quality <= 100:
-        raise ConfigError(f"residual quality {residual_quality} is outside 0-100")
     shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
                          options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}",
                          keys=[k for _, k in todo_inputs])

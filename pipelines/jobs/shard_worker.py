@@ -16,8 +16,6 @@ import cv2
 
 from facetier.codec.align import FaceDetector
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
-from facetier.codec.model import micro_batch
-from facetier.codec.prior import pick_device
 from facetier.io.table import ShardEntry
 from facetier.pipelines.jobs.records import (
     JobContext,
@@ -105,10 +103,6 @@ class ShardWorker:
         self.ctx = ctx
         self.preparer = FacePreparer(ctx, threads)
         self._codec: Any = None
-        micro = micro_batch(pick_device(ctx.device))
-        if ctx.batch_size % micro:
-            log.warning("--batch-size %d is not a multiple of the networks' fixed micro-batch of %d rows: each model step is padded to "
-                        "%d rows (no faster, and no smaller in memory, than a batch of that size)", ctx.batch_size, micro, -(-ctx.batch_size // micro) * micro)
 
     @property
     def codec(self) -> Any:
@@ -122,6 +116,11 @@ class ShardWorker:
         Ray actor run at 75 % of the local engine's speed with 15 % of the CPUs idle."""
         if self._codec is None:
             self._codec = load_worker_codec(self.ctx)
+            micro = self._codec.micro_batch
+            if self.ctx.batch_size % micro:
+                log.warning("--batch-size %d is not a multiple of the networks' fixed micro-batch of %d rows: each model step is padded to "
+                            "%d rows (no faster, and no smaller in memory, than a batch of that size)",
+                            self.ctx.batch_size, micro, -(-self.ctx.batch_size // micro) * micro)
         return self._codec
 
     def run_many(self, shards: Iterable[ShardSpec]) -> Iterator[ShardEntry]:
