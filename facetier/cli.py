@@ -10,8 +10,10 @@ import argparse
 import logging
 import sys
 
+from deltalake.exceptions import DeltaError
 from facetier import __version__
 from facetier.errors import FacetierError
+from facetier.io.storage import storage_error
 from facetier.pipelines.evaluation import commands as evaluation_commands
 from facetier.pipelines.jobs import commands as job_commands
 from facetier.pipelines.training import commands as training_commands
@@ -34,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FacetierError as exc:
         print(f"facetier: {exc.error_class}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, DeltaError) as exc:
+        # the library turns storage failures into StorageError where it knows the table and file; this
+        # is the net under it, so a refusal nobody foresaw is still a line, not a traceback (-v: the trace)
+        logging.getLogger("facetier").debug("storage failure", exc_info=True)
+        err = storage_error(exc, getattr(args, "table", None) or "storage", always=True)
+        print(f"facetier: {err.error_class}: {err}", file=sys.stderr)
         return 2
 
 

@@ -126,7 +126,13 @@ class QueryLimitError(QueryError):
 
 
 class TableCorruptError(TableError):
-    """A committed file of the table cannot be read (truncated, overwritten, missing)."""
+    """A committed file of the table cannot be read (truncated, overwritten, missing), or a family's
+    Delta log is damaged (a lost or unreadable log file)."""
+
+
+class StorageError(TableError):
+    """The storage under a table root refused or could not be reached: no such bucket, denied
+    credentials, a refused or dropped connection."""
 
 
 class NotInTableError(TableError):

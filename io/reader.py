@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from facetier.io.storage import storage_error
 from facetier.io.table import Snapshot, Table, family_schema
 
 from facetier.errors import TableCorruptError
@@ -120,7 +121,30 @@ def read_file(table: Table, rel: str, family: str, *, columns: Sequence[str] | N
             source = pa.BufferReader(counting.read()) if columns is None and filters is None else pa.PythonFile(counting, mode="r")
             return _read_part(source, family, columns, filters)
     except (pa.ArrowException, OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and (refused := storage_error(exc, table.uri(rel))) is not None:
+            raise refused from exc
         raise TableCorruptError(f"{table.uri(rel)} ({family} family) cannot be read: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def read_body(table: Table, rel: str, family: str) -> bytes:
+    """Every byte of one committed file; a missing or unreadable file is a :class:`TableCorruptError`, storage
+    that refuses a :class:`StorageError`."""
+    try:
+        return table.fs.cat_file(table._p(rel))
+    except FileNotFoundError as exc:
+        raise TableCorruptError(f"{table.uri(rel)} ({family} family) is missing: {exc}") from exc
+    except OSError as exc:
+        if (refused := storage_error(exc, table.uri(rel))) is not None:
+            raise refused from exc
+        raise TableCorruptError(f"{table.uri(rel)} ({family} family) cannot be read: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def parse_body(body: bytes, rel: str, family: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A file's bytes (from :func:`read_body`) as the family's rows."""
+    try:
+        return _read_part(pa.BufferReader(body), family, columns, None)
+    except (pa.ArrowException, OSError, EOFError) as exc:
+        raise TableCorruptError(f"{rel} ({family} family) cannot be read: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def _read_part(source: pa.NativeFile, family: str, columns: Sequence[str] | None, filters: list | None) -> pa.Table:

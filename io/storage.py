@@ -8,6 +8,37 @@ themselves. GCS creates objects with generation preconditions natively; nothing 
 from __future__ import annotations
 
 import os
+import re
+
+from facetier.errors import StorageError
+
+# What object-store clients (delta-rs' object_store, s3fs/botocore, gcsfs) say when the storage
+# itself refuses, as opposed to a file of the table being damaged
+_REFUSALS = (
+    ("no such bucket", r"NoSuchBucket|bucket does not exist|bucket .*not found|The specified bucket"),
+    ("access denied", r"AccessDenied|Access Denied|Forbidden|\b403\b|InvalidAccessKeyId|SignatureDoesNotMatch|credential|Unauthorized|\b401\b"),
+    ("connection refused or lost", r"Connection refused|ConnectionRefused|connect error|error sending request|Could not connect|"
+                                   r"dns error|timed out|Connection reset|ConnectTimeout|EndpointConnectionError|ServerDisconnected"),
+)
+
+
+def storage_error(exc: BaseException, uri: str, *, always: bool = False) -> StorageError | None:
+    """A :class:`StorageError` naming ``uri`` when ``exc`` is the storage refusing (or, with ``always``,
+    whatever it is), else None: the caller then treats it as damage."""
+    text = f"{type(exc).__name__}: {exc}"
+    for what, pattern in _REFUSALS:
+        if re.search(pattern, text, re.IGNORECASE):
+            return StorageError(f"{uri}: {what} ({_brief(text)})")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{uri}: access denied ({_brief(text)})")
+    if isinstance(exc, ConnectionError):
+        return StorageError(f"{uri}: connection refused or lost ({_brief(text)})")
+    return StorageError(f"{uri}: {_brief(text)}") if always else None
+
+
+def _brief(text: str) -> str:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text).replace("\u21b3", "->")  # object_store colours its cause chain
+    return " ".join(plain.split())[:400]
 
 
 def delta_storage_options(root: str) -> dict[str, str]:

@@ -8,20 +8,28 @@ Layout under the table root (local path, ``gs://`` or ``s3://``)::
     rejects/                   inputs that produced no face: error class and message
     aliases/                   further names of photos whose bytes another name already brought
     inputs/                    every input each model consumed: name, source key, outcome (incremental planning)
-    _commits/                  one row per facetier commit: the claim that orders racing writers
+    _commits/                  one row per facetier commit: the claim that orders racing writers, and its plan
     _staging/<shard>.json      a shard's done marker (its files and their Delta statistics)
     _staging/commits/*.json    the plan of a commit in flight, removed once every family has it
 
 Each family directory is a Delta table any Delta reader opens (Spark, DuckDB, BigQuery through
 BigLake). Workers write a shard's Parquet files straight into the family directories, where they
 are invisible until a commit adds them; :mod:`facetier.io.commit` publishes them.
+
+Every file facetier writes is named after its content: ``<name>.<digest>.parquet``, the digest the
+first 32 hex digits of the SHA-256 of its bytes. The name is what the Delta log records (its add
+action's path, kept by every checkpoint and every reader), so ``facetier check`` verifies any file
+against the log that references it, and a byte flipped anywhere in a file is seen. (Delta's own
+``tags`` on an add action would be the natural home, but the Python writer does not expose them.)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import posixpath
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +39,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 from deltalake.exceptions import TableNotFoundError as DeltaTableNotFoundError
-from facetier.io.storage import delta_storage_options
+from facetier.io.storage import delta_storage_options, storage_error
 
-from facetier.errors import LegacyTableError, TableNotFoundError
+from facetier.errors import LegacyTableError, TableCorruptError, TableNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +112,40 @@ ALIAS_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string())
 # One row per input a model consumed: what lets a later run skip it unread. ``source_key`` hashes the name
 # and the listing's fingerprint (facetier.io.sources.source_key); compaction sorts by name, so the
 # files' name ranges let planning open only files whose range holds a name it lists.
-# outcome: "stored" (its photo's rows are under this name), "alias" (under another name) or "rejected" (see rejects)
+# outcome: "stored" (its photo's rows are under this name), "alias" (under another name) or "rejected" (see rejects);
+# layers: the layers the run that consumed it stored, comma-separated (null: written before the column, taken as every layer)
 INPUTS_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("source_key", pa.int64()), ("photo_id", pa.string()),
-                           ("weights_hash", pa.string()), ("outcome", pa.string()), ("error_class", pa.string())])
+                           ("weights_hash", pa.string()), ("outcome", pa.string()), ("error_class", pa.string()), ("layers", pa.string())])
 COMMITS_SCHEMA = pa.schema([("version", pa.int64()), ("job", pa.string()), ("plan", pa.string()), ("families", pa.string())])
+
+
+DIGEST_CHARS = 32
+_DIGEST_NAME = re.compile(r"\.([0-9a-f]{%d})\.parquet$" % DIGEST_CHARS)
+
+
+def content_digest(body: bytes) -> str:
+    """What a file's name records of its bytes: the first 32 hex digits of their SHA-256."""
+    return hashlib.sha256(body).hexdigest()[:DIGEST_CHARS]
+
+
+def recorded_digest(rel: str) -> str | None:
+    """The digest a file's name records, or None for a file named without one (written before facetier
+    recorded digests, or by another Delta writer: compaction before it is sealed, Spark)."""
+    m = _DIGEST_NAME.search(rel)
+    return m.group(1) if m else None
+
+
+def digest_name(family: str, stem: str, body: bytes) -> str:
+    """The path (relative to the root) of a family file holding ``body``."""
+    return f"{family}/{stem}.{content_digest(body)}.parquet"
 
 
 def family_schema(family: str) -> pa.Schema:
     return {INDEX_FAMILY: FACES_SCHEMA, ORIGINAL_FAMILY: ORIGINAL_SCHEMA, REJECT_FAMILY: REJECT_SCHEMA, ALIAS_FAMILY: ALIAS_SCHEMA,
             INPUTS_FAMILY: INPUTS_SCHEMA, BASE_FAMILY: BASE_SCHEMA, COMMITS_TABLE: COMMITS_SCHEMA}.get(family, LAYER_SCHEMA)
+
+
+_LONGEST_BOUND = 1024
 
 
 def file_stats(table: pa.Table) -> str:
@@ -122,12 +156,18 @@ def file_stats(table: pa.Table) -> str:
         if not (pa.types.is_string(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
             continue
         nulls[name] = col.null_count
+        if pa.types.is_string(col.type) and (pc.max(pc.utf8_length(col)).as_py() or 0) > _LONGEST_BOUND:
+            continue  # a commit's plan: a bound no reader prunes by, and it would sit in the log twice
         if col.null_count < len(col):
             mm = pc.min_max(col)
             lo[name], hi[name] = mm["min"].as_py(), mm["max"].as_py()
             if isinstance(lo[name], float) and (lo[name] != lo[name] or hi[name] != hi[name]):  # NaN: no usable bound
                 del lo[name], hi[name]
     return json.dumps({"numRecords": table.num_rows, "minValues": lo, "maxValues": hi, "nullCount": nulls})
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def facetier_version(dt: DeltaTable) -> int:
@@ -207,20 +247,45 @@ class Table:
         return os.path.abspath(self._p(family)) if self.is_local else self.uri(family)
 
     def delta(self, family: str, version: int | None = None) -> DeltaTable | None:
-        """The family's Delta table (at a Delta version), or None when no commit created it yet."""
+        """The family's Delta table (at a Delta version), or None when no commit created it yet.
+
+        A log Delta cannot read (a lost or damaged file in ``_delta_log/``) is a
+        :class:`TableCorruptError` naming the family; storage that refuses (no such bucket, no
+        credentials, no connection) a :class:`StorageError`."""
         try:
             return DeltaTable(self.delta_uri(family), version=version, storage_options=self.delta_options)
         except DeltaTableNotFoundError:
             return None
+        except DeltaError as exc:
+            if (refused := storage_error(exc, self.uri(family))) is not None:
+                raise refused from exc
+            at = "" if version is None else f" at Delta version {version}"
+            raise TableCorruptError(f"the {family} family's Delta log ({self.uri(family)}/_delta_log){at} cannot be read: "
+                                    f"{_first_line(exc)}; `facetier check {self.root}` says what is damaged") from exc
+        except OSError as exc:
+            raise storage_error(exc, self.uri(family), always=True) from exc
 
     def version(self) -> int:
         """The facetier version: how many commits the table has had (0: none)."""
         commits = self.delta(COMMITS_TABLE)
-        if commits is None and not self.allow_legacy and self.fs.exists(self._p(LEGACY_MANIFEST_DIR)):
-            # writing a Delta table over it would hide its rows, and vacuum would delete its files
-            raise LegacyTableError(f"{self.root} was written by an older facetier (JSON manifests in {LEGACY_MANIFEST_DIR}/): "
-                                   f"run `facetier migrate {self.root}` once, then rerun")
-        return 0 if commits is None else facetier_version(commits)
+        if commits is None:
+            if not self.allow_legacy and self._exists(LEGACY_MANIFEST_DIR):
+                # writing a Delta table over it would hide its rows, and vacuum would delete its files
+                raise LegacyTableError(f"{self.root} was written by an older facetier (JSON manifests in {LEGACY_MANIFEST_DIR}/): "
+                                       f"run `facetier migrate {self.root}` once, then rerun")
+            if orphans := [f for f in ALL_FAMILIES if self._exists(f"{f}/_delta_log")]:
+                # a new claim log would restart at version 1, and every family that has a version past it would
+                # take the new commits for ones it already applied: nothing may write here until a person looks
+                raise TableCorruptError(f"{self.root} has no _commits log, yet its families {', '.join(orphans)} hold commits "
+                                        "(a lost folder?): restore _commits/ from a backup; facetier will not write or clean here")
+            return 0
+        return facetier_version(commits)
+
+    def _exists(self, rel: str) -> bool:
+        try:
+            return self.fs.exists(self._p(rel))
+        except OSError as exc:
+            raise storage_error(exc, self.uri(rel), always=True) from exc
 
     def exists(self) -> bool:
         return self.version() > 0
@@ -273,10 +338,9 @@ class Table:
     # --- shard files ------------------------------------------------------------------------------
     def write_family(self, family: str, shard_id: str, table: pa.Table, codec_id: str, weights_hash: str,
                      extra_meta: dict[str, str] | None = None) -> tuple[str, int, str]:
-        """Write one family file of a shard inside the family's Delta directory, not yet committed.
-        Returns (path relative to the root, bytes, Delta statistics). ``extra_meta`` adds
+        """Write one family file of a shard inside the family's Delta directory, not yet committed, named
+        ``<shard_id>.<digest>.parquet``. Returns (path relative to the root, bytes, Delta statistics). ``extra_meta`` adds
         ``facetier_<key>`` entries to the file's metadata (e.g. the residual's JPEG XL quality)."""
-        rel = f"{family}/{shard_id}.parquet"
         meta = {b"facetier_schema_version": str(SCHEMA_VERSION).encode(), b"facetier_family": family.encode(),
                 b"facetier_codec_id": codec_id.encode(), b"facetier_weights_hash": weights_hash.encode()}
         meta.update({f"facetier_{k}".encode(): v.encode() for k, v in (extra_meta or {}).items()})
@@ -285,6 +349,7 @@ class Table:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS.get(family, 65536))
         body = buf.getvalue().to_pybytes()
+        rel = digest_name(family, shard_id, body)
         self.put(self._p(rel), body)
         return rel, len(body), file_stats(table)
 

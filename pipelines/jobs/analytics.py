@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import duckdb
@@ -19,12 +20,13 @@ import pyarrow.compute as pc
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
 from facetier.io.identity import roundtrip, unpack_identity
-from facetier.io.reader import ByteCounter, read_family
+from facetier.io.reader import ByteCounter, family_files, read_family, read_file
 from facetier.io.sources import SourceRef, read_source
 from facetier.io.table import (
     ALIAS_FAMILY,
     INPUTS_FAMILY,
     BASE_FAMILY,
+    IDENTITY_DIM,
     INDEX_FAMILY,
     REJECT_FAMILY,
     Snapshot,
@@ -38,8 +40,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """How long and how much working memory one SQL query may take (``query``, ``decode --where``,
-    ``edit --where``): a cross join of two large families or a sort of a random key over every row
+    """How long and how much working memory one query may take (``query``, ``decode --where``,
+    ``edit --where``, ``search``): a cross join of two large families or a sort of a random key over every row
     otherwise runs until the machine is out of memory."""
 
     seconds: float = 300.0
@@ -134,15 +136,24 @@ class SearchResult:
     query: str
 
 
-def _query_embedding(like: str, base: pa.Table, weights: str | None, device: str) -> tuple[np.ndarray, str | None]:
-    """(embedding, face id of the query when it is a row of the table)."""
-    ids = base.column("face_id").to_pylist()
-    photos = base.column("photo_id").to_pylist()
-    for i, (fid, pid) in enumerate(zip(ids, photos)):
-        if like in (fid, pid):
-            if not base.column("identity")[i].is_valid:
+def _stored_embedding(table: Table, snapshot: Snapshot, like: str, counter: ByteCounter) -> tuple[np.ndarray, str] | None:
+    """(embedding, face id) when ``like`` is a face or photo id of the table: a point lookup (the files'
+    statistics find the one that holds it)."""
+    for column in ("face_id", "photo_id"):
+        rows = read_family(table, BASE_FAMILY, snapshot=snapshot, columns=SEARCH_COLUMNS, filters=[(column, "=", like)], counter=counter)
+        if rows.num_rows:
+            fid = rows.column("face_id")[0].as_py()
+            if not rows.column("identity")[0].is_valid:
                 raise ConfigError(f"face {fid} has no identity embedding (encoded by a model without a semantic base layer)")
-            return unpack_identity(base.column("identity").slice(i, 1), base.column("identity_scale").slice(i, 1))[0], fid
+            return unpack_identity(rows.column("identity").slice(0, 1), rows.column("identity_scale").slice(0, 1))[0], fid
+    return None
+
+
+def _query_embedding(table: Table, snapshot: Snapshot, like: str, weights: str | None, device: str,
+                     counter: ByteCounter) -> tuple[np.ndarray, str | None]:
+    """(embedding, face id of the query when it is a row of the table)."""
+    if (stored := _stored_embedding(table, snapshot, like, counter)) is not None:
+        return stored
     try:
         data = read_source(SourceRef.parse(like))
     except InputError as exc:
@@ -152,24 +163,49 @@ def _query_embedding(like: str, base: pa.Table, weights: str | None, device: str
     return roundtrip(codec.describe([faces[0].code])[0]["identity"]), None  # at the precision the table stores
 
 
-def search(table_root: str, like: str, k: int = 10, *, weights: str | None = None, device: str = "auto") -> SearchResult:
-    """The ``k`` faces nearest to ``like`` (an image or a face/photo id) by identity embedding."""
+def _nearest(rows: pa.Table, query: np.ndarray, self_id: str | None, k: int) -> pa.Table:
+    """The ``k`` rows of ``rows`` nearest ``query``, with a ``distance`` column (the query's own face left out)."""
+    emb = unpack_identity(rows.column("identity"), rows.column("identity_scale"))
+    dist = np.sqrt(((emb - query[None]) ** 2).sum(1))
+    if self_id is not None:
+        dist[np.asarray(pc.equal(rows.column("face_id"), self_id).fill_null(False))] = np.inf
+    order = [int(i) for i in np.argsort(dist, kind="stable")[:k] if np.isfinite(dist[i])]
+    return rows.take(pa.array(order, pa.int64())).append_column("distance", pa.array(dist[order].astype(np.float32)))
+
+
+def search(table_root: str, like: str, k: int = 10, *, weights: str | None = None, device: str = "auto",
+           limits: QueryLimits = QueryLimits()) -> SearchResult:
+    """The ``k`` faces nearest to ``like`` (an image or a face/photo id) by identity embedding.
+
+    The base family is scanned a file at a time and a slice of rows at a time, keeping only the best
+    ``k`` so far: memory stays within ``limits.memory_mb`` however large the table, and the scan stops
+    with :class:`QueryLimitError` past ``limits.seconds``."""
     if k < 1:
         raise ConfigError("-k must be at least 1")
     table = Table(table_root)
+    snapshot = table.snapshot()
     counter = ByteCounter()
-    base = read_family(table, BASE_FAMILY, snapshot=table.snapshot(), columns=SEARCH_COLUMNS, counter=counter)
-    base = base.filter(pc.is_valid(base.column("identity")))
-    if base.num_rows == 0:
+    query, self_id = _query_embedding(table, snapshot, like, weights, device, counter)
+    deadline = time.monotonic() + limits.seconds
+    rows_per_slice = max(1024, limits.memory_mb * 2**20 // (4 * 4 * IDENTITY_DIM))  # float32 components, the difference, their squares
+    best: pa.Table | None = None
+    for rel in family_files(table, BASE_FAMILY, snapshot):
+        part = read_file(table, rel, BASE_FAMILY, columns=SEARCH_COLUMNS, counter=counter)
+        part = part.filter(pc.is_valid(part.column("identity")))
+        for at in range(0, part.num_rows, rows_per_slice):
+            found = _nearest(part.slice(at, rows_per_slice), query, self_id, k)
+            best = found if best is None else _top(pa.concat_tables([best, found]), k)
+            if time.monotonic() > deadline:
+                raise QueryLimitError(f"search ran past its time limit of {limits.seconds:g} s (--query-seconds)")
+    if best is None:
         raise ConfigError(f"{table_root} has no faces with identity embeddings")
-    query, self_id = _query_embedding(like, base, weights, device)
-    emb = unpack_identity(base.column("identity"), base.column("identity_scale"))
-    dist = np.sqrt(((emb - query[None]) ** 2).sum(1))
-    ids = base.column("face_id").to_pylist()
-    if self_id is not None:
-        dist[ids.index(self_id)] = np.inf
-    order = [int(i) for i in np.argsort(dist, kind="stable") if np.isfinite(dist[i])][:k]
-    out = base.take(pa.array(order)).drop_columns(["identity", "identity_scale"])
-    out = out.add_column(2, "distance", pa.array(dist[order].astype(np.float32)))
-    out = out.add_column(0, "rank", pa.array(np.arange(1, len(order) + 1, dtype=np.int32)))
+    out = best.drop_columns(["identity", "identity_scale"])
+    distance = out.column("distance")
+    out = out.drop_columns(["distance"]).add_column(2, "distance", distance)
+    out = out.add_column(0, "rank", pa.array(np.arange(1, out.num_rows + 1, dtype=np.int32)))
     return SearchResult(out, counter.total, like)
+
+
+def _top(rows: pa.Table, k: int) -> pa.Table:
+    order = pc.sort_indices(rows, sort_keys=[("distance", "ascending"), ("face_id", "ascending")])
+    return rows.take(order.slice(0, k))

@@ -26,7 +26,7 @@ def _encode(a: argparse.Namespace) -> int:
     opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
                          layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
                          ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, max_source_mb=a.max_source_mb,
-                         residual_quality=a.residual_quality)
+                         residual_quality=a.residual_quality, verify_content=a.verify_content)
     summary = run_encode(a.src, a.table, opts)
     print(summary.render())
     if a.profile:
@@ -75,7 +75,7 @@ def _query(a: argparse.Namespace) -> int:
 def _search(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.analytics import search
 
-    res = search(a.table, a.like, a.k, weights=a.weights, device=a.device)
+    res = search(a.table, a.like, a.k, weights=a.weights, device=a.device, limits=_query_limits(a))
     print(res.table.to_pandas().to_string(index=False))
     print(f"-- read {res.bytes_read} bytes (base family only)", file=sys.stderr)
     return 0
@@ -151,8 +151,8 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _query_limit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--query-seconds", type=float, help="stop the SQL query after this many seconds (QueryLimitError; default 300)")
-    p.add_argument("--query-memory-mb", type=int, help="the SQL query's working memory limit (QueryLimitError past it; default 2048)")
+    p.add_argument("--query-seconds", type=float, help="stop the query (SQL, or search's scan) after this many seconds (QueryLimitError; default 300)")
+    p.add_argument("--query-memory-mb", type=int, help="the query's working memory limit (QueryLimitError past it; search scans in slices within it; default 2048)")
 
 
 def _query_limits(a: argparse.Namespace) -> QueryLimits:
@@ -202,6 +202,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--beam-arg", action="append", help="extra Beam pipeline option, e.g. --beam-arg=--runner=DataflowRunner")
     e.add_argument("--max-source-mb", type=float, default=64.0,
                    help="larger inputs are rejected without being read (an input is held whole while it is encoded: this bounds a worker's memory)")
+    e.add_argument("--verify-content", action="store_true",
+                   help="read and hash the inputs the listing calls unchanged (same name, size and mtime, or ETag) instead of skipping them "
+                        "unread: new bytes kept under the same size and mtime are encoded; costs a read of the archive, no model time")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--residual-quality", type=int, help="JPEG XL quality (0-100) of the residual layer (default: the model's, 80); recorded in each shard's options")
     e.add_argument("--gpus-per-worker", type=float,
@@ -231,6 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("-k", type=int, default=10)
     se.add_argument("--weights")
     se.add_argument("--device", default="auto")
+    _query_limit_arguments(se)
     se.set_defaults(func=_search)
 
     ed = sub.add_parser("edit", help="move attributes of the basic code and decode, without the encoder")

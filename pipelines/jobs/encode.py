@@ -2,7 +2,8 @@
 
 Incremental and resumable by construction:
   * an input the table already holds under this model, by name and listing fingerprint (size and
-    mtime, ETag, generation or a member's CRC: its source key), is skipped unread: the driver
+    mtime, ETag, generation or a member's CRC: its source key), is skipped unread (``--verify-content``
+    reads and hashes it instead, for bytes replaced under the same size and mtime): the driver
     anti-joins the listing's source keys against the table's ``source_key`` columns once, and
     workers receive only their shard's inputs. A file whose bytes changed has a new fingerprint and
     is read, hashed and encoded again (the old photo's rows stay: they are another photo); one that
@@ -16,7 +17,9 @@ Incremental and resumable by construction:
     markers are removed once the run has committed or found nothing to commit;
   * the same bytes under several names in one run are stored once, under the first name in
     sorted order, the other names as rows of ``aliases``;
-  * a photo another model encoded is replaced, per photo, by this run's rows;
+  * a photo another model encoded is replaced, per photo, by this run's rows; so is one this model
+    stored with fewer layers than the run asks for (``--layers basic,middle``, then every layer): an
+    input counts as held only when every layer asked for is stored; the source is read again;
   * nothing is visible until the commit (facetier.io.commit); a racing commit fails with a clear error.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +40,16 @@ from facetier.codec.checkpoints import load_bundle
 from facetier.codec.layers import all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.codec.stage_times import StageTimes, render_stages
-from facetier.io.sources import MAX_SOURCE_BYTES, key_bytes, list_sources, source_key
+from facetier.io.sources import MAX_SOURCE_BYTES, SourceRef, content_id, key_bytes, list_sources, read_source, source_key
 from facetier.io.commit import commit, finish_pending
 from facetier.io.rewrite import rewrite_staged
 from facetier.io.table import ShardEntry, Table
 from facetier.pipelines.jobs.records import JobContext, ShardSpec, shared_machine_threads
 from facetier.pipelines.jobs.shard_worker import ShardWorker
-from facetier.pipelines.jobs.table_state import held_photos, held_sources, replaced_rows
+from facetier.pipelines.jobs.table_state import held_keys, held_photos, held_sources, partial_photos, replaced_rows
 from tqdm import tqdm
 
-from facetier.errors import ConcurrentCommitError, ConfigError, TableError
+from facetier.errors import ConcurrentCommitError, ConfigError, InputError, TableError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class EncodeOptions:
     progress: bool = True
     max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
     residual_quality: int | None = None  # JPEG XL quality of the residual layer; None: the model's default
+    verify_content: bool = False  # read and hash inputs the listing calls unchanged: new bytes under the same size and mtime are seen
 
     def __post_init__(self) -> None:
         for name in ("workers", "shard_size", "batch_size"):
@@ -126,6 +131,32 @@ class EncodeSummary:
         lines.append("bytes by column family (whole table): " + ", ".join(f"{k} {v}" for k, v in sorted(self.bytes_by_family.items())))
         lines += list(self.notes)
         return "\n".join(lines)
+
+
+def verified_held(refs: Sequence[SourceRef], listed: Sequence[tuple[str, int | None]], held: dict[int, set[str | None]], max_bytes: int,
+                  progress: bool) -> list[bool]:
+    """``--verify-content``: an input the listing calls unchanged (same name, size and mtime, or ETag)
+    counts as held only when its bytes still hash to the photo the table recorded for it. Reading
+    every held input costs a read and a SHA-256 each (no model runs); what differs is encoded again."""
+    def still_same(i: int) -> bool:
+        key = listed[i][1]
+        if key is None or key not in held:
+            return False
+        if None in held[key]:  # rejected for what its name is (an unsafe member): nothing to hash
+            return True
+        try:
+            return content_id(read_source(refs[i], max_bytes)) in held[key]
+        except InputError:  # unreadable now: read again by a worker, which records why
+            return False
+
+    todo = [i for i, (_, k) in enumerate(listed) if k is not None and k in held]
+    out = [False] * len(listed)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # reads wait on storage, hashing releases the GIL
+        for i, same in zip(todo, tqdm(pool.map(still_same, todo), total=len(todo), desc="verify", unit="input", disable=not progress)):
+            out[i] = same
+    if changed := len(todo) - sum(out):
+        log.warning("--verify-content: %d input(s) the listing called unchanged hold other bytes now; encoding them again", changed)
+    return out
 
 
 def plan_shards(sources: Sequence[str], weights_hash: str, shard_size: int, base_version: int = 0, options: str = "",
@@ -230,8 +261,13 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     if finished := finish_pending(table):
         log.warning("finished version %d, which an earlier run claimed and did not complete", finished)
     snapshot = table.snapshot_or_empty()
-    listed = [(r.key, source_key(r.key, r.fingerprint)) for r in list_sources(src)]
-    held = held_sources(table, snapshot, bundle.weights_hash, listed)
+    refs = list_sources(src)
+    listed = [(r.key, source_key(r.key, r.fingerprint)) for r in refs]
+    if opts.verify_content:
+        held = verified_held(refs, listed, held_keys(table, snapshot, bundle.weights_hash, listed, layers), int(opts.max_source_mb * 2**20),
+                             opts.progress)
+    else:
+        held = held_sources(table, snapshot, bundle.weights_hash, listed, layers)
     todo_inputs = [inp for inp, h in zip(listed, held) if not h]
     sources = [s for s, _ in todo_inputs]
     skipped = len(listed) - len(todo_inputs)
@@ -290,14 +326,19 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     tag = f"v{snapshot.version + 1}-{uuid.uuid4().hex[:8]}"  # unique to this run: a racing run never writes the same name
     written = {rel for e in entries for rel in e.files.values()}
     notes = []
+    found = {p for e in entries for p in e.photo_ids}
+    # photos this model stores with fewer layers than this run asks for are stored whole now: their rows are replaced
+    partial = partial_photos(table, snapshot, bundle.weights_hash, layers, found)
+    if partial:
+        notes.append(f"{len(partial)} photo(s) stored before without every layer this run asks for were encoded again, whole")
     # bytes the model already stores first, so every name they were found under counts as already in the table
-    if again := held_photos(table, snapshot, bundle.weights_hash, {p for e in entries for p in e.photo_ids}):
+    if again := held_photos(table, snapshot, bundle.weights_hash, found) - partial:
         entries = [rewrite_staged(table, e, f"{tag}-known", again & frozenset(e.photo_ids), already_stored=True) if again & frozenset(e.photo_ids)
                    else e for e in entries]
         written |= {rel for e in entries for rel in e.files.values()}
         notes.append(f"{len(again)} photo(s) read under new or changed names held bytes this model already stores: recorded as aliases")
     entries = once_per_photo(table, entries, tag)
-    replaced = replaced_rows(table, snapshot, bundle.weights_hash, {p for e in entries for p in e.photo_ids}, sources, tag)
+    replaced = replaced_rows(table, snapshot, bundle.weights_hash, {p for e in entries for p in e.photo_ids}, sources, tag, partial)
     if replaced.older_rows:
         notes.append(f"{replaced.older_rows} face(s) encoded with older weights were replaced by this run's encoding")
     fresh = [e for e in entries if e.files]

@@ -6,6 +6,9 @@ run that lost its claim, a rewrite never committed) are removed once older than 
 window, unless a young done marker says their run may still commit. Files only versions older
 than the window reference (replaced by rewrites or compaction) are removed by Delta's own vacuum,
 which is what bounds how far back ``--as-of`` can travel.
+
+Files Delta's compaction writes are named without a content digest; :func:`seal` copies each under
+its digest name in a commit that changes no rows, so ``check`` can verify every file again.
 """
 from __future__ import annotations
 
@@ -16,9 +19,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from deltalake import ColumnProperties, WriterProperties
-from facetier.io.commit import finish_pending
-from facetier.io.table import ALL_FAMILIES, ROW_GROUP_ROWS, STAGING_DIR, Snapshot, Table, family_schema
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import ColumnProperties, CommitProperties, WriterProperties
+from deltalake.transaction import AddAction, RemoveAction
+from facetier.io.commit import finish_pending, planned_files
+from facetier.io.delta_log import audit_logs
+from facetier.io.reader import read_body
+from facetier.io.table import (
+    ALL_FAMILIES,
+    ROW_GROUP_ROWS,
+    STAGING_DIR,
+    Snapshot,
+    Table,
+    add_actions,
+    digest_name,
+    family_schema,
+    file_stats,
+    recorded_digest,
+)
+
+from facetier.errors import TableCorruptError
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -36,6 +57,8 @@ class VacuumReport:
     compacted: dict[str, tuple[int, int]]  # family -> (files removed, files added)
     removed: tuple[str, ...]
     kept_young: int  # unreferenced files kept because they are inside the retention window
+    sealed: int = 0  # files compaction wrote, renamed after their content digest
+    kept_reasons: tuple[str, ...] = ()  # unreferenced files kept for another reason than their age, and why
 
     def render(self) -> str:
         lines = [f"table {self.table} at version {self.version}"]
@@ -43,7 +66,10 @@ class VacuumReport:
             lines.append(f"finished commit {self.finished_commit}, which a stopped run had claimed")
         for fam, (gone, added) in sorted(self.compacted.items()):
             lines.append(f"compacted {fam}: {gone} files into {added}")
+        if self.sealed:
+            lines.append(f"named {self.sealed} compacted file(s) after their content digest")
         lines.append(f"removed {len(self.removed)} file(s) no version within the retention window needs; kept {self.kept_young} younger ones")
+        lines += [f"kept {k}" for k in self.kept_reasons]
         return "\n".join(lines)
 
 
@@ -64,6 +90,33 @@ def modified(info: dict[str, Any]) -> float | None:
     return None
 
 
+def seal(table: Table, family: str, only: set[str] | None = None) -> int:
+    """Copy each current file of ``family`` named without a content digest (``only``: just these, relative
+    to the root) to its digest name, and swap the names in one Delta commit that changes no rows (no
+    facetier version: ``--as-of`` reads the same before and after). The old names become files only
+    older versions reference, which vacuum removes after the retention window. Returns files sealed."""
+    dt = table.delta(family)
+    if dt is None:
+        return 0
+    unsealed = [p for p in add_actions(dt).column("path").to_pylist()
+                if recorded_digest(p) is None and (only is None or f"{family}/{p}" in only)]
+    if not unsealed:
+        return 0
+    now = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = []
+    for name in unsealed:
+        body = read_body(table, f"{family}/{name}", family)
+        rel = digest_name(family, name[: -len(".parquet")] if name.endswith(".parquet") else name, body)
+        table.put(table._p(rel), body)
+        stats = file_stats(pq.read_table(pa.BufferReader(body)))
+        actions += [AddAction(rel[len(family) + 1:], len(body), {}, now, False, stats),
+                    RemoveAction(path=name, data_change=False, deletion_timestamp=now)]
+    dt.create_write_transaction(actions, mode="append", schema=family_schema(family),
+                                commit_properties=CommitProperties(custom_metadata={"facetier_operation": "seal"}))
+    log.info("sealed %d file(s) of the %s family under their content digests", len(unsealed), family)
+    return len(unsealed)
+
+
 def unreferenced_files(table: Table, snapshot: Snapshot) -> list[str]:
     """Family files no version in the Delta logs references, and leftover staging files (relative paths)."""
     out = set()
@@ -79,8 +132,14 @@ def unreferenced_files(table: Table, snapshot: Snapshot) -> list[str]:
 
 def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, compact: bool = False, dry_run: bool = False,
            progress: bool = False) -> VacuumReport:
+    audit = audit_logs(table)
+    if not audit.healthy:
+        # a file no readable log references may be one the damaged log does: nothing is garbage until the logs are whole
+        raise TableCorruptError(f"{table.root}: vacuum removes nothing while a log is damaged ({audit.problems[0]}); "
+                                f"`facetier check {table.root}` lists every problem, `check --repair` mends what it can")
     finished = None if dry_run else finish_pending(table)
     compacted: dict[str, tuple[int, int]] = {}
+    sealed = 0
     if compact and not dry_run:
         snap = table.snapshot()
         for family in tqdm(list(snap.family_versions), desc="compact", unit="family", disable=not progress):
@@ -94,6 +153,7 @@ def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, co
                                                             writer_properties=props)
             if metrics.get("numFilesRemoved"):
                 compacted[family] = (int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"]))
+                sealed += seal(table, family)
     snapshot = table.snapshot()
     unreferenced = unreferenced_files(table, snapshot)
     stored = {**table.stored_files(ALL_FAMILIES), **table.stored_files((STAGING_DIR,))}
@@ -107,6 +167,12 @@ def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, co
     # markers of the shards it resumes), however old the shard's own files are
     live = {posixpath.basename(rel)[: -len(".json")] for rel in unreferenced if rel.startswith(f"{STAGING_DIR}/") and young(rel)}
     removable = [rel for rel in unreferenced if not young(rel) and posixpath.basename(rel).split(".")[0] not in live]
+    kept_reasons = []
+    # a file a committed plan added, and no later plan removed, belongs to the table even when no log
+    # version names it (a commit file lost after the check above): never garbage
+    if named := sorted(set(removable) & planned_files(table)):
+        removable = [rel for rel in removable if rel not in set(named)]
+        kept_reasons.append(f"{len(named)} file(s) a committed plan in _commits added (e.g. {named[0]}), though no log version names them")
     expired = []
     for family in snapshot.family_versions:  # files only versions older than the retention window reference
         expired += [f"{family}/{posixpath.basename(p)}" for p in table.delta(family).vacuum(
@@ -117,4 +183,5 @@ def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, co
             table.delta(family).create_checkpoint()
     removed = tuple(sorted(set(removable) | set(expired)))
     log.info("removed %d files (%d unreferenced kept inside the %.1f h window)", len(removed), len(unreferenced) - len(removable), retention_hours)
-    return VacuumReport(table.root, snapshot.version, finished, compacted, removed, len(unreferenced) - len(removable))
+    return VacuumReport(table.root, snapshot.version, finished, compacted, removed, len(unreferenced) - len(removable) - len(named), sealed,
+                        tuple(kept_reasons))

@@ -237,7 +237,7 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         uri, raw = storable_uri(source)
         photo_id, outcome, error_class = _outcome(source, by_source.get(source, []), duplicates)
         add(INPUTS_FAMILY, source_uri=uri, source_uri_raw=raw, source_key=key, photo_id=photo_id, weights_hash=ctx.weights_hash, outcome=outcome,
-            error_class=error_class)
+            error_class=error_class, layers=",".join(ctx.layers))
     files, rows, nbytes, fstats = {}, {}, {}, {}
     for family, data in cols.items():
         arrow = pa.Table.from_pydict(data, schema=family_schema(family))

@@ -57,23 +57,62 @@ def model_files(table: Table, family: str, snapshot: Snapshot, weights_hash: str
     return out
 
 
-def held_sources(table: Table, snapshot: Snapshot, weights_hash: str, sources: Sequence[tuple[str, int | None]]) -> list[bool]:
-    """For each (source, source key), whether this model already consumed that input with those bytes: an
-    anti-join of the keys against the ``inputs`` family's ``source_key`` column (inputs whose read
-    failed do not count: they are read again). Only files whose name range holds one of the names are
-    opened, one at a time, in Arrow: an archive that grows by new names reads little of a large table."""
+def _covers(stored: pa.ChunkedArray | pa.Array, layers: Collection[str]) -> pa.Array:
+    """Per inputs row, whether the layers its run stored include ``layers`` (null: a row from before the
+    column, taken as every layer)."""
+    need = set(layers)
+    return pa.array([v is None or need <= set(v.split(",")) for v in stored.to_pylist()], pa.bool_())
+
+
+def held_sources(table: Table, snapshot: Snapshot, weights_hash: str, sources: Sequence[tuple[str, int | None]],
+                 layers: Collection[str] = ()) -> list[bool]:
+    """For each (source, source key), whether this model already consumed that input with those bytes, and
+    stored every one of ``layers`` for it (:func:`held_keys`)."""
+    held = held_keys(table, snapshot, weights_hash, sources, layers)
+    return [k is not None and k in held for _, k in sources]
+
+
+def held_keys(table: Table, snapshot: Snapshot, weights_hash: str, sources: Sequence[tuple[str, int | None]],
+              layers: Collection[str] = ()) -> dict[int, set[str | None]]:
+    """The source keys of ``sources`` this model already consumed, with the photo ids they brought (None:
+    rejected before hashing; several when ``--verify-content`` found new bytes under an unchanged listing): an anti-join of the keys against the ``inputs`` family's ``source_key``
+    column. Inputs whose read failed do not count (they are read again), nor do photos stored with fewer
+    layers than ``layers`` (read again, to be stored whole). Only files whose name range holds one of
+    the names are opened, one at a time, in Arrow: an archive that grows by new names reads little of a
+    large table."""
     wanted = pa.array(sorted({k for _, k in sources if k is not None}), pa.int64())
     if snapshot.version == 0 or not len(wanted):
-        return [False] * len(sources)
+        return {}
     names = sorted({storable_uri(s)[0] for s, k in sources if k is not None})
-    held: set[int] = set()
+    held: dict[int, set[str | None]] = {}
     for rel, only_mine in model_files(table, INPUTS_FAMILY, snapshot, weights_hash, names):
-        part = read_file(table, rel, INPUTS_FAMILY, columns=["source_key", "photo_id", "error_class"],
+        part = read_file(table, rel, INPUTS_FAMILY, columns=["source_key", "photo_id", "error_class", "outcome", "layers"],
                          filters=None if only_mine else [("weights_hash", "=", weights_hash)])
         failed_read = pc.and_(pc.is_null(part.column("photo_id")), pc.invert(pc.is_in(part.column("error_class"), pa.array(sorted(PERMANENT)))))
-        column = part.filter(pc.invert(pc.fill_null(failed_read, False))).column("source_key")
-        held.update(column.filter(pc.is_in(column, wanted)).to_pylist())
-    return [k is not None and k in held for _, k in sources]
+        partial = pc.and_(pc.equal(part.column("outcome"), "stored").fill_null(False), pc.invert(_covers(part.column("layers"), layers)))
+        part = part.filter(pc.invert(pc.or_(pc.fill_null(failed_read, False), partial)))
+        part = part.filter(pc.is_in(part.column("source_key"), wanted))
+        for key, photo in zip(part.column("source_key").to_pylist(), part.column("photo_id").to_pylist()):
+            held.setdefault(key, set()).add(photo)
+    return held
+
+
+def partial_photos(table: Table, snapshot: Snapshot, weights_hash: str, layers: Collection[str], photo_ids: Collection[str]) -> frozenset[str]:
+    """Which of ``photo_ids`` this model stores without every one of ``layers`` (an earlier run asked for
+    fewer): such a photo is not held, and this run's rows replace its rows whole."""
+    wanted = pa.array(sorted(set(photo_ids)), pa.string())
+    if snapshot.version == 0 or not len(wanted):
+        return frozenset()
+    whole: set[str] = set()
+    partial: set[str] = set()
+    for rel, only_mine in model_files(table, INPUTS_FAMILY, snapshot, weights_hash):
+        part = read_file(table, rel, INPUTS_FAMILY, columns=["photo_id", "outcome", "layers"],
+                         filters=None if only_mine else [("weights_hash", "=", weights_hash)])
+        part = part.filter(pc.and_(pc.is_in(part.column("photo_id"), wanted).fill_null(False), pc.equal(part.column("outcome"), "stored").fill_null(False)))
+        covered = _covers(part.column("layers"), layers)
+        whole.update(part.column("photo_id").filter(covered).to_pylist())
+        partial.update(part.column("photo_id").filter(pc.invert(covered)).to_pylist())
+    return frozenset(partial - whole)
 
 
 def held_photos(table: Table, snapshot: Snapshot, weights_hash: str, photo_ids: Collection[str]) -> frozenset[str]:
@@ -106,9 +145,10 @@ REJECT_KEYS = ("photo_id", "source_uri", "source_uri_raw", "error_class", "weigh
 INPUT_KEYS = ("photo_id", "source_uri", "source_uri_raw", "weights_hash")
 
 
-def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: Collection[str], sources: Collection[str], tag: str) -> Replacement:
-    """The committed rows this run's commit replaces: every row of a photo the run encoded (only another
-    model can have written one, since this model's photos were skipped), and this model's rows made before
+def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: Collection[str], sources: Collection[str], tag: str,
+                  partial: Collection[str] = frozenset()) -> Replacement:
+    """The committed rows this run's commit replaces: every row of a photo the run encoded that another
+    model wrote, or this model wrote with fewer layers (``partial``: the run stores it whole), and this model's rows made before
     hashing (a failed read; a name a table without ``inputs`` rejected) for inputs the run read again: the
     run's outcome for those names replaces them. Files are pruned by their statistics (model, names)."""
     removes: dict[str, list[str]] = {}
@@ -122,6 +162,8 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
     for fam in (INDEX_FAMILY, REJECT_FAMILY):
         rows = read_family(table, fam, columns=["photo_id"], filters=others, snapshot=snapshot)
         stale |= {p for p in rows.column("photo_id").to_pylist() if p in encoded}
+    counted = set(stale)  # rows of other models: what the summary reports as replaced
+    stale |= set(partial) & encoded
     wanted = pa.array(sorted(stale), pa.string())
 
     def keep_fresh(t: pa.Table) -> list[bool]:
@@ -130,9 +172,9 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
     read_again = {storable_uri(k) for k in sources}
     names = sorted({u for u, _ in read_again})
 
-    def keep_inputs(t: pa.Table) -> list[bool]:
+    def keep_inputs(t: pa.Table) -> list[bool]:  # a retried read failure, or a name of a photo stored whole now
         cols = (t.column(c).to_pylist() for c in INPUT_KEYS)
-        return [not (p is None and w == weights_hash and (u, raw) in read_again) for p, u, raw, w in zip(*cols)]
+        return [not ((p is None or p in stale) and w == weights_hash and (u, raw) in read_again) for p, u, raw, w in zip(*cols)]
 
     def keep_rows(t: pa.Table) -> list[bool]:  # rejects: neither another model's row of a photo encoded now, nor a retried read failure
         cols = (t.column(c).to_pylist() for c in REJECT_KEYS)
@@ -140,6 +182,9 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
         retried_here = [p is None and w == weights_hash and (u, raw) in read_again for p, u, raw, _, w in zip(*cols)]
         return [k and not r for k, r in zip(keep_fresh(t), retried_here)]
 
+    if counted:
+        within = ("photo_id", "in", sorted(counted))
+        older = read_family(table, INDEX_FAMILY, columns=["photo_id"], filters=[[*o, within] for o in others], snapshot=snapshot).num_rows
     for fam in (*PHOTO_FAMILIES, INPUTS_FAMILY):
         if fam == REJECT_FAMILY and (stale or read_again):  # one pass: a compacted file can hold both kinds of row
             near = None if stale else [rel for rel, _ in model_files(table, fam, snapshot, weights_hash, names)]
@@ -148,8 +193,7 @@ def replaced_rows(table: Table, snapshot: Snapshot, weights_hash: str, encoded: 
             near = [rel for rel, _ in model_files(table, fam, snapshot, weights_hash, names)]
             r, a, _ = drop_committed_rows(table, snapshot, fam, keep_inputs, tag, files=near, columns=INPUT_KEYS)
         elif stale and fam not in (REJECT_FAMILY, INPUTS_FAMILY):
-            r, a, n = drop_committed_rows(table, snapshot, fam, keep_fresh, tag, [("photo_id", "in", sorted(stale))], columns=("photo_id",))
-            older += n if fam == INDEX_FAMILY else 0
+            r, a, _ = drop_committed_rows(table, snapshot, fam, keep_fresh, tag, [("photo_id", "in", sorted(stale))], columns=("photo_id",))
         else:
             continue
         removes.setdefault(fam, []).extend(r)
