@@ -97,6 +97,7 @@ def read_family(
 
 def family_files(table: Table, family: str, snapshot: Snapshot, filters: list | None = None) -> list[str]:
     """The files (relative to the root) of ``family`` at ``snapshot`` whose Delta statistics may match ``filters``."""
+    snapshot.require(family)
     if not snapshot.has(family):
         return []
     dt = table.delta(family, snapshot.family_versions[family])

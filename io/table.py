@@ -210,9 +210,17 @@ class Snapshot:
 
     version: int
     family_versions: dict[str, int]
+    # families whose log cannot be read, with why: a reader that needs one fails with that error, the
+    # others still serve (a damaged `residual` log does not stop a query of the base family)
+    damaged: dict[str, str] = field(default_factory=dict)
 
     def has(self, family: str) -> bool:
         return family in self.family_versions
+
+    def require(self, family: str) -> None:
+        """Raise the damage of ``family``'s log, when it has any (call before treating a family as absent)."""
+        if family in self.damaged:
+            raise TableCorruptError(self.damaged[family])
 
 
 class Table:
@@ -295,16 +303,22 @@ class Table:
         current = self.version()
         if current == 0:
             raise TableNotFoundError(f"no committed facetier table at {self.root}")
-        if version is None or version == current:
-            families = {}
-            for fam in ALL_FAMILIES:
-                dt = self.delta(fam)
-                if dt is not None:
-                    families[fam] = dt.version()
-            return Snapshot(current, families)
-        if not 1 <= version <= current:
+        if version is not None and not 1 <= version <= current:
             raise TableNotFoundError(f"{self.root} has versions 1 to {current}, not {version}")
-        return Snapshot(version, {fam: v for fam in ALL_FAMILIES if (v := self._family_version_at(fam, version)) is not None})
+        families, damaged = {}, {}
+        for fam in ALL_FAMILIES:
+            try:
+                if version is None or version == current:
+                    dt = self.delta(fam)
+                    v = None if dt is None else dt.version()
+                else:
+                    v = self._family_version_at(fam, version)
+            except TableCorruptError as exc:
+                damaged[fam] = str(exc)
+                continue
+            if v is not None:
+                families[fam] = v
+        return Snapshot(version or current, families, damaged)
 
     def snapshot_or_empty(self) -> Snapshot:
         try:

@@ -173,3 +173,19 @@ def test_gcs_lists_done_markers(gcs_server):
     from test_progress import check_marker_listing
 
     check_marker_listing(_bucket("gs") + "/progress")
+
+
+def test_storage_that_refuses_is_a_typed_error_naming_the_table(s3_server, sample_archive, capsys, monkeypatch, tmp_path):
+    """A bucket that does not exist, an endpoint that refuses connections: a StorageError line, exit 2, never a traceback."""
+    from facetier.cli import main
+
+    root = "s3://facetier-no-such-bucket/table"
+    for argv in (["encode", str(sample_archive), root, "--quiet"], ["query", root, "select count(*) from faces"], ["check", root, "--quiet"],
+                 ["decode", root, "--where", "true", "--out", str(tmp_path / "out")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "StorageError" in err and "no such bucket" in err and root in err and "Traceback" not in err, (argv, err)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    assert main(["query", "s3://any-bucket/table", "select count(*) from faces"]) == 2
+    err = capsys.readouterr().err
+    assert "StorageError" in err and "connection refused" in err and "Traceback" not in err

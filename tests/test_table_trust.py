@@ -176,3 +176,18 @@ def test_repair_names_files_written_without_a_digest_after_theirs(table: str):
     assert repaired.healthy and any("named" in r for r in repaired.repaired) and not repaired.undigested
     assert all(recorded_digest(p) for p in add_actions(t.delta("basic")).column("path").to_pylist())
     assert _faces(table) == before and len(read_family(t, "basic", columns=["face_id"])) == before
+
+
+def test_a_damaged_heavy_family_does_not_stop_what_does_not_need_it(table: str, tmp_path: Path, capsys):
+    faces = _faces(table)
+    newest = _log_files(table, "residual")[-1]
+    newest.write_text("{not json")
+    assert _faces(table) == faces  # the base family and the index still serve
+    assert main(["decode", table, "--where", "true", "--upto", "middle", "--out", str(tmp_path / "middle")]) == 0
+    assert len(list((tmp_path / "middle").glob("*_middle.png"))) == faces
+    capsys.readouterr()
+    assert main(["decode", table, "--where", "true", "--upto", "residual", "--out", str(tmp_path / "residual")]) in (2, 4)
+    err = capsys.readouterr().err
+    assert "TableCorruptError" in err and "residual" in err and "Traceback" not in err
+    with pytest.raises(TableCorruptError, match="residual"):
+        run_encode(str(tmp_path), table, EncodeOptions(engine="local", progress=False))  # nothing is written to a damaged table

@@ -114,7 +114,8 @@ def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: i
         b = _with(base.take(pick), BASE_SCHEMA, face_id=fids, photo_id=pids, identity=identity)
         inputs = pa.table({"source_uri": names, "source_uri_raw": pa.nulls(n, pa.binary()),
                            "source_key": pa.array(rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64)), "photo_id": pids,
-                           "weights_hash": pa.array([weights_hash] * n), "outcome": pa.array(["stored"] * n), "error_class": pa.nulls(n, pa.string())},
+                           "weights_hash": pa.array([weights_hash] * n), "outcome": pa.array(["stored"] * n), "error_class": pa.nulls(n, pa.string()),
+                           "layers": pa.array(["basic"] * n)},
                           schema=INPUTS_SCHEMA)
         shard = f"bulk{k:05d}"
         e = ShardEntry(shard, codec_id, weights_hash, {}, {}, {})

@@ -49,7 +49,7 @@ from facetier.pipelines.jobs.shard_worker import ShardWorker
 from facetier.pipelines.jobs.table_state import held_keys, held_photos, held_sources, partial_photos, replaced_rows
 from tqdm import tqdm
 
-from facetier.errors import ConcurrentCommitError, ConfigError, InputError, TableError
+from facetier.errors import ConcurrentCommitError, ConfigError, InputError, TableCorruptError, TableError
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,8 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     if finished := finish_pending(table):
         log.warning("finished version %d, which an earlier run claimed and did not complete", finished)
     snapshot = table.snapshot_or_empty()
+    if snapshot.damaged:  # planning and committing need every family: nothing is written to a damaged table
+        raise TableCorruptError(f"{next(iter(snapshot.damaged.values()))}; nothing was encoded")
     refs = list_sources(src)
     listed = [(r.key, source_key(r.key, r.fingerprint)) for r in refs]
     if opts.verify_content:

@@ -31,6 +31,7 @@ def model_files(table: Table, family: str, snapshot: Snapshot, weights_hash: str
     """(file, whether every row in it is this model's) for the family's files that may hold rows of the
     model, from the Delta statistics: a file one model wrote is read without a row filter. With
     ``names`` (sorted ``source_uri`` values), only files whose name range holds one of them."""
+    snapshot.require(family)
     if not snapshot.has(family):
         return []
     dt = table.delta(family, snapshot.family_versions[family])
