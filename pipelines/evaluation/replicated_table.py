@@ -12,7 +12,7 @@ import posixpath
 import pyarrow as pa
 from facetier.io.commit import commit
 from facetier.io.reader import family_files, read_file
-from facetier.io.table import ALL_FAMILIES, ShardEntry, Table
+from facetier.io.table import ALL_FAMILIES, ShardEntry, Table, recorded_digest
 from tqdm import tqdm
 
 
@@ -41,7 +41,9 @@ def replicate_table(src_root: str, dst_root: str, copies: int) -> int:
         for family, rels in files.items():
             for rel in rels:
                 data = read_file(src, rel, family)
-                shard_id = f"{posixpath.basename(rel)[: -len('.parquet')]}-{suffix}"
+                name = posixpath.basename(rel)
+                digest = recorded_digest(name)  # a shard's files share their stem, not their digests
+                shard_id = f"{name[: -len(f'.{digest}.parquet' if digest else '.parquet')]}-{suffix}"
                 e = by_shard.setdefault(shard_id, ShardEntry(shard_id, "replica", "replica", {}, {}, {}))
                 e.files[family], e.nbytes[family], e.file_stats[family] = dst.write_family(family, shard_id, _renamed(data, suffix), "replica", "replica")
                 e.rows[family] = data.num_rows

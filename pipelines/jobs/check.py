@@ -49,7 +49,7 @@ from facetier.io.table import (
 from facetier.pipelines.jobs.maintenance import DEFAULT_RETENTION_HOURS, seal, unreferenced_files, vacuum
 from tqdm import tqdm
 
-from facetier.errors import FacetierError, TableError
+from facetier.errors import FacetierError, TableError, TableNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +199,14 @@ def _readable_snapshot(table: Table, tally: _Tally) -> Snapshot | None:
     except TableError as exc:
         tally.problems.append(str(exc))
         return None
+    if version == 0:
+        raise TableNotFoundError(f"no committed facetier table at {table.root}")
     families = {}
     for family in ALL_FAMILIES:
         try:
             dt = table.delta(family)
         except TableError as exc:
-            if str(exc) not in tally.problems:
-                tally.problems.append(str(exc))
+            tally.problems.append(str(exc))
             continue
         if dt is not None:
             families[family] = dt.version()
@@ -235,7 +236,7 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
     if snapshot is None:
         if repair:
             kept.append("removed nothing: the table's claim log cannot be read")
-        return CheckReport(table_root, 0, 0, 0, tuple(tally.problems), (), repaired=tuple(repaired), kept=tuple(kept))
+        return CheckReport(table_root, 0, 0, 0, tuple(dict.fromkeys(tally.problems)), (), repaired=tuple(repaired), kept=tuple(kept))
     families = [(f, v) for f, v in snapshot.family_versions.items()]
     if (commits := table.delta(COMMITS_TABLE)) is not None:
         families.append((COMMITS_TABLE, commits.version()))
@@ -265,6 +266,6 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
         report = vacuum(table, retention_hours=retention_hours)
         removed = report.removed
         kept += list(report.kept_reasons)
-    return CheckReport(table_root, snapshot.version, tally.files, tally.rows, tuple(tally.problems), tuple(unreferenced), removed,
+    return CheckReport(table_root, snapshot.version, tally.files, tally.rows, tuple(dict.fromkeys(tally.problems)), tuple(unreferenced), removed,
                        tuple(repaired), tuple(kept), tuple(undigested))
 
