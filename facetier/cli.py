@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from deltalake.exceptions import DeltaError
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except FacetierError as exc:
         print(f"facetier: {exc.error_class}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `facetier query ... | head`: the reader left; not a storage failure, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141
     except (OSError, DeltaError) as exc:
         # the library turns storage failures into StorageError where it knows the table and file; this
         # is the net under it, so a refusal nobody foresaw is still a line, not a traceback (-v: the trace)
