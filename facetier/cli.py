@@ -13,7 +13,7 @@ import sys
 
 from deltalake.exceptions import DeltaError
 from facetier import __version__
-from facetier.errors import FacetierError
+from facetier.errors import FacetierError, TableCorruptError
 from facetier.io.storage import storage_error
 from facetier.pipelines.evaluation import commands as evaluation_commands
 from facetier.pipelines.jobs import commands as job_commands
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         # the library turns storage failures into StorageError where it knows the table and file; this
         # is the net under it, so a refusal nobody foresaw is still a line, not a traceback (-v: the trace)
         logging.getLogger("facetier").debug("storage failure", exc_info=True)
-        err = storage_error(exc, getattr(args, "table", None) or "storage", always=True)
+        where = getattr(args, "table", None) or "storage"
+        err = storage_error(exc, where, always=not isinstance(exc, DeltaError)) or \
+            TableCorruptError(f"{where}: a Delta log cannot be read ({' '.join(str(exc).split())[:300]}); `facetier check` says what is damaged")
         print(f"facetier: {err.error_class}: {err}", file=sys.stderr)
         return 2
 

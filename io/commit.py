@@ -29,7 +29,18 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Field, Schema, Transaction
 from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, RemoveAction
-from facetier.io.table import APP_ID, COMMIT_ORDER, COMMITS_TABLE, PLANS_DIR, ShardEntry, Table, facetier_version, family_schema, file_stats
+from facetier.io.table import (
+    APP_ID,
+    COMMIT_ORDER,
+    COMMITS_TABLE,
+    PLANS_DIR,
+    ShardEntry,
+    Table,
+    facetier_version,
+    family_schema,
+    file_stats,
+    history,
+)
 
 from facetier.errors import ConcurrentCommitError, TableCorruptError
 
@@ -299,5 +310,5 @@ def claimant(table: Table, version: int) -> str | None:
     commits = table.delta(COMMITS_TABLE)
     if commits is None:
         return None
-    claims = [h for h in commits.history(limit=50) if h.get("facetier_version") == str(version) and h.get("facetier_job")]
+    claims = [h for h in history(commits, limit=50) if h.get("facetier_version") == str(version) and h.get("facetier_job")]
     return min(claims, key=lambda h: int(h["version"]))["facetier_job"] if claims else None

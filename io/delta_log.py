@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 from facetier.io.storage import storage_error
-from facetier.io.table import ALL_FAMILIES, COMMITS_TABLE, Table, facetier_version
+from facetier.io.table import ALL_FAMILIES, COMMITS_TABLE, Table, facetier_version, family_schema
 
 from facetier.errors import TableCorruptError
 
@@ -25,6 +25,10 @@ _COMMIT_FILE = re.compile(r"^(\d{20})\.json$")
 _CHECKPOINT_FILE = re.compile(r"^(\d{20})\.checkpoint(\.\d+\.\d+)?\.parquet$")
 # the actions of the Delta protocol; a flipped byte in a key makes an action Delta silently skips
 DELTA_ACTIONS = frozenset({"add", "remove", "metaData", "protocol", "commitInfo", "txn", "cdc", "domainMetadata", "checkpointMetadata", "sidecar"})
+# the fields the Delta protocol requires of each action: a flipped byte in a key leaves valid JSON Delta cannot use
+REQUIRED_FIELDS = {"add": ("path", "partitionValues", "size", "modificationTime", "dataChange"), "remove": ("path", "dataChange"),
+                   "txn": ("appId", "version"), "metaData": ("id", "format", "schemaString", "partitionColumns", "configuration"),
+                   "protocol": ("minReaderVersion", "minWriterVersion")}
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ def _commit_file_problem(body: bytes) -> str | None:
             return f"line {i} is not one Delta action"
         if (kind := next(iter(action))) not in DELTA_ACTIONS:
             return f"line {i} holds an unknown action {kind!r}"
+        fields = action[kind]
+        if not isinstance(fields, dict) or (missing := [f for f in REQUIRED_FIELDS.get(kind, ()) if f not in fields]):
+            return f"line {i}'s {kind} action lacks {missing if isinstance(fields, dict) else 'its fields'}"
     return None
 
 
@@ -193,10 +200,13 @@ def audit_logs(table: Table) -> LogAudit:
             continue
         try:
             dt = table.delta(family)
+            have = facetier_version(dt) if dt is not None else 0
         except TableCorruptError as exc:
             problems.append(str(exc))
             continue
-        have = facetier_version(dt) if dt is not None else 0
+        if dt is not None and (strange := sorted({f.name for f in dt.schema().fields} - set(family_schema(family).names))):
+            # another Delta reader (Spark, BigQuery) takes its column names from here
+            problems.append(f"the {family} family's Delta schema names columns {strange} that the family does not have (a damaged metaData action?)")
         if have < want:
             behind[family] = (have, want)
             problems.append(f"the {family} family's log ends at facetier version {have}, but version {want} committed to it "

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from facetier.io.storage import storage_error
-from facetier.io.table import Snapshot, Table, family_schema
+from facetier.io.table import Snapshot, Table, family_schema, reading_log
 
 from facetier.errors import TableCorruptError
 
@@ -103,9 +103,10 @@ def family_files(table: Table, family: str, snapshot: Snapshot, filters: list | 
     dt = table.delta(family, snapshot.family_versions[family])
     if dt is None:
         return []
-    dataset = dt.to_pyarrow_dataset()
     expr = pq.filters_to_expression(filters) if filters else None
-    return sorted(f"{family}/{posixpath.basename(frag.path)}" for frag in dataset.get_fragments(filter=expr))
+    with reading_log(dt):
+        dataset = dt.to_pyarrow_dataset()
+        return sorted(f"{family}/{posixpath.basename(frag.path)}" for frag in dataset.get_fragments(filter=expr))
 
 
 def read_file(table: Table, rel: str, family: str, *, columns: Sequence[str] | None = None, filters: list | None = None,
@@ -121,7 +122,7 @@ def read_file(table: Table, rel: str, family: str, *, columns: Sequence[str] | N
             # every byte wanted: one read, not one per column chunk (what pre-buffering did before it went, below)
             source = pa.BufferReader(counting.read()) if columns is None and filters is None else pa.PythonFile(counting, mode="r")
             return _read_part(source, family, columns, filters)
-    except (pa.ArrowException, OSError, EOFError) as exc:
+    except (pa.ArrowException, OSError, EOFError, ValueError) as exc:  # ValueError: a damaged footer's names need not be UTF-8
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and (refused := storage_error(exc, table.uri(rel))) is not None:
             raise refused from exc
         raise TableCorruptError(f"{table.uri(rel)} ({family} family) cannot be read: {type(exc).__name__}: {str(exc)[:300]}") from exc
@@ -144,7 +145,7 @@ def parse_body(body: bytes, rel: str, family: str, columns: Sequence[str] | None
     """A file's bytes (from :func:`read_body`) as the family's rows."""
     try:
         return _read_part(pa.BufferReader(body), family, columns, None)
-    except (pa.ArrowException, OSError, EOFError) as exc:
+    except (pa.ArrowException, OSError, EOFError, ValueError) as exc:  # ValueError: a damaged footer's names need not be UTF-8
         raise TableCorruptError(f"{rel} ({family} family) cannot be read: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 

@@ -31,6 +31,8 @@ import os
 import posixpath
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,14 +172,32 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+@contextmanager
+def reading_log(dt: DeltaTable) -> Iterator[None]:
+    """Delta parses parts of a log only when asked (transactions, file actions, history): damage found
+    then is a :class:`TableCorruptError` naming the log, like damage found on opening it."""
+    try:
+        yield
+    except DeltaError as exc:
+        raise TableCorruptError(f"the Delta log of {dt.table_uri} cannot be read: {_first_line(exc)}; `facetier check` says what is damaged") from exc
+
+
 def facetier_version(dt: DeltaTable) -> int:
     """The last facetier commit a Delta table (a family, or ``_commits``) has applied; 0 for none."""
-    return int(dt.transaction_version(APP_ID) or 0)
+    with reading_log(dt):
+        return int(dt.transaction_version(APP_ID) or 0)
 
 
 def add_actions(dt: DeltaTable) -> pa.Table:
     """The files of a Delta table version (path, size_bytes, num_records, statistics) as a pyarrow table."""
-    return pa.table(dt.get_add_actions(flatten=True))
+    with reading_log(dt):
+        return pa.table(dt.get_add_actions(flatten=True))
+
+
+def history(dt: DeltaTable, limit: int | None = None) -> list[dict[str, Any]]:
+    """The commits of a Delta table, newest first (their facetier version and job in the custom metadata)."""
+    with reading_log(dt):
+        return dt.history(limit)
 
 
 @dataclass(frozen=True)
@@ -332,7 +352,7 @@ class Table:
         if dt is None:
             return None
         best = None
-        for h in dt.history():
+        for h in history(dt):
             stamped = h.get("facetier_version")
             # unstamped commits (compaction, vacuum) change files, not rows: the stamped version before them reads the same
             if stamped is not None and int(stamped) <= version and (best is None or h["version"] > best):

@@ -187,7 +187,7 @@ def search(table_root: str, like: str, k: int = 10, *, weights: str | None = Non
     counter = ByteCounter()
     query, self_id = _query_embedding(table, snapshot, like, weights, device, counter)
     deadline = time.monotonic() + limits.seconds
-    rows_per_slice = max(1024, limits.memory_mb * 2**20 // (4 * 4 * IDENTITY_DIM))  # float32 components, the difference, their squares
+    rows_per_slice = _rows_per_slice(limits)
     best: pa.Table | None = None
     for rel in family_files(table, BASE_FAMILY, snapshot):
         part = read_file(table, rel, BASE_FAMILY, columns=SEARCH_COLUMNS, counter=counter)
@@ -204,6 +204,11 @@ def search(table_root: str, like: str, k: int = 10, *, weights: str | None = Non
     out = out.drop_columns(["distance"]).add_column(2, "distance", distance)
     out = out.add_column(0, "rank", pa.array(np.arange(1, out.num_rows + 1, dtype=np.int32)))
     return SearchResult(out, counter.total, like)
+
+
+def _rows_per_slice(limits: QueryLimits) -> int:
+    """Rows one step of the scan holds: the float32 components, their difference to the query and its squares."""
+    return max(1024, limits.memory_mb * 2**20 // (4 * 4 * IDENTITY_DIM))
 
 
 def _top(rows: pa.Table, k: int) -> pa.Table:

@@ -104,8 +104,11 @@ def _bound_problems(where: str, data: pa.Table, bounds: dict[str, Any]) -> list[
     for name in data.column_names:
         lo, hi = bounds.get(f"min.{name}"), bounds.get(f"max.{name}")
         col = data.column(name)
-        if (lo is None and hi is None) or not (pa.types.is_string(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        if (lo is None and hi is None and bounds.get(f"null_count.{name}") is None) or not (pa.types.is_string(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
             continue
+        nulls = bounds.get(f"null_count.{name}")
+        if nulls is not None and nulls != col.null_count:  # `is null` / `is not null` prune by it
+            out.append(f"{where}: column {name} holds {col.null_count} nulls, its log records {nulls}")
         mm = pc.min_max(col)
         low, high = mm["min"].as_py(), mm["max"].as_py()
         if low is None or (isinstance(low, float) and (low != low or high != high)):
@@ -163,11 +166,10 @@ def _check_file(table: Table, family: str, name: str, action: dict[str, Any], ta
 
 def _check_family(table: Table, family: str, version: int, tally: _Tally) -> None:
     try:
-        dt = table.delta(family, version)
+        actions = add_actions(table.delta(family, version)).to_pylist()
     except TableError as exc:
         tally.problems.append(str(exc))
         return
-    actions = add_actions(dt).to_pylist()
     for action in sorted(actions, key=lambda a: a["path"]):
         _check_file(table, family, action["path"], action, tally)
 
@@ -238,13 +240,19 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
             kept.append("removed nothing: the table's claim log cannot be read")
         return CheckReport(table_root, 0, 0, 0, tuple(dict.fromkeys(tally.problems)), (), repaired=tuple(repaired), kept=tuple(kept))
     families = [(f, v) for f, v in snapshot.family_versions.items()]
-    if (commits := table.delta(COMMITS_TABLE)) is not None:
-        families.append((COMMITS_TABLE, commits.version()))
+    try:
+        if (commits := table.delta(COMMITS_TABLE)) is not None:
+            families.append((COMMITS_TABLE, commits.version()))
+    except TableError as exc:
+        tally.problems.append(str(exc))
     for family, version in tqdm(families, desc="check", unit="family", disable=not progress):
         _check_family(table, family, version, tally)
     _cross_family(tally, snapshot.has(INPUTS_FAMILY))
-    if pending_plan(table) is not None:
-        tally.problems.append("the latest commit was claimed but not applied to every family (a killed run); `check --repair` finishes it")
+    try:
+        if pending_plan(table) is not None:
+            tally.problems.append("the latest commit was claimed but not applied to every family (a killed run); `check --repair` finishes it")
+    except TableError as exc:
+        tally.problems.append(str(exc))
     try:
         unreferenced = unreferenced_files(table, snapshot)
     except TableError as exc:

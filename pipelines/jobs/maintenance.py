@@ -36,6 +36,7 @@ from facetier.io.table import (
     digest_name,
     family_schema,
     file_stats,
+    reading_log,
     recorded_digest,
 )
 
@@ -122,8 +123,9 @@ def unreferenced_files(table: Table, snapshot: Snapshot) -> list[str]:
     out = set()
     for family in snapshot.family_versions:
         dt = table.delta(family)
-        not_current = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True))
-        tombstones = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))  # older versions' files
+        with reading_log(dt):
+            not_current = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True))
+            tombstones = set(dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))  # older versions' files
         out |= {f"{family}/{posixpath.basename(p)}" for p in not_current - tombstones}
     out |= set(table.stored_files(tuple(f for f in ALL_FAMILIES if f not in snapshot.family_versions)))  # no commit created these yet
     out |= set(table.stored_files((STAGING_DIR,)))
