@@ -239,9 +239,9 @@ class FaceCodec:
             raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
         with times.stage("encoder"):
             wplus = in_fixed_batches(self.encode_wplus, self.micro_batch, crops)
-        if descriptors is None and self.semantic is not None and self.semantic.cfg.descriptor:
+        if descriptors is None:
             with times.stage("descriptor"):
-                descriptors = in_fixed_batches(self.semantic.descriptors, self.micro_batch, crops)  # one batched call, not one per face
+                descriptors = self.descriptors(crops)
         codes_layers: list[list[LayerCode]] = []
         quantised = []
         with times.stage("semantic_entropy"):
@@ -266,6 +266,13 @@ class FaceCodec:
                 for layer_codes, payload in zip(codes_layers, image_layers.encode_residuals(crops, generated, q)):
                     layer_codes.append(LayerCode(RESIDUAL, payload))
         return [LayeredCode(self.codec_id, self.weights_hash, tuple(lc)) for lc in codes_layers]
+
+    def descriptors(self, crops: np.ndarray) -> np.ndarray | None:
+        """dlib's descriptors of aligned crops, as the semantic layer reads them (None: it reads none).
+        One batched call at the fixed micro-batch, so a face's descriptor does not depend on its batch."""
+        if self.semantic is None or not self.semantic.cfg.descriptor:
+            return None
+        return in_fixed_batches(self.semantic.descriptors, self.micro_batch, crops)
 
     def encode(self, image: np.ndarray, *, source_bytes: bytes | None = None, source_is_jpeg: bool = False, layers: Sequence[str] | None = None) -> list[EncodedFace]:
         """Detect, align and encode every face of an RGB photo. ``source_bytes`` feeds the original layer."""

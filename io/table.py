@@ -104,8 +104,10 @@ ATTRIBUTE_FIELDS = (
     pa.field("mouth_open", pa.float32()),
     pa.field("smile", pa.float32()),
 )
-# identity: int8 components with a float32 scale per row (facetier.io.identity), 132 B instead of 512
-BASE_SCHEMA = pa.schema([*LAYER_SCHEMA, *ATTRIBUTE_FIELDS, pa.field("identity", pa.list_(pa.int8())), pa.field("identity_scale", pa.float32())])
+# identity: int8 components with a float32 scale per row (facetier.io.identity), 132 B instead of 512;
+# descriptor: dlib's descriptor of the crop at one fixed step (128 B), what persons and search use
+BASE_SCHEMA = pa.schema([*LAYER_SCHEMA, *ATTRIBUTE_FIELDS, pa.field("identity", pa.list_(pa.int8())), pa.field("identity_scale", pa.float32()),
+                         pa.field("descriptor", pa.list_(pa.int8()))])
 ORIGINAL_SCHEMA = pa.schema([("photo_id", pa.string()), ("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("payload", pa.binary()),
                              ("nbytes", pa.int32()), ("source_bytes", pa.int64())])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("source_uri_raw", pa.binary()), ("photo_id", pa.string()), ("error_class", pa.string()),

@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "uv==0.13.9"
-python3 -m uv pip compile pyproject.toml --all-extras --universal --python-version 3.10 \
+# the current pins seed the output, which uv keeps as preferences: adding a dependency moves nothing
+# else. Pass --upgrade (or --upgrade-package NAME) to move pins deliberately.
+grep -v '^#' requirements/lock.txt > requirements/lock.txt.new || true
+python3 -m uv pip compile pyproject.toml "$@" --all-extras --universal --python-version 3.10 \
     --constraints requirements/torch.txt --no-header --output-file requirements/lock.txt.new
 {
   echo "# facetier's lock: every package of the core and of each extra, pinned. Regenerate with requirements/compile.sh"

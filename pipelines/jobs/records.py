@@ -31,7 +31,7 @@ from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.image_layers import encode_original
 from facetier.codec.layers import ORIGINAL
 from facetier.codec.stage_times import StageTimes
-from facetier.io.identity import pack_identity
+from facetier.io.identity import pack_descriptor, pack_identity
 from facetier.io.images import decode_image
 from facetier.io.sources import (
     MAX_SOURCE_BYTES,
@@ -162,8 +162,13 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
         descs = [f.get("descriptor") for f in faces]
         times = StageTimes()
         try:
-            codes = codec.encode_crops(np.stack([f["crop"] for f in faces]), layers=wanted, times=times, residual_quality=residual_quality,
-                                       descriptors=np.stack(descs) if all(d is not None for d in descs) else None)
+            crops = np.stack([f["crop"] for f in faces])
+            if all(d is not None for d in descs):
+                descriptors = np.stack(descs)
+            else:
+                with times.stage("descriptor"):
+                    descriptors = codec.descriptors(crops)
+            codes = codec.encode_crops(crops, layers=wanted, times=times, residual_quality=residual_quality, descriptors=descriptors)
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
                 return [out for it in items for out in encode_items(codec, [it], layers, residual_quality)]
@@ -171,9 +176,9 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
                     for i in items]
         with times.stage("semantic_entropy"):
             described = codec.describe(codes) if codec.semantic is not None and BASE_FAMILY in layers else [None] * len(codes)
-        for item, code, columns in zip(faces, codes, described):
+        for i, (item, code, columns) in enumerate(zip(faces, codes, described)):
             item["layers"] = {layer.name: layer.payload for layer in code.layers}
-            item["semantic"] = columns
+            item["semantic"] = None if columns is None else {**columns, "descriptor": None if descriptors is None else descriptors[i]}
             item["times"] = StageTimes(item.get("times") or {})
             item["times"].add(times, 1.0 / len(faces))
     return list(items)
@@ -183,6 +188,7 @@ def _base_columns(semantic: dict[str, Any] | None) -> dict[str, Any]:
     """The base family's typed columns from what the semantic layer decoded (nulls without one)."""
     columns = {f: (semantic or {}).get(f) for f in BASE_COLUMNS}
     columns["identity"], columns["identity_scale"] = pack_identity(columns["identity"])
+    columns["descriptor"] = pack_descriptor((semantic or {}).get("descriptor"))
     return columns
 
 
