@@ -1,0 +1,263 @@
+"""``facetier index``: an approximate nearest-neighbour index over the base family's descriptors (faiss).
+
+The index holds each face's stored int8 descriptor exactly (faiss's ``QT_8bit_direct_signed`` codes
+are the stored components), so its distances are the exact distances between stored vectors; what
+is approximate is only which inverted lists a query visits. Up to :data:`FLAT_BELOW` faces the
+index is flat (every query exact); above, an IVF with ``nlist`` near ``4·sqrt(n)`` lists, probed
+``nprobe`` at a time (``facetier bench-scale`` measures recall@10 against the exact scan).
+
+A generation (facetier.io.derived) stores the faiss file and a Parquet map from faiss id to face id,
+photo id and base-family file. An update reads only the base-family files added since the last
+generation and drops the faces of the files gone (a compaction shows up as both: its faces leave and
+come back), so adding 10 k faces to a 10 M index reads 10 k rows.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from facetier.io import derived
+from facetier.io.derived import INDEX_KIND, Generation
+from facetier.io.identity import DESCRIPTOR_DIM, DESCRIPTOR_STEP, descriptor_codes
+from facetier.io.reader import read_file
+from facetier.io.table import BASE_FAMILY, Snapshot, Table
+from tqdm import tqdm
+
+from facetier.errors import TableCorruptError
+
+log = logging.getLogger(__name__)
+
+FLAT_BELOW = 20_000
+MAX_LISTS = 4096
+TRAIN_ROWS_PER_LIST = 40
+REBUILD_GROWTH = 8.0  # lists trained on n faces serve up to 8 n; past that an update retrains
+INDEX_COLUMNS = ["face_id", "photo_id", "descriptor"]
+
+
+def _faiss():
+    import faiss  # imported here: only index, search and cluster need it
+
+    return faiss
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    generation: int
+    table_version: int
+    faces: int
+    added: int
+    removed: int
+    without_descriptor: int
+    rebuilt: bool
+    up_to_date: bool
+    lists: int
+    seconds: float
+
+    def render(self) -> str:
+        if self.up_to_date:
+            return f"identity index generation {self.generation} already covers version {self.table_version} ({self.faces} faces)"
+        how = "built" if self.rebuilt else "updated"
+        kind = "flat (exact)" if self.lists == 0 else f"IVF, {self.lists} lists"
+        line = (f"identity index generation {self.generation} {how} for version {self.table_version}: {self.faces} faces ({kind}); "
+                f"+{self.added} -{self.removed} in {self.seconds:.1f} s")
+        if self.without_descriptor:
+            line += f"\n{self.without_descriptor} faces have no descriptor (encoded before facetier stored it) and are not in the index"
+        return line
+
+
+@dataclass
+class LoadedIndex:
+    """An index generation in memory with its id map."""
+
+    generation: Generation
+    index: object
+    ids: np.ndarray  # sorted faiss ids
+    face_ids: pa.Array
+    photo_ids: pa.Array
+    files: pa.Array
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.generation.params.get("nprobe", 1))
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.ids, ids)
+
+
+def _lists_for(n: int) -> int:
+    if n < FLAT_BELOW:
+        return 0
+    return int(min(MAX_LISTS, 2 ** round(math.log2(4 * math.sqrt(n)))))
+
+
+def default_nprobe(lists: int) -> int:
+    """Lists a query visits; chosen with ``facetier bench-scale`` for recall@10 >= 0.95 (MODEL_CARD.md)."""
+    return 0 if lists == 0 else max(8, lists // 64)
+
+
+def _new_index(codes: np.ndarray, lists: int, seed: int = 0):
+    faiss = _faiss()
+    qtype = faiss.ScalarQuantizer.QT_8bit_direct_signed
+    if lists == 0:
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(DESCRIPTOR_DIM, qtype, faiss.METRIC_L2))
+    quantizer = faiss.IndexFlatL2(DESCRIPTOR_DIM)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, DESCRIPTOR_DIM, lists, qtype, faiss.METRIC_L2, False)
+    rng = np.random.default_rng(seed)  # the sample, and so the lists, are reproducible
+    sample = codes[rng.choice(len(codes), min(len(codes), lists * TRAIN_ROWS_PER_LIST), replace=False)]
+    index.cp.seed = seed
+    index.train(np.ascontiguousarray(sample, np.float32))
+    return index
+
+
+def _add(index: object, codes: np.ndarray, ids: np.ndarray, chunk: int = 200_000) -> None:
+    for at in range(0, len(codes), chunk):
+        index.add_with_ids(np.ascontiguousarray(codes[at:at + chunk], np.float32), np.ascontiguousarray(ids[at:at + chunk], np.int64))
+
+
+def _read_faces(table: Table, files: list[str], progress: bool) -> tuple[pa.Table, np.ndarray, int]:
+    """(face_id, photo_id, file) rows with a descriptor, their codes, and how many rows had none."""
+    parts, codes, missing = [], [], 0
+    for rel in tqdm(files, desc="index: read", unit="file", disable=not progress, mininterval=5):
+        part = read_file(table, rel, BASE_FAMILY, columns=INDEX_COLUMNS)
+        valid = part.column("descriptor").is_valid()
+        missing += part.num_rows - pa.compute.sum(valid.cast(pa.int64())).as_py() if part.num_rows else 0
+        part = part.filter(valid)
+        codes.append(descriptor_codes(part.column("descriptor")))
+        parts.append(pa.table({"face_id": part.column("face_id"), "photo_id": part.column("photo_id"),
+                               "file": pa.array([rel] * part.num_rows, pa.string())}))
+    rows = pa.concat_tables(parts) if parts else pa.table({"face_id": pa.array([], pa.string()), "photo_id": pa.array([], pa.string()),
+                                                          "file": pa.array([], pa.string())})
+    return rows, (np.concatenate(codes) if codes else np.zeros((0, DESCRIPTOR_DIM), np.int8)), int(missing)
+
+
+def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True, nprobe: int | None = None) -> IndexReport:
+    """Build (or bring up to date) the identity index of the table's latest version."""
+    started = time.perf_counter()
+    table = Table(table_root)
+    snapshot = table.snapshot()
+    files = derived.base_files(table, snapshot)
+    previous = derived.latest(table, INDEX_KIND)
+    if previous is not None and not rebuild and previous.current_for(table, snapshot):
+        return IndexReport(previous.number, previous.table_version, previous.rows, 0, 0, int(previous.params.get("without_descriptor", 0)),
+                           False, True, int(previous.params.get("lists", 0)), time.perf_counter() - started)
+    loaded = None
+    if previous is not None and not rebuild:
+        try:
+            loaded = load(table, previous)
+        except TableCorruptError as exc:
+            log.warning("rebuilding the identity index: %s", exc)
+    added_files = [f for f in files if loaded is None or f not in set(loaded.generation.covers)]
+    new_rows, new_codes, missing = _read_faces(table, added_files, progress)
+    removed = 0
+    if loaded is not None:
+        gone_files = set(loaded.generation.covers) - set(files)
+        keep = ~np.isin(np.asarray(loaded.files.to_numpy(zero_copy_only=False), object), list(gone_files)) if gone_files else np.ones(len(loaded.ids), bool)
+        grown = int(keep.sum()) + len(new_rows) > REBUILD_GROWTH * max(1, int(loaded.generation.params.get("trained_rows", 1)))
+        needs_lists = _lists_for(int(keep.sum()) + len(new_rows)) != int(loaded.generation.params.get("lists", 0))
+        if grown and needs_lists:
+            log.info("the index grew past %gx the faces its lists were trained on: rebuilding", REBUILD_GROWTH)
+            loaded = None
+            new_rows, new_codes, missing = _read_faces(table, files, progress)
+    if loaded is None:
+        lists = _lists_for(len(new_rows))
+        index = _new_index(new_codes, lists)
+        ids = np.arange(len(new_rows), dtype=np.int64)
+        _add(index, new_codes, ids)
+        rows = new_rows.append_column("id", pa.array(ids))
+        params = {"lists": lists, "trained_rows": len(new_rows), "nprobe": nprobe or default_nprobe(lists), "next_id": len(new_rows),
+                  "step": DESCRIPTOR_STEP, "without_descriptor": missing}
+        added, rebuilt = len(new_rows), True
+    else:
+        index = loaded.index
+        old = pa.table({"face_id": loaded.face_ids, "photo_id": loaded.photo_ids, "file": loaded.files, "id": pa.array(loaded.ids)})
+        if not keep.all():
+            index.remove_ids(_faiss().IDSelectorBatch(np.ascontiguousarray(loaded.ids[~keep])))
+            removed = int((~keep).sum())
+        first = int(loaded.generation.params["next_id"])
+        ids = np.arange(first, first + len(new_rows), dtype=np.int64)
+        _add(index, new_codes, ids)
+        rows = pa.concat_tables([old.filter(pa.array(keep)), new_rows.append_column("id", pa.array(ids))])
+        params = {**loaded.generation.params, "next_id": first + len(new_rows), "nprobe": nprobe or loaded.generation.params["nprobe"],
+                  "without_descriptor": int(loaded.generation.params.get("without_descriptor", 0)) + missing}
+        added, rebuilt = len(new_rows), False
+    with tempfile.TemporaryDirectory(prefix="facetier-index-") as tmp:
+        index_path, faces_path = Path(tmp) / "index.faiss", Path(tmp) / "faces.parquet"
+        _faiss().write_index(index, str(index_path))
+        pq.write_table(rows.sort_by("id"), faces_path, compression="zstd")
+        gen = derived.write_generation(table, INDEX_KIND, table_version=snapshot.version, covers=files,
+                                       files={"index": index_path, "faces": faces_path}, rows=rows.num_rows, params=params)
+    return IndexReport(gen.number, gen.table_version, rows.num_rows, added, removed, int(params["without_descriptor"]), rebuilt, False,
+                       int(params["lists"]), time.perf_counter() - started)
+
+
+def load(table: Table, gen: Generation) -> LoadedIndex:
+    """A generation's faiss index and id map, each file's digest verified."""
+    faiss = _faiss()
+    with derived.local_copy(table, gen, "index") as path:
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise TableCorruptError(f"{table.uri(gen.files['index'])}: the identity index cannot be read ({exc})") from exc
+    with derived.local_copy(table, gen, "faces") as path:
+        faces = pq.read_table(path)
+    if hasattr(index, "nprobe"):
+        index.nprobe = int(gen.params.get("nprobe", 1))
+    return LoadedIndex(gen, index, np.asarray(faces.column("id"), np.int64), faces.column("face_id").combine_chunks(),
+                       faces.column("photo_id").combine_chunks(), faces.column("file").combine_chunks())
+
+
+def current_index(table: Table, snapshot: Snapshot) -> tuple[LoadedIndex | None, str]:
+    """The index for ``snapshot`` when one is current, else None; and a line saying which, and why."""
+    gens = derived.generations(table, INDEX_KIND)
+    if not gens:
+        return None, "no identity index (`facetier index` builds one): scanning the base family"
+    for gen in reversed(gens):
+        if gen.current_for(table, snapshot):
+            return load(table, gen), f"identity index generation {gen.number} (version {gen.table_version}, {gen.rows} faces)"
+    newest = gens[-1]
+    return None, (f"the identity index (generation {newest.number}) covers version {newest.table_version}, not {snapshot.version}: "
+                  "scanning the base family (`facetier index` brings it up to date)")
+
+
+def search_index(loaded: LoadedIndex, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
+                 nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances in descriptor units, rows of the id map; -1 where fewer than k) of the ``k`` nearest
+    stored faces to each (m, 128) int8 query; ``allowed``: faiss ids the answer may hold."""
+    faiss = _faiss()
+    q = np.ascontiguousarray(queries, np.float32).reshape(-1, DESCRIPTOR_DIM)
+    params, _keep = _params(loaded, allowed, nprobe)  # _keep: faiss's selector must outlive the search
+    d2, ids = loaded.index.search(q, k, params=params) if params is not None else loaded.index.search(q, k)
+    rows = np.where(ids >= 0, loaded.rows_of(np.maximum(ids, 0)), -1)
+    return np.sqrt(np.maximum(d2, 0)) * DESCRIPTOR_STEP, rows
+
+
+def within_index(loaded: LoadedIndex, query: np.ndarray, radius: float, *, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, id-map rows) of every indexed face within ``radius`` of one query (in the lists probed)."""
+    q = np.ascontiguousarray(query, np.float32).reshape(1, DESCRIPTOR_DIM)
+    # faiss's L2 range search is strict (d < r): nudge so a face at exactly the radius is in
+    r2 = float((radius / DESCRIPTOR_STEP) ** 2) * (1 + 1e-6)
+    params, _keep = _params(loaded, allowed, None)
+    lims, d2, ids = loaded.index.range_search(q, r2, params=params) if params is not None else loaded.index.range_search(q, r2)
+    order = np.lexsort((ids, d2))
+    return np.sqrt(d2[order]) * DESCRIPTOR_STEP, loaded.rows_of(ids[order])
+
+
+def _params(loaded: LoadedIndex, allowed: np.ndarray | None, nprobe: int | None) -> tuple[object | None, object | None]:
+    """faiss search parameters (None: the index's own), and the selector they point to."""
+    faiss = _faiss()
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64)) if allowed is not None else None
+    if hasattr(loaded.index, "nprobe"):
+        if sel is None and nprobe is None:
+            return None, None
+        p = faiss.SearchParametersIVF(nprobe=nprobe or loaded.nprobe)
+        if sel is not None:
+            p.sel = sel
+        return p, sel
+    return (faiss.SearchParameters(sel=sel), sel) if sel is not None else (None, None)
