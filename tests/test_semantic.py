@@ -8,7 +8,7 @@ import pytest
 from facetier.codec.semantic import parse_edits
 from facetier.io.reader import ByteCounter, read_family
 from facetier.io.table import Table
-from facetier.pipelines.jobs.analytics import search
+from facetier.pipelines.jobs.identity_search import search
 from facetier.pipelines.jobs.edit import edit
 from facetier.pipelines.jobs.analytics import run_query
 from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
@@ -113,14 +113,14 @@ def test_search_by_face_id_and_by_image(table, sample_archive):
 def test_search_scans_in_slices_within_its_limits(table, monkeypatch):
     """However large the table, the scan holds one slice of rows at a time and the best k so far: the
     ranking is the one a single pass over every row gives, and a scan past its time is a typed error."""
-    from facetier.pipelines.jobs import analytics
+    from facetier.pipelines.jobs import identity_search
     from facetier.pipelines.jobs.analytics import QueryLimits
 
     from facetier.errors import QueryLimitError
 
     faces = sorted(r["face_id"] for r in read_family(Table(table), "basic", columns=["face_id"]).to_pylist())
     whole = search(table, faces[0], k=4, device="cpu").table.to_pylist()
-    monkeypatch.setattr(analytics, "_rows_per_slice", lambda limits: 2)
+    monkeypatch.setattr(identity_search, "_rows_per_slice", lambda limits: 2)
     assert search(table, faces[0], k=4, device="cpu").table.to_pylist() == whole
     with pytest.raises(QueryLimitError, match="time limit"):
         search(table, faces[0], k=4, device="cpu", limits=QueryLimits(seconds=1e-9))

@@ -73,11 +73,28 @@ def _query(a: argparse.Namespace) -> int:
 
 
 def _search(a: argparse.Namespace) -> int:
-    from facetier.pipelines.jobs.analytics import search
+    from facetier.pipelines.jobs.identity_search import search
 
-    res = search(a.table, a.like, a.k, weights=a.weights, device=a.device, limits=_query_limits(a))
+    res = search(a.table, a.like, a.k, within=a.within, where=a.where, as_of=a.as_of, use_index=not a.no_index, weights=a.weights,
+                 device=a.device, limits=_query_limits(a))
     print(res.table.to_pandas().to_string(index=False))
-    print(f"-- read {res.bytes_read} bytes (base family only)", file=sys.stderr)
+    print(f"-- {res.method}; read {res.bytes_read} bytes of the base family", file=sys.stderr)
+    if res.without_vector:
+        print(f"-- {res.without_vector} faces have no {res.space} vector and were not compared", file=sys.stderr)
+    return 0
+
+
+def _index(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.identity_index import build_index
+
+    print(build_index(a.table, rebuild=a.rebuild, progress=not a.no_progress, nprobe=a.nprobe).render())
+    return 0
+
+
+def _cluster(a: argparse.Namespace) -> int:
+    from facetier.pipelines.jobs.persons import ClusterOptions, cluster
+
+    print(cluster(a.table, ClusterOptions(threshold=a.threshold, neighbours=a.neighbours, full=a.full, progress=not a.no_progress)).render())
     return 0
 
 
@@ -228,14 +245,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     _query_limit_arguments(q)
     q.set_defaults(func=_query)
 
-    se = sub.add_parser("search", help="nearest faces by identity embedding, reading only the base family")
+    se = sub.add_parser("search", help="faces of the same person as an image or a stored face (identity index when current, else a scan)")
     se.add_argument("table")
     se.add_argument("--like", required=True, help="an image (path or URI) or a face id / photo id of the table")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=int, default=10, help="how many nearest faces (default 10)")
+    se.add_argument("--within", type=float, help="every face closer than this descriptor distance instead of the k nearest (0.45: the same person)")
+    se.add_argument("--where", help="SQL condition over the base family's columns the answer must meet, e.g. \"age > 40\"")
+    se.add_argument("--as-of", type=int, help="search facetier version N of the table")
+    se.add_argument("--no-index", action="store_true", help="scan the base family even when a current identity index exists")
     se.add_argument("--weights")
     se.add_argument("--device", default="auto")
     _query_limit_arguments(se)
     se.set_defaults(func=_search)
+
+    ix = sub.add_parser("index", help="build or update the identity index (faiss) that search and cluster use")
+    ix.add_argument("table")
+    ix.add_argument("--rebuild", action="store_true", help="build from the whole base family instead of updating the last generation")
+    ix.add_argument("--nprobe", type=int, help="inverted lists a query visits (default: chosen from the index size)")
+    ix.add_argument("--no-progress", action="store_true")
+    ix.set_defaults(func=_index)
+
+    cl = sub.add_parser("cluster", help="a person id for every face (the persons family), incremental after the first run")
+    cl.add_argument("table")
+    cl.add_argument("--threshold", type=float, default=0.45, help="descriptor distance below which two faces may be one person (default 0.45)")
+    cl.add_argument("--neighbours", type=int, default=32, help="nearest faces each face links to (default 32)")
+    cl.add_argument("--full", action="store_true", help="cluster every face again (person ids stay where their cluster did not change)")
+    cl.add_argument("--no-progress", action="store_true")
+    cl.set_defaults(func=_cluster)
 
     ed = sub.add_parser("edit", help="move attributes of the basic code and decode, without the encoder")
     ed.add_argument("table", nargs="?", default=os.environ.get("FACETIER_TABLE"), help="table root (local, gs://, s3://); default $FACETIER_TABLE")

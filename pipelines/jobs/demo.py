@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from facetier.codec.model import FaceCodec
-from facetier.pipelines.jobs.analytics import run_query, search
+from facetier.pipelines.jobs.analytics import run_query
+from facetier.pipelines.jobs.identity_search import search
 from facetier.pipelines.jobs.decode import DecodeOptions, run_decode
 from facetier.pipelines.jobs.edit import edit
 from facetier.pipelines.jobs.encode import EncodeOptions, EncodeSummary, run_encode

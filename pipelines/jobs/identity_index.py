@@ -42,6 +42,7 @@ INDEX_COLUMNS = ["face_id", "photo_id", "descriptor"]
 
 
 def _faiss():
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are about which CPU build it picked
     import faiss  # imported here: only index, search and cluster need it
 
     return faiss
