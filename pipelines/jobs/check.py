@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from facetier.codec.image_layers import decode_original
 from facetier.io.commit import finish_pending, pending_plan, reapply_lost
+from facetier.io import derived
 from facetier.io.delta_log import audit_logs
+from facetier.io.derived import INDEX_KIND, PERSONS_KIND
 from facetier.io.reader import parse_body, read_body
 from facetier.io.sources import content_id
 from facetier.io.table import (
@@ -66,6 +68,7 @@ class CheckReport:
     repaired: tuple[str, ...] = field(default=())  # what --repair did, in words
     kept: tuple[str, ...] = field(default=())  # what --repair left alone, and why
     undigested: tuple[str, ...] = field(default=())  # files named without a content digest (verified by their checksums only)
+    derived: tuple[str, ...] = field(default=())  # the identity index and persons: current or stale (facetier.io.derived)
 
     @property
     def healthy(self) -> bool:
@@ -85,6 +88,7 @@ class CheckReport:
         if self.removed:
             lines.append(f"removed {len(self.removed)} of them (older than the retention window)")
         lines += [f"  KEPT {k}" for k in self.kept]
+        lines += [f"  {d}" for d in self.derived]
         return "\n".join(lines)
 
 
@@ -248,6 +252,7 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
     for family, version in tqdm(families, desc="check", unit="family", disable=not progress):
         _check_family(table, family, version, tally)
     _cross_family(tally, snapshot.has(INPUTS_FAMILY))
+    derived_lines = _check_derived(table, snapshot, tally)
     try:
         if pending_plan(table) is not None:
             tally.problems.append("the latest commit was claimed but not applied to every family (a killed run); `check --repair` finishes it")
@@ -275,5 +280,26 @@ def check_table(table_root: str, *, repair: bool = False, retention_hours: float
         removed = report.removed
         kept += list(report.kept_reasons)
     return CheckReport(table_root, snapshot.version, tally.files, tally.rows, tuple(dict.fromkeys(tally.problems)), tuple(unreferenced), removed,
-                       tuple(repaired), tuple(kept), tuple(undigested))
+                       tuple(repaired), tuple(kept), tuple(undigested), tuple(derived_lines))
+
+
+def _check_derived(table: Table, snapshot: Snapshot, tally: _Tally) -> list[str]:
+    """The newest identity index and persons generations: files there and matching their digests (a
+    problem otherwise, though a rebuild mends it), and whether they cover the latest version."""
+    lines = []
+    for kind, rebuild in ((INDEX_KIND, "facetier index --rebuild"), (PERSONS_KIND, "facetier cluster --full")):
+        try:
+            gen = derived.latest(table, kind)
+        except TableError as exc:
+            tally.problems.append(f"{exc} (`{rebuild}` writes a new generation)")
+            continue
+        if gen is None:
+            continue
+        if damage := derived.verify(table, gen):
+            tally.problems += [f"{d} (`{rebuild}` writes a new generation)" for d in damage]
+            continue
+        tally.files += len(gen.files)
+        state = "current" if gen.current_for(table, snapshot) else f"stale: covers version {gen.table_version}, not {snapshot.version}"
+        lines.append(f"{kind} generation {gen.number} ({gen.rows} faces): {state}")
+    return lines
 

@@ -221,7 +221,11 @@ def current_index(table: Table, snapshot: Snapshot) -> tuple[LoadedIndex | None,
         return None, "no identity index (`facetier index` builds one): scanning the base family"
     for gen in reversed(gens):
         if gen.current_for(table, snapshot):
-            return load(table, gen), f"identity index generation {gen.number} (version {gen.table_version}, {gen.rows} faces)"
+            try:
+                return load(table, gen), f"identity index generation {gen.number} (version {gen.table_version}, {gen.rows} faces)"
+            except TableCorruptError as exc:  # the base family still answers: scan, and say why
+                log.warning("%s", exc)
+                return None, f"the identity index is damaged ({exc}): scanning the base family"
     newest = gens[-1]
     return None, (f"the identity index (generation {newest.number}) covers version {newest.table_version}, not {snapshot.version}: "
                   "scanning the base family (`facetier index` brings it up to date)")

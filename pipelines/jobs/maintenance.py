@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 from deltalake import ColumnProperties, CommitProperties, WriterProperties
 from deltalake.transaction import AddAction, RemoveAction
 from facetier.io.commit import finish_pending, planned_files
+from facetier.io import derived
 from facetier.io.delta_log import audit_logs
+from facetier.io.derived import KINDS
 from facetier.io.reader import read_body
 from facetier.io.table import (
     ALL_FAMILIES,
@@ -179,6 +181,12 @@ def vacuum(table: Table, *, retention_hours: float = DEFAULT_RETENTION_HOURS, co
     for family in snapshot.family_versions:  # files only versions older than the retention window reference
         expired += [f"{family}/{posixpath.basename(p)}" for p in table.delta(family).vacuum(
             retention_hours=max(0, int(retention_hours)), dry_run=dry_run, enforce_retention_duration=False)]
+    for kind in KINDS:  # identity index and persons generations superseded past the window, and old unnamed uploads
+        superseded, unnamed = derived.removable(table, kind, retention_hours)
+        old_uploads = [rel for rel in unnamed if (m := modified(table.fs.info(table._p(rel)))) is not None and m <= cutoff]
+        expired += superseded + old_uploads
+        if not dry_run:
+            table.remove_files(superseded + old_uploads)
     if not dry_run:
         table.remove_files(removable)
         for family in snapshot.family_versions:
