@@ -89,6 +89,13 @@ def _rd(a: argparse.Namespace) -> int:
 def _bench_scale(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if a.persons:
+        from facetier.pipelines.evaluation.persons_scale import bench_persons, render
+
+        print(render(bench_persons(tuple(int(x) for x in a.persons_sizes.split(",")), queries=a.queries, cluster_upto=a.cluster_upto,
+                                   report=a.report)))
+        return 0
+
     from facetier.pipelines.evaluation.scale_bench import run_scale_bench
 
     work = Path(a.work)
@@ -104,6 +111,15 @@ def _bench_scale(a: argparse.Namespace) -> int:
             build_sample_archive(work / "source-archive", FaceCodec.load(None, device="cpu"))
             run_encode(str(work / "source-archive"), src, EncodeOptions(progress=False))
     run_scale_bench([int(x) for x in a.sizes.split(",")], work, src, a.file_rows, report=a.report, keep=a.keep)
+    return 0
+
+
+def _eval_persons(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from facetier.pipelines.evaluation.persons_eval import evaluate_persons, render
+
+    print(render(evaluate_persons(Path(a.lfw), table=a.table, weights=a.weights, limit=a.limit, report=a.report)))
     return 0
 
 
@@ -149,7 +165,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--file-rows", type=int, default=250_000, help="rows per bulk file (what vacuum --compact leaves)")
     bs.add_argument("--keep", action="store_true", help="keep the synthetic tables")
     bs.add_argument("--report", default="bench-scale-report.json")
+    bs.add_argument("--persons", action="store_true", help="instead: the identity index (build, memory, search p50/p99, recall@10 "
+                    "against the exact scan, adding 10k faces) and clustering, on synthetic descriptors with persons in them")
+    bs.add_argument("--persons-sizes", default="100000,1000000,10000000", help="faces for --persons, comma-separated")
+    bs.add_argument("--queries", type=int, default=500, help="search queries timed per size (--persons)")
+    bs.add_argument("--cluster-upto", type=int, default=1_000_000, help="cluster sizes up to this many faces (--persons)")
     bs.set_defaults(func=_bench_scale)
+
+    epp = sub.add_parser("eval-persons", help="cluster LFW's evaluation photos from the base family; pairwise and BCubed F next to dlib's on the originals")
+    epp.add_argument("lfw", nargs="?", default="../shared/data/lfw", help="LFW's folder (default: %(default)s)")
+    epp.add_argument("--table", help="keep the encoded table here (default: a temporary folder)")
+    epp.add_argument("--weights")
+    epp.add_argument("--limit", type=int, help="a quick run on the first N evaluation photos")
+    epp.add_argument("--report", default="eval-persons.json")
+    epp.set_defaults(func=_eval_persons)
 
     bp = sub.add_parser("bench-prior", help="encode/decode speed per face of a bundle imported from public-format checkpoints (random weights, real widths)")
     bp.add_argument("--sizes", default="256,1024", help="generator resolutions (FFHQ config-f widths, pSp IR-SE50 encoder)")

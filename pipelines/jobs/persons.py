@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from facetier.io import derived
 from facetier.io.derived import PERSONS_KIND, Generation
 from facetier.io.table import Table
-from facetier.pipelines.jobs.identity_index import LoadedIndex, build_index, current_index, search_index
+from facetier.pipelines.jobs.identity_index import LoadedIndex, build_index, current_index, neighbour_nprobe, search_index
 from tqdm import tqdm
 
 from facetier.errors import ConfigError, TableCorruptError
@@ -42,6 +42,7 @@ QUERY_CHUNK = 4096
 class ClusterOptions:
     threshold: float = 0.45  # descriptor distance (dlib's units) below which two faces may be one person
     neighbours: int = 32
+    nprobe: int | None = None  # inverted lists each neighbour query visits (default: identity_index.neighbour_nprobe)
     full: bool = False
     progress: bool = True
 
@@ -74,13 +75,16 @@ class ClusterReport:
 def neighbour_edges(loaded: LoadedIndex, rows: np.ndarray, opts: ClusterOptions, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) id-map rows of every edge from ``rows`` to a neighbour closer than the threshold (a != b)."""
     index = loaded.index
-    if hasattr(index, "make_direct_map"):
-        index.make_direct_map()
+    if hasattr(index, "set_direct_map_type"):  # an IVF reconstructs by id through a direct map; a hash table takes later adds
+        import faiss
+
+        if index.direct_map.type != faiss.DirectMap.Hashtable:
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
     sources, targets = [], []
     for at in tqdm(range(0, len(rows), QUERY_CHUNK), desc="cluster: neighbours", unit="chunk", disable=not progress, mininterval=5):
         chunk = rows[at:at + QUERY_CHUNK]
         codes = index.reconstruct_batch(np.ascontiguousarray(loaded.ids[chunk], np.int64))
-        dist, nb = search_index(loaded, codes, opts.neighbours + 1)
+        dist, nb = search_index(loaded, codes, opts.neighbours + 1, nprobe=opts.nprobe or neighbour_nprobe(int(loaded.generation.params.get("lists", 0))) or None)
         keep = (nb >= 0) & (dist < opts.threshold) & (nb != chunk[:, None])
         sources.append(np.repeat(chunk, keep.sum(1)))
         targets.append(nb[keep])
