@@ -18,6 +18,9 @@ from facetier.pipelines.jobs.analytics import run_query
 from facetier.pipelines.jobs.check import check_table
 from facetier.pipelines.jobs.decode import run_decode
 from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
+from facetier.pipelines.jobs.identity_index import build_index
+from facetier.pipelines.jobs.identity_search import search
+from facetier.pipelines.jobs.persons import ClusterOptions, cluster
 
 
 def _free_port() -> int:
@@ -126,9 +129,16 @@ def _round_trip(scheme: str, sample_archive: Path, tmp_path: Path) -> None:
     assert run_decode(root, None, "residual", review, where="true", paste_back=True, device="cpu").present == s.faces
     again = run_encode(src, root, EncodeOptions(engine="local", shard_size=4, progress=False))
     assert again.faces == 0 and again.skipped == again.inputs
+    # the identity index and persons live beside the table on the same storage
+    assert build_index(root, progress=False).faces == s.faces
+    assert cluster(root, ClusterOptions(progress=False)).faces == s.faces
+    found = search(root, fid, k=2)
+    assert found.method.startswith("identity index generation 1") and found.table.num_rows == 2
+    assert run_query(root, "select count(*) n from persons").table.to_pylist()[0]["n"] == s.faces
     # check on object storage: healthy, nothing left in staging; a stray file is listed, then repaired away
     report = check_table(root, progress=False)
     assert report.healthy and report.files_checked > 0 and not report.unreferenced
+    assert [d.split(":")[-1].strip() for d in report.derived] == ["current", "current"]
     fs.pipe_file(f"{bucket}/table/middle/s99999-stray.parquet", b"left by a killed run")
     assert check_table(root, progress=False).unreferenced == ("middle/s99999-stray.parquet",)
     assert check_table(root, repair=True, retention_hours=-1, progress=False).removed == ("middle/s99999-stray.parquet",)

@@ -152,7 +152,7 @@ def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True
     snapshot = table.snapshot()
     files = derived.base_files(table, snapshot)
     previous = derived.latest(table, INDEX_KIND)
-    if previous is not None and not rebuild and previous.current_for(table, snapshot):
+    if previous is not None and not rebuild and previous.current_for(table, snapshot) and not derived.verify(table, previous):
         return IndexReport(previous.number, previous.table_version, previous.rows, 0, 0, int(previous.params.get("without_descriptor", 0)),
                            False, True, int(previous.params.get("lists", 0)), time.perf_counter() - started)
     loaded = None
