@@ -59,6 +59,11 @@ def test_migrate_keeps_every_row_and_the_table_then_works(v1_table: Path, tmp_pa
     assert sorted(r["error_class"] for r in read_family(t, "rejects").to_pylist()) == ["NoFaceError", "UnsafeMemberError"]
     assert run_query(str(v1_table), "select count(*) as n from aliases").table.column("n")[0].as_py() == 1
     assert check_table(str(v1_table), progress=False).healthy
+    # written before facetier stored descriptors: search uses the identity column, and says so
+    from facetier.pipelines.jobs.identity_search import search
+
+    found = search(str(v1_table), faces[0]["face_id"], k=2)
+    assert found.space == "identity" and "identity column" in found.method and found.table.num_rows == 2
     again = migrate_v1(str(v1_table), progress=False)
     assert again.already_migrated and Table(str(v1_table)).version() == 1
     # the fixture's streams were written by v3, which is no longer the embedded model (v3.1): the
