@@ -8,8 +8,8 @@ import shlex
 import shutil
 import socket
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
