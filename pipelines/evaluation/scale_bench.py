@@ -253,7 +253,10 @@ def _v1_manifest(n_faces: int, shard_rows: int = 64) -> tuple[float, float, floa
 def _in_child(call: str) -> tuple[object, float]:
     """(result, peak RSS MB) of one measurement in a fresh interpreter."""
     code = ("import json, resource\nfrom facetier.pipelines.evaluation import scale_bench as b\n"
-            f"r = {call}\nprint(json.dumps([r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+            f"r = {call}\nprint(json.dumps([r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]), flush=True)\n"
+            # the measurement is printed: skip interpreter teardown, where pyarrow 25.0.1 can still abort
+            # ("terminate called without an active exception") after the reads are done
+            "import os\nos._exit(0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench-scale {call} failed:\n{proc.stderr[-3000:]}")
