@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from facetier.io import derived
 from facetier.io.derived import INDEX_KIND, Generation
@@ -135,7 +136,7 @@ def _read_faces(table: Table, files: list[str], progress: bool) -> tuple[pa.Tabl
     for rel in tqdm(files, desc="index: read", unit="file", disable=not progress, mininterval=5):
         part = read_file(table, rel, BASE_FAMILY, columns=INDEX_COLUMNS)
         valid = part.column("descriptor").is_valid()
-        missing += part.num_rows - pa.compute.sum(valid.cast(pa.int64())).as_py() if part.num_rows else 0
+        missing += part.num_rows - pc.sum(valid.cast(pa.int64())).as_py() if part.num_rows else 0
         part = part.filter(valid)
         codes.append(descriptor_codes(part.column("descriptor")))
         parts.append(pa.table({"face_id": part.column("face_id"), "photo_id": part.column("photo_id"),
@@ -161,7 +162,8 @@ def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True
             loaded = load(table, previous)
         except TableCorruptError as exc:
             log.warning("rebuilding the identity index: %s", exc)
-    added_files = [f for f in files if loaded is None or f not in set(loaded.generation.covers)]
+    covered = set() if loaded is None else set(loaded.generation.covers)
+    added_files = [f for f in files if f not in covered]
     new_rows, new_codes, missing = _read_faces(table, added_files, progress)
     removed = 0
     if loaded is not None:
