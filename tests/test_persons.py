@@ -200,6 +200,56 @@ def test_the_scale_bench_measures_a_real_index(tmp_path):
 def test_persons_on_real_faces_come_out_as_dlibs_do(shared_data, tmp_path):
     from facetier.pipelines.evaluation.persons_eval import evaluate_persons
 
-    r = evaluate_persons(shared_data / "lfw", limit=60, thresholds=(0.45,), report=str(tmp_path / "p.json"), progress=False)
+    r = evaluate_persons(shared_data / "lfw", limit=60, thresholds=(0.52,), dlib_thresholds=(0.45,), report=str(tmp_path / "p.json"), progress=False)
     assert r.photos == 60 and r.facetier_default.pair_precision >= 0.9
     assert r.facetier_default.bcubed_f >= r.dlib[0].bcubed_f - 0.05
+
+
+def test_the_neighbour_graph_on_ray_and_beam_gives_the_persons_the_local_engine_does(people):
+    import ray
+
+    root, _, _ = people
+    t = Table(root)
+    local = cluster(root, ClusterOptions(threshold=SAME, full=True, progress=False))
+    want = {r["face_id"]: r["person_id"] for r in persons_rows(t, t.version()).to_pylist()}
+    try:
+        for engine in ("beam", "ray"):
+            got = cluster(root, ClusterOptions(threshold=SAME, full=True, engine=engine, progress=False))
+            assert got.generation > local.generation and got.persons == local.persons
+            assert {r["face_id"]: r["person_id"] for r in persons_rows(t, t.version()).to_pylist()} == want
+    finally:
+        ray.shutdown()
+    assert not t.fs.exists(t._p("_derived/_work")) or not t.fs.ls(t._p("_derived/_work"))  # Beam's job folder is gone
+
+
+def _blob(rng: np.random.Generator, first: int, size: int, distance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each of ``size`` faces linked to 32 others of its person: what a nearest-neighbour graph gives a person with many photos."""
+    a = np.repeat(np.arange(first, first + size), 32)
+    b = first + rng.integers(0, size, len(a))
+    keep = a != b
+    return a[keep], b[keep], np.full(int(keep.sum()), distance, np.float32)
+
+
+def test_leiden_keeps_a_person_with_many_photos_whole_and_cuts_a_thin_chain():
+    from facetier.pipelines.jobs.neighbour_graph import Edges
+    from facetier.pipelines.jobs.persons import leiden
+
+    rng = np.random.default_rng(0)
+    big, small = _blob(rng, 0, 2000, 0.30), _blob(rng, 2000, 40, 0.30)
+    chain = (np.array([0, 1, 2]), np.array([2000, 2001, 2002]), np.full(3, 0.40, np.float32))  # three stray links between them
+    edges = Edges(*(np.concatenate(parts) for parts in zip(big, small, chain))).undirected()
+    labels = leiden(2040, edges, ClusterOptions())
+    assert len(set(labels[:2000])) == 1 and len(set(labels[2000:])) == 1 and labels[0] != labels[2000]
+    # without the node weights CPM's penalty, quadratic in size, cuts the big person into pieces
+    assert len(set(leiden(2040, edges, ClusterOptions(linear_above=10**9))[:2000])) > 1
+
+
+def test_new_faces_join_the_person_they_are_linked_to_most_and_strangers_stay_apart():
+    from facetier.pipelines.jobs.persons import join_existing
+
+    labels = np.array([7, 7, 7, 9, 9, 100, 101, 102])  # 0-4: existing persons 7 and 9; 5-7: new clusters
+    a = np.array([5, 5, 5, 6, 7])
+    b = np.array([0, 1, 3, 4, 3])
+    w = np.array([0.6, 0.5, 0.4, 0.9, 0.1])  # 5: 1.1 to person 7, 0.4 to 9; 6: 0.9 to 9; 7: one weak link
+    got = join_existing(labels, a, b, w, 0.5, np.arange(5))
+    assert got.tolist() == [7, 7, 7, 9, 9, 7, 9, 102]

@@ -5,8 +5,8 @@ facetier model trains on) are encoded into a table (the basic layer only: person
 else), clustered by ``facetier cluster``, and scored against LFW's identities by pairwise
 precision/recall/F and BCubed precision/recall/F. In the same run dlib's own pipeline (its HOG
 detector, 5-point landmarks and ResNet on the original photo) gives every photo a descriptor and
-``chinese_whispers_clustering`` groups them: the reference. Both are swept over the same distance
-thresholds; a photo either side finds no face in is its own cluster there.
+``chinese_whispers_clustering`` groups them: the reference. Both are swept over distance
+thresholds (each around its own default); a photo either side finds no face in is its own cluster there.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS = (0.40, 0.42, 0.44, 0.45, 0.46, 0.48, 0.50)
+DLIB_THRESHOLDS = (0.40, 0.42, 0.44, 0.45, 0.46, 0.48, 0.50)
+FACETIER_THRESHOLDS = (0.48, 0.50, 0.52, 0.54, 0.56)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ClusterScore:
 class PersonsReport:
     photos: int
     identities: int
-    facetier_default: ClusterScore  # ``facetier cluster`` as shipped (threshold 0.45, 32 neighbours)
+    facetier_default: ClusterScore  # ``facetier cluster`` as shipped (ClusterOptions' defaults)
     facetier: tuple[ClusterScore, ...]  # swept
     dlib: tuple[ClusterScore, ...]  # dlib's chinese_whispers_clustering on dlib's descriptors of the original photos, swept
     photos_without_face: dict[str, int]
@@ -103,7 +104,8 @@ def _facetier_labels(table: str, names: list[str], lfw_dir: Path, opts: ClusterO
 
 
 def evaluate_persons(lfw_dir: Path, *, table: str | None = None, weights: str | None = None, limit: int | None = None,
-                     thresholds: tuple[float, ...] = THRESHOLDS, report: str | None = None, progress: bool = True) -> PersonsReport:
+                     thresholds: tuple[float, ...] = FACETIER_THRESHOLDS, dlib_thresholds: tuple[float, ...] = DLIB_THRESHOLDS,
+                     report: str | None = None, progress: bool = True) -> PersonsReport:
     names = (lfw_dir / "eval_images.txt").read_text().split()[:limit]
     truth = [n.split("/")[0] for n in names]
     with tempfile.TemporaryDirectory(prefix="facetier-eval-persons-") as tmp:
@@ -116,8 +118,8 @@ def evaluate_persons(lfw_dir: Path, *, table: str | None = None, weights: str | 
         shipped = score(labels, truth, default.threshold)
         swept = tuple(score(_facetier_labels(table, names, lfw_dir, ClusterOptions(threshold=t, full=True, progress=False))[0], truth, t)
                       for t in thresholds)
-    dlib_labels, dlib_missing = _dlib_labels(lfw_dir, names, thresholds, progress)
-    out = PersonsReport(len(names), len(set(truth)), shipped, swept, tuple(score(dlib_labels[t], truth, t) for t in thresholds),
+    dlib_labels, dlib_missing = _dlib_labels(lfw_dir, names, dlib_thresholds, progress)
+    out = PersonsReport(len(names), len(set(truth)), shipped, swept, tuple(score(dlib_labels[t], truth, t) for t in dlib_thresholds),
                         {"facetier": ft_missing, "dlib": dlib_missing})
     if report:
         Path(report).write_text(json.dumps(asdict(out), indent=1))

@@ -3,8 +3,9 @@
 The descriptors are synthetic, drawn so that persons exist with the distances dlib's descriptors of
 facetier's crops have on LFW's evaluation photos (same person: median 0.45; different persons:
 median 0.82) and their uneven spread over directions: each person a centre around a common mean, each face its centre plus noise, stored
-as the base family stores them (int8 at DESCRIPTOR_STEP), a geometric number of faces per person
-(mean 5). Each size runs in its own process, so its peak memory is its own. The same functions as
+as the base family stores them (int8 at DESCRIPTOR_STEP), a Zipf-distributed number of faces per
+person (exponent 2, at most 1,000 or 0.5 % of the faces: most persons have one or two photos, a few
+have thousands, as in a news archive; clustering must keep those whole). Each size runs in its own process, so its peak memory is its own. The same functions as
 ``facetier index`` and ``facetier cluster`` run here, minus the Parquet reads and uploads.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 from facetier.io.derived import Generation
 from facetier.io.identity import DESCRIPTOR_DIM, DESCRIPTOR_STEP, LEVELS
-from facetier.pipelines.jobs.identity_index import LoadedIndex, _add, _lists_for, _new_index, default_nprobe, search_index
-from facetier.pipelines.jobs.persons import ClusterOptions, chinese_whispers, neighbour_edges
+from facetier.pipelines.jobs.identity_index import LoadedIndex, add_codes, default_nprobe, lists_for, new_index, search_index
+from facetier.pipelines.jobs.neighbour_graph import GraphSpec, NeighbourWorker
+from facetier.pipelines.jobs.persons import ClusterOptions, _join, leiden
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ class PersonsScaleRow:
     lists: int
     nprobe: int
     build_s: float
-    build_peak_rss_mb: float  # peak of the process by the end of the build (its synthetic descriptors included)
-    peak_rss_mb: float  # by the end of everything (clustering's graph included)
+    build_peak_rss_mb: float  # peak while building (the synthetic descriptors, which stand for the files read, included)
+    peak_rss_mb: float  # peak of the whole size's process (generating the data and clustering's graph included)
     search_p50_ms: float
     search_p99_ms: float
     recall_at_10: float
@@ -50,12 +52,14 @@ class PersonsScaleRow:
     cluster_incremental_10k_s: float | None
     persons_true: int
     persons_found: int | None
+    cluster_pair_f: float | None  # pairwise F of the persons found against the synthetic persons
+    incremental_joined: float | None  # share of the 10 k new faces that joined an existing person
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(n, 128) int8 descriptors and their person labels."""
     rng = np.random.default_rng(seed)
-    sizes = rng.geometric(0.2, size=n // 2 + 10)
+    sizes = np.minimum(rng.zipf(2.0, size=n // 2 + 10), max(1000, n // 200))
     labels = np.repeat(np.arange(len(sizes)), sizes)[:n]
     persons = int(labels.max()) + 1
     mean = rng.standard_normal(DESCRIPTOR_DIM)
@@ -79,17 +83,49 @@ def _loaded(index: object, n: int, lists: int) -> LoadedIndex:
     return LoadedIndex(gen, index, ids, empty, empty, empty)
 
 
+def _reset_peak() -> None:
+    """Start the kernel's peak-RSS count afresh (Linux), so a step's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pair_f(found: np.ndarray, truth: np.ndarray) -> float:
+    """Pairwise F of a clustering against the true labels (counted, not enumerated: fine at 1 M)."""
+    def pairs(*labels: np.ndarray) -> int:
+        _, counts = np.unique(np.stack(labels, 1), axis=0, return_counts=True)
+        return int((counts.astype(np.int64) * (counts - 1) // 2).sum())
+
+    both = pairs(found, truth)
+    p, r = both / max(pairs(found), 1), both / max(pairs(truth), 1)
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
 def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiprocessing.Queue) -> None:
     import faiss
 
+    peak_before = 0.0
     codes, labels = synthetic(n + 10_000, seed)
-    extra, codes, labels = codes[n:], codes[:n], labels[:n]
+    extra, codes, labels, extra_labels = codes[n:], codes[:n], labels[:n], labels[n:]
+    peak_before = _peak_mb()
+    _reset_peak()
     started = time.perf_counter()
-    lists = _lists_for(n)
-    index = _new_index(codes, lists)
-    _add(index, codes, np.arange(n, dtype=np.int64))
+    lists = lists_for(n)
+    index = new_index(codes, lists)
+    add_codes(index, codes, np.arange(n, dtype=np.int64))
     build_s = time.perf_counter() - started
-    build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the descriptors and the index, as `facetier index` holds them
+    build_peak = _peak_mb()
     loaded = _loaded(index, n, lists)
     rng = np.random.default_rng(seed + 1)
     q = codes[rng.choice(n, queries, replace=False)]
@@ -100,38 +136,49 @@ def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiproc
         _, rows = search_index(loaded, row[None], 10)
         times.append(time.perf_counter() - t)
         found.append(rows[0])
-    exact = faiss.IndexScalarQuantizer(DESCRIPTOR_DIM, faiss.ScalarQuantizer.QT_8bit_direct_signed, faiss.METRIC_L2)
-    for at in range(0, n, 500_000):  # float32 copies of 10 M faces would be 5 GB
-        exact.add(np.ascontiguousarray(codes[at:at + 500_000], np.float32))
-    _, truth = exact.search(np.ascontiguousarray(q, np.float32), 10)
-    del exact
+    truth = _exact_top10(codes, q)
     recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
     t = time.perf_counter()
-    _add(index, extra, np.arange(n, n + len(extra), dtype=np.int64))
+    add_codes(index, extra, np.arange(n, n + len(extra), dtype=np.int64))
     add_s = time.perf_counter() - t
-    cluster_s = incremental_s = None
-    persons_found = None
+    cluster_s = incremental_s = persons_found = found_f = joined = None
     if n <= cluster_upto:
+        opts = ClusterOptions(progress=False)
         index.remove_ids(faiss.IDSelectorRange(n, n + len(extra)))
         t = time.perf_counter()
-        a, b = neighbour_edges(loaded, np.arange(n), ClusterOptions())
-        person = chinese_whispers(n, a, b)
+        spec = GraphSpec("", 0, opts.threshold, opts.neighbours)
+        person = leiden(n, NeighbourWorker(spec, loaded).run(np.arange(n)).undirected(), opts)
         cluster_s = time.perf_counter() - t
-        persons_found = int(len(np.unique(person)))
-        _add(index, extra, np.arange(n, n + len(extra), dtype=np.int64))
-        grown = LoadedIndex(loaded.generation, index, np.arange(n + len(extra), dtype=np.int64), pa.nulls(n + len(extra), pa.string()),
-                            pa.nulls(n + len(extra), pa.string()), pa.nulls(n + len(extra), pa.string()))
+        persons_found, found_f = int(len(np.unique(person))), pair_f(person, labels)
+        add_codes(index, extra, np.arange(n, n + len(extra), dtype=np.int64))
+        grown = _loaded(index, n + len(extra), lists)
         t = time.perf_counter()
-        a, b = neighbour_edges(grown, np.arange(n, n + len(extra)), ClusterOptions())
+        new = np.arange(n, n + len(extra))
+        edges = NeighbourWorker(spec, grown).run(new).undirected()
         before = np.concatenate([person, np.full(len(extra), -1)])
-        votes = before[b] >= 0
-        if votes.any():  # the join step `facetier cluster` runs for new faces (a vote per neighbour)
-            np.unique(np.stack([a[votes], before[b[votes]]], 1), axis=0, return_counts=True)
+        after, n_joined, _, _ = _join(before, new, edges, opts, int(person.max()) + 1)
         incremental_s = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out.put(asdict(PersonsScaleRow(n, lists, default_nprobe(lists), build_s, build_peak, peak, float(np.percentile(times, 50) * 1e3),
-                                   float(np.percentile(times, 99) * 1e3), recall, add_s, cluster_s, incremental_s,
-                                   int(len(np.unique(labels))), persons_found)))
+        joined = n_joined / len(extra)
+    out.put(asdict(PersonsScaleRow(n, lists, default_nprobe(lists), build_s, build_peak, max(peak_before, _peak_mb()),
+                                   float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3), recall, add_s, cluster_s,
+                                   incremental_s, int(len(np.unique(labels))), persons_found, found_f, joined)))
+
+
+def _exact_top10(codes: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The exact 10 nearest of each query, a million faces at a time (float32 copies of 10 M would be 5 GB)."""
+    import faiss
+
+    best_d = np.full((len(q), 10), np.inf, np.float32)
+    best_i = np.full((len(q), 10), -1, np.int64)
+    qf = np.ascontiguousarray(q, np.float32)
+    for at in range(0, len(codes), 1_000_000):
+        flat = faiss.IndexFlatL2(DESCRIPTOR_DIM)
+        flat.add(np.ascontiguousarray(codes[at:at + 1_000_000], np.float32))
+        d, i = flat.search(qf, 10)
+        d_all, i_all = np.concatenate([best_d, d], 1), np.concatenate([best_i, i + at], 1)
+        order = np.argsort(d_all, axis=1, kind="stable")[:, :10]
+        best_d, best_i = np.take_along_axis(d_all, order, 1), np.take_along_axis(i_all, order, 1)
+    return best_i
 
 
 def bench_persons(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000), *, queries: int = 500, cluster_upto: int = 1_000_000,
@@ -152,10 +199,11 @@ def bench_persons(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000), *, 
 
 
 def render(rows: list[PersonsScaleRow]) -> str:
-    lines = ["faces       lists nprobe  build_s build_MB  peak_MB  p50_ms  p99_ms  recall@10  add10k_s  cluster_s  incr10k_s  persons(true/found)"]
+    lines = ["faces       lists nprobe  build_s build_MB  peak_MB  p50_ms  p99_ms  recall@10  add10k_s  cluster_s  incr10k_s  persons(true/found)  pair_F  joined"]
     for r in rows:
         cl = f"{r.cluster_s:9.1f}" if r.cluster_s is not None else "        -"
         inc = f"{r.cluster_incremental_10k_s:9.2f}" if r.cluster_incremental_10k_s is not None else "        -"
         lines.append(f"{r.faces:<11d} {r.lists:5d} {r.nprobe:6d} {r.build_s:8.1f} {r.build_peak_rss_mb:8.0f} {r.peak_rss_mb:8.0f} {r.search_p50_ms:7.2f} {r.search_p99_ms:7.2f}"
-                     f"  {r.recall_at_10:9.3f} {r.add_10k_s:9.2f} {cl} {inc}  {r.persons_true}/{r.persons_found if r.persons_found is not None else '-'}")
+                     f"  {r.recall_at_10:9.3f} {r.add_10k_s:9.2f} {cl} {inc}  {r.persons_true}/{r.persons_found if r.persons_found is not None else '-'}"
+                     f"  {'-' if r.cluster_pair_f is None else f'{r.cluster_pair_f:.3f}'}  {'-' if r.incremental_joined is None else f'{r.incremental_joined:.2f}'}")
     return "\n".join(lines)

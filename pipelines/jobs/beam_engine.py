@@ -1,14 +1,17 @@
 """Apache Beam adapters. Encode: Create(groups of shards) -> Reshuffle -> one ``ShardWorker`` per DoFn,
 which prepares, encodes and writes whole shards as the local engine does.
-Decode and edit: Create(batches) -> Reshuffle -> one ``BatchDecoder`` per worker."""
+Decode and edit: Create(batches) -> Reshuffle -> one ``BatchDecoder`` per worker.
+Cluster's neighbour graph: Create(slices of faces) -> Reshuffle -> one ``NeighbourWorker`` per worker."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
+from facetier.pipelines.jobs.neighbour_graph import GraphSpec, NeighbourWorker, slice_name
 from facetier.pipelines.jobs.records import JobContext, ShardSpec
 from facetier.pipelines.jobs.shard_worker import ShardWorker, shards_per_call
 
@@ -82,3 +85,27 @@ class DecodeBatchDoFn(beam.DoFn):
 def run_beam_decode(ctx: DecodeContext, batches: Sequence[tuple[str, list[str]]], workers: int = 1, extra_args: Sequence[str] = ()) -> None:
     with beam.Pipeline(options=pipeline_options(workers, extra_args)) as p:
         _ = p | "Batches" >> beam.Create(list(batches)) | "Spread" >> beam.Reshuffle() | "Decode" >> beam.ParDo(DecodeBatchDoFn(ctx))
+
+
+class NeighbourSliceDoFn(beam.DoFn):
+    """Loads the identity index once per worker; each slice's edges go to a file in the job folder."""
+
+    def __init__(self, spec: GraphSpec, job_uri: str) -> None:
+        self._spec, self._job_uri = spec, job_uri
+
+    def setup(self) -> None:
+        self._worker = NeighbourWorker(self._spec)
+
+    def process(self, rows: np.ndarray) -> Iterable[int]:
+        import fsspec
+
+        edges = self._worker.run(rows)
+        with fsspec.open(slice_name(self._job_uri, rows), "wb") as fh:
+            fh.write(edges.to_bytes())
+        yield len(edges)
+
+
+def run_beam_neighbours(spec: GraphSpec, slices: Sequence[np.ndarray], job_uri: str, workers: int = 1, extra_args: Sequence[str] = ()) -> None:
+    with beam.Pipeline(options=pipeline_options(workers, extra_args)) as p:
+        _ = (p | "Slices" >> beam.Create(list(slices)) | "Spread" >> beam.Reshuffle()
+             | "Neighbours" >> beam.ParDo(NeighbourSliceDoFn(spec, job_uri)))

@@ -94,7 +94,9 @@ def _index(a: argparse.Namespace) -> int:
 def _cluster(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.persons import ClusterOptions, cluster
 
-    print(cluster(a.table, ClusterOptions(threshold=a.threshold, neighbours=a.neighbours, full=a.full, progress=not a.no_progress)).render())
+    opts = ClusterOptions(threshold=a.threshold, neighbours=a.neighbours, resolution=a.resolution, join=a.join, full=a.full, engine=a.engine,
+                          workers=a.workers, ray_address=a.ray_address, beam_args=tuple(a.beam_arg or ()), progress=not a.no_progress)
+    print(cluster(a.table, opts).render())
     return 0
 
 
@@ -267,8 +269,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     cl = sub.add_parser("cluster", help="a person id for every face (the persons family), incremental after the first run")
     cl.add_argument("table")
-    cl.add_argument("--threshold", type=float, default=0.45, help="descriptor distance below which two faces may be one person (default 0.45)")
+    cl.add_argument("--threshold", type=float, default=0.52, help="descriptor distance below which two faces are linked (default 0.52)")
     cl.add_argument("--neighbours", type=int, default=32, help="nearest faces each face links to (default 32)")
+    cl.add_argument("--resolution", type=float, default=0.03,
+                    help="Leiden (CPM): the link weight per pair of faces a person's cluster must exceed (default 0.03)")
+    cl.add_argument("--join", type=float, default=0.5,
+                    help="incremental runs: link weight per face a new cluster needs to join an existing person (default 0.5)")
+    cl.add_argument("--engine", choices=["local", "beam", "ray"], default="local", help="where the nearest-neighbour graph is computed")
+    cl.add_argument("--workers", type=int, default=1)
+    cl.add_argument("--ray-address", help="address of a running Ray cluster (default: start one in-process)")
+    cl.add_argument("--beam-arg", action="append", help="extra Beam pipeline option, e.g. --beam-arg=--runner=DataflowRunner")
     cl.add_argument("--full", action="store_true", help="cluster every face again (person ids stay where their cluster did not change)")
     cl.add_argument("--no-progress", action="store_true")
     cl.set_defaults(func=_cluster)

@@ -93,7 +93,8 @@ class LoadedIndex:
         return np.searchsorted(self.ids, ids)
 
 
-def _lists_for(n: int) -> int:
+def lists_for(n: int) -> int:
+    """Inverted lists for an index of ``n`` faces (0: flat)."""
     if n < FLAT_BELOW:
         return 0
     return int(min(MAX_LISTS, 2 ** round(math.log2(4 * math.sqrt(n)))))
@@ -111,7 +112,8 @@ def neighbour_nprobe(lists: int) -> int:
     return 0 if lists == 0 else max(8, lists // 256)
 
 
-def _new_index(codes: np.ndarray, lists: int, seed: int = 0):
+def new_index(sample: np.ndarray, lists: int, seed: int = 0):
+    """An empty index; an IVF's lists are trained on ``sample`` (at most TRAIN_ROWS_PER_LIST rows a list are used)."""
     faiss = _faiss()
     qtype = faiss.ScalarQuantizer.QT_8bit_direct_signed
     if lists == 0:
@@ -119,19 +121,20 @@ def _new_index(codes: np.ndarray, lists: int, seed: int = 0):
     quantizer = faiss.IndexFlatL2(DESCRIPTOR_DIM)
     index = faiss.IndexIVFScalarQuantizer(quantizer, DESCRIPTOR_DIM, lists, qtype, faiss.METRIC_L2, False)
     rng = np.random.default_rng(seed)  # the sample, and so the lists, are reproducible
-    sample = codes[rng.choice(len(codes), min(len(codes), lists * TRAIN_ROWS_PER_LIST), replace=False)]
+    chosen = sample[rng.choice(len(sample), min(len(sample), lists * TRAIN_ROWS_PER_LIST), replace=False)]
     index.cp.seed = seed
-    index.train(np.ascontiguousarray(sample, np.float32))
+    index.train(np.ascontiguousarray(chosen, np.float32))
     return index
 
 
-def _add(index: object, codes: np.ndarray, ids: np.ndarray, chunk: int = 200_000) -> None:
+def add_codes(index: object, codes: np.ndarray, ids: np.ndarray, chunk: int = 200_000) -> None:
     for at in range(0, len(codes), chunk):
         index.add_with_ids(np.ascontiguousarray(codes[at:at + chunk], np.float32), np.ascontiguousarray(ids[at:at + chunk], np.int64))
 
 
-def _read_faces(table: Table, files: list[str], progress: bool) -> tuple[pa.Table, np.ndarray, int]:
-    """(face_id, photo_id, file) rows with a descriptor, their codes, and how many rows had none."""
+def _read_faces(table: Table, files: list[str], progress: bool) -> tuple[pa.Table, list[np.ndarray], int]:
+    """(face_id, photo_id, file) rows with a descriptor, their codes a file at a time (so the index
+    can take them in one by one, never holding a second copy of them all), and how many rows had none."""
     parts, codes, missing = [], [], 0
     for rel in tqdm(files, desc="index: read", unit="file", disable=not progress, mininterval=5):
         part = read_file(table, rel, BASE_FAMILY, columns=INDEX_COLUMNS)
@@ -140,10 +143,34 @@ def _read_faces(table: Table, files: list[str], progress: bool) -> tuple[pa.Tabl
         part = part.filter(valid)
         codes.append(descriptor_codes(part.column("descriptor")))
         parts.append(pa.table({"face_id": part.column("face_id"), "photo_id": part.column("photo_id"),
-                               "file": pa.array([rel] * part.num_rows, pa.string())}))
+                               "file": _repeated(rel, part.num_rows)}))
     rows = pa.concat_tables(parts) if parts else pa.table({"face_id": pa.array([], pa.string()), "photo_id": pa.array([], pa.string()),
-                                                          "file": pa.array([], pa.string())})
-    return rows, (np.concatenate(codes) if codes else np.zeros((0, DESCRIPTOR_DIM), np.int8)), int(missing)
+                                                          "file": _repeated("", 0)})
+    return rows, codes, int(missing)
+
+
+def _repeated(rel: str, n: int) -> pa.DictionaryArray:
+    """A file name for each of ``n`` rows, dictionary-encoded: one copy of the name, not n (10 M faces' names would take GBs)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([rel], pa.string()))
+
+
+def _training_sample(parts: list[np.ndarray], lists: int, seed: int = 0) -> np.ndarray:
+    """Rows drawn evenly at random from every file's codes, enough to train ``lists`` lists."""
+    total = sum(len(p) for p in parts)
+    if lists == 0 or total == 0:
+        return np.zeros((0, DESCRIPTOR_DIM), np.int8)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, min(total, lists * TRAIN_ROWS_PER_LIST), replace=False))
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    return np.concatenate([p[chosen[(chosen >= lo) & (chosen < hi)] - lo] for p, lo, hi in zip(parts, starts[:-1], starts[1:])])
+
+
+def _add_parts(index: object, parts: list[np.ndarray], first_id: int) -> None:
+    """Add each file's codes with consecutive ids from ``first_id``, letting go of each once added."""
+    at = first_id
+    while parts:
+        codes = parts.pop(0)
+        add_codes(index, codes, np.arange(at, at + len(codes), dtype=np.int64))
+        at += len(codes)
 
 
 def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True, nprobe: int | None = None) -> IndexReport:
@@ -168,18 +195,19 @@ def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True
     removed = 0
     if loaded is not None:
         gone_files = set(loaded.generation.covers) - set(files)
-        keep = ~np.isin(np.asarray(loaded.files.to_numpy(zero_copy_only=False), object), list(gone_files)) if gone_files else np.ones(len(loaded.ids), bool)
+        keep = (~pc.is_in(loaded.files, value_set=pa.array(sorted(gone_files), pa.string())).to_numpy(zero_copy_only=False)
+                if gone_files else np.ones(len(loaded.ids), bool))
         grown = int(keep.sum()) + len(new_rows) > REBUILD_GROWTH * max(1, int(loaded.generation.params.get("trained_rows", 1)))
-        needs_lists = _lists_for(int(keep.sum()) + len(new_rows)) != int(loaded.generation.params.get("lists", 0))
+        needs_lists = lists_for(int(keep.sum()) + len(new_rows)) != int(loaded.generation.params.get("lists", 0))
         if grown and needs_lists:
             log.info("the index grew past %gx the faces its lists were trained on: rebuilding", REBUILD_GROWTH)
             loaded = None
             new_rows, new_codes, missing = _read_faces(table, files, progress)
     if loaded is None:
-        lists = _lists_for(len(new_rows))
-        index = _new_index(new_codes, lists)
+        lists = lists_for(len(new_rows))
+        index = new_index(_training_sample(new_codes, lists), lists)
         ids = np.arange(len(new_rows), dtype=np.int64)
-        _add(index, new_codes, ids)
+        _add_parts(index, new_codes, 0)
         rows = new_rows.append_column("id", pa.array(ids))
         params = {"lists": lists, "trained_rows": len(new_rows), "nprobe": nprobe or default_nprobe(lists), "next_id": len(new_rows),
                   "step": DESCRIPTOR_STEP, "without_descriptor": missing}
@@ -192,7 +220,7 @@ def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True
             removed = int((~keep).sum())
         first = int(loaded.generation.params["next_id"])
         ids = np.arange(first, first + len(new_rows), dtype=np.int64)
-        _add(index, new_codes, ids)
+        _add_parts(index, new_codes, first)
         rows = pa.concat_tables([old.filter(pa.array(keep)), new_rows.append_column("id", pa.array(ids))])
         params = {**loaded.generation.params, "next_id": first + len(new_rows), "nprobe": nprobe or loaded.generation.params["nprobe"],
                   "without_descriptor": int(loaded.generation.params.get("without_descriptor", 0)) + missing}
@@ -216,11 +244,18 @@ def load(table: Table, gen: Generation) -> LoadedIndex:
         except RuntimeError as exc:
             raise TableCorruptError(f"{table.uri(gen.files['index'])}: the identity index cannot be read ({exc})") from exc
     with derived.local_copy(table, gen, "faces") as path:
-        faces = pq.read_table(path)
+        faces = pq.read_table(path, read_dictionary=["file"])
     if hasattr(index, "nprobe"):
         index.nprobe = int(gen.params.get("nprobe", 1))
     return LoadedIndex(gen, index, np.asarray(faces.column("id"), np.int64), faces.column("face_id").combine_chunks(),
-                       faces.column("photo_id").combine_chunks(), faces.column("file").combine_chunks())
+                       faces.column("photo_id").combine_chunks(), _files(faces.column("file")))
+
+
+def _files(column: pa.ChunkedArray) -> pa.DictionaryArray:
+    """The id map's file column as one dictionary array (an old generation stored it as plain strings)."""
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    return column.unify_dictionaries().combine_chunks() if column.num_chunks else _repeated("", 0)
 
 
 def current_index(table: Table, snapshot: Snapshot) -> tuple[LoadedIndex | None, str]:

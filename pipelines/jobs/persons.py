@@ -1,23 +1,38 @@
 """``facetier cluster``: a person id for every face, from the base family's descriptors alone.
 
-The graph is each face's ``neighbours`` nearest faces in the identity index (facetier.pipelines.jobs.
-identity_index) closer than ``threshold``, plus a self edge per face (as dlib's
-``chinese_whispers_clustering`` builds it); dlib's ``chinese_whispers`` labels it. Settings chosen
-on LFW's evaluation photos (folds 5-8; ``facetier eval-persons``): threshold 0.45 and 32 neighbours.
+The graph links each face to its ``neighbours`` nearest faces in the identity index closer than
+``threshold`` (facetier.pipelines.jobs.neighbour_graph; on Ray or Beam for large tables), each edge
+weighted ``1 - distance / threshold``. Leiden with the constant Potts model (CPM, igraph) cuts it
+into clusters denser than ``resolution``: unlike chinese whispers, one stray edge between two people
+does not chain them together.
 
-Runs are incremental: faces new since the last generation join the person most of their
-neighbours within the threshold belong to; the rest are clustered among themselves into new
-persons; faces whose photos left the table leave. ``--full`` clusters everything again and keeps a
-person's id where most of its new cluster was that person before, so ids stay stable where their
-cluster did not change. The result is a generation of kind ``persons`` (facetier.io.derived), which
-``query`` reads as the ``persons`` family (face_id, person_id, version).
+CPM's penalty grows with the square of a cluster's size while a nearest-neighbour graph's edges
+grow only linearly, so on its own it would cut a person with hundreds of photos into pieces. Each
+face therefore carries a node weight ``sqrt(min(1, linear_above / m))``, where ``m`` is the size of
+its group in a first, stricter grouping (dlib's chinese whispers on the links closer than
+``group_threshold``, or ``threshold`` if lower, which does not split what is dense): inside a big group the penalty grows
+linearly, like the edges, and only a thin link between two dense parts is cut. Settings chosen on
+LFW's evaluation photos (folds 5-8; ``facetier eval-persons``) and checked on LFW training
+identities with 144-236 photos (kept whole): threshold 0.52, resolution 0.03, group threshold
+0.46, linear above 50.
+
+Runs are incremental: the faces new since the last generation are clustered among themselves the
+same way, and each new cluster then joins the existing person it is linked to most, when that link
+weighs at least ``join`` per face of the new cluster (or of the person, if smaller; a link weighs at most 1); the rest become
+new persons; faces whose photos left the table leave. Existing persons are never merged by an
+incremental run (their ids stay); ``--full`` clusters everything again and keeps a person's id
+where most of its new cluster was that person before. The result is a generation of kind
+``persons`` (facetier.io.derived), which ``query`` reads as the ``persons`` family (face_id,
+person_id, version).
 """
 from __future__ import annotations
 
 import logging
+import random
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,23 +42,32 @@ import pyarrow.parquet as pq
 from facetier.io import derived
 from facetier.io.derived import PERSONS_KIND, Generation
 from facetier.io.table import Table
-from facetier.pipelines.jobs.identity_index import LoadedIndex, build_index, current_index, neighbour_nprobe, search_index
-from tqdm import tqdm
+from facetier.pipelines.jobs.identity_index import build_index, current_index
+from facetier.pipelines.jobs.neighbour_graph import Edges, GraphSpec, neighbour_graph
 
 from facetier.errors import ConfigError, TableCorruptError
 
 log = logging.getLogger(__name__)
 
 PERSONS_SCHEMA = pa.schema([pa.field("face_id", pa.string()), pa.field("person_id", pa.int64()), pa.field("version", pa.int64())])
-QUERY_CHUNK = 4096
+ENGINES = ("local", "beam", "ray")
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    threshold: float = 0.45  # descriptor distance (dlib's units) below which two faces may be one person
+    threshold: float = 0.52  # descriptor distance (dlib's units) below which two faces are linked
     neighbours: int = 32
+    resolution: float = 0.03  # CPM: the edge weight per pair of faces a cluster must exceed
+    group_threshold: float = 0.46  # the stricter first grouping that sets each face's node weight (at most ``threshold``)
+    linear_above: int = 50  # group size above which CPM's penalty grows linearly
+    join: float = 0.5  # incremental runs: link weight per face a new cluster needs to join an existing person
     nprobe: int | None = None  # inverted lists each neighbour query visits (default: identity_index.neighbour_nprobe)
     full: bool = False
+    engine: str = "local"  # where the neighbour graph is computed: local, beam or ray
+    workers: int = 1
+    ray_address: str | None = None
+    beam_args: tuple[str, ...] = ()
+    seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -51,6 +75,24 @@ class ClusterOptions:
             raise ConfigError(f"--threshold must be between 0 and 2 (a descriptor distance), got {self.threshold}")
         if self.neighbours < 1:
             raise ConfigError(f"--neighbours must be at least 1, got {self.neighbours}")
+        if not (0 < self.resolution < 1):
+            raise ConfigError(f"--resolution must be between 0 and 1 (an edge weight per pair), got {self.resolution}")
+        if self.group_threshold <= 0:
+            raise ConfigError(f"the group threshold must be positive, got {self.group_threshold}")
+        if self.linear_above < 1:
+            raise ConfigError(f"linear_above must be at least 1, got {self.linear_above}")
+        if self.join <= 0:
+            raise ConfigError(f"--join must be positive (edge weight per face), got {self.join}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+
+    @property
+    def settings(self) -> dict[str, float]:
+        """What makes two runs' persons comparable (an incremental run continues only with the same)."""
+        return {"threshold": self.threshold, "neighbours": self.neighbours, "resolution": self.resolution,
+                "group_threshold": self.group_threshold, "linear_above": self.linear_above, "join": self.join}
 
 
 @dataclass(frozen=True)
@@ -72,37 +114,64 @@ class ClusterReport:
                 f"{how}; {self.seconds:.1f} s")
 
 
-def neighbour_edges(loaded: LoadedIndex, rows: np.ndarray, opts: ClusterOptions, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) id-map rows of every edge from ``rows`` to a neighbour closer than the threshold (a != b)."""
-    index = loaded.index
-    if hasattr(index, "set_direct_map_type"):  # an IVF reconstructs by id through a direct map; a hash table takes later adds
-        import faiss
-
-        if index.direct_map.type != faiss.DirectMap.Hashtable:
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    sources, targets = [], []
-    for at in tqdm(range(0, len(rows), QUERY_CHUNK), desc="cluster: neighbours", unit="chunk", disable=not progress, mininterval=5):
-        chunk = rows[at:at + QUERY_CHUNK]
-        codes = index.reconstruct_batch(np.ascontiguousarray(loaded.ids[chunk], np.int64))
-        dist, nb = search_index(loaded, codes, opts.neighbours + 1, nprobe=opts.nprobe or neighbour_nprobe(int(loaded.generation.params.get("lists", 0))) or None)
-        keep = (nb >= 0) & (dist < opts.threshold) & (nb != chunk[:, None])
-        sources.append(np.repeat(chunk, keep.sum(1)))
-        targets.append(nb[keep])
-    if not sources:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(sources).astype(np.int64), np.concatenate(targets).astype(np.int64)
+def edge_weights(edges: Edges, threshold: float) -> np.ndarray:
+    return (1.0 - edges.distance.astype(np.float64) / threshold).clip(1e-6, 1.0)
 
 
-def chinese_whispers(nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A label per node 0..nodes-1 of the graph with edges (a, b) (dlib's implementation; fixed seed)."""
-    import dlib
+def leiden(nodes: int, edges: Edges, opts: ClusterOptions) -> np.ndarray:
+    """A cluster label per node 0..nodes-1: Leiden (CPM) on the weighted graph, node weights from the first grouping."""
+    import igraph
 
     if nodes == 0:
         return np.zeros(0, np.int64)
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    pairs = np.unique(np.stack([lo, hi], 1), axis=0) if len(lo) else np.zeros((0, 2), np.int64)
-    edges = [(i, i) for i in range(nodes)] + [(int(x), int(y)) for x, y in pairs]
+    strict = edges.distance < min(opts.group_threshold, opts.threshold)
+    group = chinese_whispers(nodes, edges.a[strict], edges.b[strict])
+    node_weights = np.sqrt(np.minimum(1.0, opts.linear_above / np.bincount(group)[group]))
+    graph = igraph.Graph(n=nodes, edges=np.stack([edges.a, edges.b], 1) if len(edges) else [])
+    igraph.set_random_number_generator(random.Random(opts.seed))  # Leiden's node order: the same graph, the same persons
+    try:
+        parts = graph.community_leiden(objective_function="CPM", weights=edge_weights(edges, opts.threshold), resolution=opts.resolution,
+                                       node_weights=node_weights)
+    finally:
+        igraph.set_random_number_generator(random)
+    return np.asarray(parts.membership, np.int64)
+
+
+def chinese_whispers(nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A label per node of the unweighted graph (a, b), with a self edge per node as dlib builds it (dlib's fixed seed)."""
+    import dlib
+
+    edges = [(i, i) for i in range(nodes)]
+    edges += zip(a.tolist(), b.tolist())
     return np.asarray(dlib.chinese_whispers(edges), np.int64)
+
+
+def join_existing(labels: np.ndarray, a: np.ndarray, b: np.ndarray, weights: np.ndarray, per_face: float, existing: np.ndarray) -> np.ndarray:
+    """``labels`` with each cluster that has no ``existing`` face (rows) joined to the existing cluster
+    it is linked to most, when that link weighs at least ``per_face`` per face of the smaller of the two."""
+    if len(labels) == 0:
+        return labels
+    _, dense = np.unique(labels, return_inverse=True)
+    size = np.bincount(dense)
+    is_existing = np.zeros(len(size), bool)
+    is_existing[np.unique(dense[existing])] = True
+    la, lb = dense[a], dense[b]
+    # each link from a new cluster to an existing one, as (new, existing)
+    one_side = is_existing[la] != is_existing[lb]
+    new = np.where(is_existing[la[one_side]], lb[one_side], la[one_side])
+    old = np.where(is_existing[la[one_side]], la[one_side], lb[one_side])
+    pair, inverse = np.unique(new * len(size) + old, return_inverse=True)
+    weight = np.bincount(inverse, weights=weights[one_side]) if len(pair) else np.zeros(0)
+    pnew, pold = pair // len(size), pair % len(size)
+    per = weight / np.minimum(size[pnew], size[pold])
+    target = np.arange(len(size))
+    order = np.lexsort((pold, -per, pnew))  # per new cluster: the strongest link first
+    first = order[np.r_[True, pnew[order][1:] != pnew[order][:-1]]] if len(order) else order
+    strong = first[per[first] >= per_face]
+    target[pnew[strong]] = pold[strong]
+    label_of = np.zeros(len(size), labels.dtype)
+    label_of[dense] = labels
+    return label_of[target][dense]
 
 
 def _stable_ids(labels: np.ndarray, previous: np.ndarray, next_id: int) -> tuple[np.ndarray, int]:
@@ -131,6 +200,26 @@ def _stable_ids(labels: np.ndarray, previous: np.ndarray, next_id: int) -> tuple
     return out, next_id
 
 
+def _join(before: np.ndarray, new: np.ndarray, edges: Edges, opts: ClusterOptions, next_id: int) -> tuple[np.ndarray, int, int, int]:
+    """Person ids after an incremental run: the ``new`` faces clustered among themselves, each new
+    cluster joining the existing person (``before``; -1 = none) it is linked to most, if strongly enough.
+    Returns (person ids, new faces that joined a person, new persons, the next free id)."""
+    position = np.full(len(before), -1, np.int64)
+    position[new] = np.arange(len(new))
+    among = (position[edges.a] >= 0) & (position[edges.b] >= 0)
+    local = leiden(len(new), Edges(position[edges.a[among]], position[edges.b[among]], edges.distance[among]), opts)
+    labels = before.copy()
+    labels[new] = next_id + local  # new clusters take labels no existing person has
+    merged = join_existing(labels, edges.a, edges.b, edge_weights(edges, opts.threshold), opts.join, np.flatnonzero(before >= 0))
+    person = before.copy()
+    got = merged[new]
+    joined = got < next_id
+    person[new[joined]] = got[joined]
+    fresh, renumbered = np.unique(got[~joined], return_inverse=True)
+    person[new[~joined]] = next_id + renumbered
+    return person, int(joined.sum()), len(fresh), next_id + len(fresh)
+
+
 def _read_persons(table: Table, gen: Generation) -> pa.Table:
     with derived.local_copy(table, gen, "persons") as path:
         return pq.read_table(path)
@@ -148,7 +237,7 @@ def cluster(table_root: str, opts: ClusterOptions = ClusterOptions()) -> Cluster
     n = len(loaded.ids)
     face_ids = np.asarray(loaded.face_ids.to_numpy(zero_copy_only=False), object)
     previous = derived.latest(table, PERSONS_KIND)
-    usable = previous is not None and previous.params.get("threshold") == opts.threshold and previous.params.get("neighbours") == opts.neighbours
+    usable = previous is not None and all(previous.params.get(k) == v for k, v in opts.settings.items())
     before = np.full(n, -1, np.int64)
     next_id, left = 0, 0
     if previous is not None:
@@ -161,33 +250,17 @@ def cluster(table_root: str, opts: ClusterOptions = ClusterOptions()) -> Cluster
     if not full and previous.covers == loaded.generation.covers:  # nothing changed since: no new generation
         return ClusterReport(previous.number, previous.table_version, n, len(np.unique(before)), 0, 0, 0, 0, False,
                              time.perf_counter() - started)
+    spec = GraphSpec(table_root, loaded.generation.number, opts.threshold, opts.neighbours, opts.nprobe)
+    rows = np.arange(n) if full else np.flatnonzero(before < 0)
+    edges = neighbour_graph(loaded, rows, spec, engine=opts.engine, workers=opts.workers, ray_address=opts.ray_address,
+                            beam_args=opts.beam_args, progress=opts.progress)
+    log.info("cluster: %d edges among %d faces", len(edges), n)
     if full:
-        a, b = neighbour_edges(loaded, np.arange(n), opts, opts.progress)
-        labels = chinese_whispers(n, a, b)
-        person, next_id = _stable_ids(labels, before, next_id)
+        person, next_id = _stable_ids(leiden(n, edges, opts), before, next_id)
         new_faces, joined, new_persons = n - int((before >= 0).sum()), 0, len(set(person.tolist()) - set(before[before >= 0].tolist()))
     else:
-        person = before.copy()
-        new = np.flatnonzero(before < 0)
-        a, b = neighbour_edges(loaded, new, opts, opts.progress)
-        votes = before[b] >= 0
-        if votes.any():
-            pairs, counts = np.unique(np.stack([a[votes], before[b[votes]]], 1), axis=0, return_counts=True)
-            order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # per face: most votes first, then the lowest id
-            first = order[np.r_[True, pairs[order, 0][1:] != pairs[order, 0][:-1]]]
-            person[pairs[first, 0]] = pairs[first, 1]
-        joined = int((person[new] >= 0).sum())
-        rest = np.flatnonzero(person < 0)
-        position = np.full(n, -1, np.int64)
-        position[rest] = np.arange(len(rest))
-        inside = (position[a] >= 0) & (position[b] >= 0)
-        among = np.stack([position[a[inside]], position[b[inside]]], 1)
-        labels = chinese_whispers(len(rest), among[:, 0], among[:, 1])
-        for k, label in enumerate(np.unique(labels)):
-            person[rest[labels == label]] = next_id + k
-        new_persons = len(np.unique(labels))
-        next_id += new_persons
-        new_faces = len(new)
+        person, joined, new_persons, next_id = _join(before, rows, edges, opts, next_id)
+        new_faces = len(rows)
     rows = pa.table({"face_id": loaded.face_ids, "person_id": pa.array(person, pa.int64()),
                      "version": pa.array(np.full(n, snapshot.version, np.int64))}, schema=PERSONS_SCHEMA).sort_by("face_id")
     with tempfile.TemporaryDirectory(prefix="facetier-persons-") as tmp:
@@ -195,8 +268,7 @@ def cluster(table_root: str, opts: ClusterOptions = ClusterOptions()) -> Cluster
         pq.write_table(rows, path, compression="zstd")
         gen = derived.write_generation(table, PERSONS_KIND, table_version=snapshot.version, covers=list(loaded.generation.covers),
                                        files={"persons": path}, rows=n,
-                                       params={"threshold": opts.threshold, "neighbours": opts.neighbours, "next_person": next_id,
-                                               "index_generation": loaded.generation.number})
+                                       params={**opts.settings, "next_person": next_id, "index_generation": loaded.generation.number})
     return ClusterReport(gen.number, snapshot.version, n, len(np.unique(person)), new_faces, joined, new_persons, left, full,
                          time.perf_counter() - started)
 

@@ -1,6 +1,7 @@
 """Ray Data adapters. Encode: from_items(shards) -> map_batches(shard encoder actors), each actor
 preparing, encoding and writing whole shards with a ``ShardWorker``, as the local engine does.
-Decode and edit: from_items(batches) -> map_batches(decoder actors, one ``BatchDecoder`` each)."""
+Decode and edit: from_items(batches) -> map_batches(decoder actors, one ``BatchDecoder`` each).
+Cluster's neighbour graph: from_items(slices of faces) -> map_batches(actors, one ``NeighbourWorker`` each)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from facetier.pipelines.jobs.decode_records import BatchDecoder, DecodeContext
+from facetier.pipelines.jobs.neighbour_graph import Edges, GraphSpec, NeighbourWorker
 from facetier.pipelines.jobs.records import JobContext, ShardSpec
 from facetier.pipelines.jobs.shard_worker import ShardWorker, shards_per_call
 
@@ -108,3 +110,24 @@ def run_ray_decode(ctx: DecodeContext, batches: Sequence[tuple[str, list[str]]],
     # blocks made up front: a repartition would need a CPU task while the actors hold every CPU
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
     ds.map_batches(DecoderActor, fn_constructor_args=(ctx,), batch_size=1, concurrency=workers, num_gpus=gpus, batch_format="numpy").materialize()
+
+
+class NeighbourActor:
+    """One loaded identity index per actor; each batch of slices comes back as its edges."""
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.worker = NeighbourWorker(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        edges = Edges.concat([self.worker.run(np.asarray(rows, np.int64)) for rows in batch["rows"]])
+        return {"a": edges.a, "b": edges.b, "distance": edges.distance}
+
+
+def run_ray_neighbours(spec: GraphSpec, slices: Sequence[np.ndarray], workers: int = 1, address: str | None = None) -> list[Edges]:
+    import ray
+
+    init_ray(workers, address)
+    ds = ray.data.from_items([{"rows": s} for s in slices], override_num_blocks=max(1, min(len(slices), 4 * workers)))
+    out = ds.map_batches(NeighbourActor, fn_constructor_args=(spec,), batch_size=1, concurrency=workers, batch_format="numpy")
+    return [Edges(b["a"].astype(np.int64), b["b"].astype(np.int64), b["distance"].astype(np.float32))
+            for b in out.iter_batches(batch_size=None, batch_format="numpy")]
