@@ -109,11 +109,17 @@ def latest(table: Table, kind: str, at_version: int | None = None) -> Generation
 
 
 def write_generation(table: Table, kind: str, *, table_version: int, covers: list[str], files: dict[str, Path], rows: int,
-                     params: dict[str, Any]) -> Generation:
-    """Upload ``files`` (role -> local path) under digest names, then the manifest naming them."""
+                     params: dict[str, Any], reuse: tuple[Generation, tuple[str, ...]] | None = None) -> Generation:
+    """Upload ``files`` (role -> local path) under digest names, then the manifest naming them.
+    ``reuse``: an earlier generation and roles whose files the new one names as they are (not uploaded again)."""
     previous = generations(table, kind)
     number = previous[-1].number + 1 if previous else 1
     stored, digests = {}, {}
+    if reuse is not None:
+        old, roles = reuse
+        for role in roles:
+            stored[role] = old.files[role]
+            digests[old.files[role]] = old.digests[old.files[role]]
     for role, path in files.items():
         digest = file_digest(path)
         rel = f"{DERIVED_DIR}/{kind}/{role}.{digest[:32]}{''.join(Path(path).suffixes[-1:])}"

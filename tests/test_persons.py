@@ -112,6 +112,10 @@ def test_a_stale_index_is_never_used_silently_and_an_update_adds_only_the_new(pe
     report = build_index(root, progress=False)
     assert not report.rebuilt and report.added == len(_names(root)) - before and report.removed == 0
     assert search(root, face, k=2).method.startswith(f"identity index generation {report.generation}")
+    # one face more: a small delta beside the base, which stays as it was (not the whole index again)
+    gens = derived.generations(Table(root), INDEX_KIND)
+    assert set(gens[-1].files) == {"index", "faces", "added", "removed"} and gens[-1].files["index"] == gens[-2].files["index"]
+    assert search(root, face, k=4).table.column("face_id").to_pylist() == search(root, face, k=4, use_index=False).table.column("face_id").to_pylist()
 
 
 def test_compaction_moves_faces_between_files_and_the_index_follows(people):
@@ -124,6 +128,40 @@ def test_compaction_moves_faces_between_files_and_the_index_follows(people):
     assert report.removed == report.added > 0 and report.faces == len(_names(root))
     got = search(root, face, k=3)
     assert got.method.startswith("identity index") and got.table.column("face_id").to_pylist() == want
+
+
+def test_encode_can_bring_the_index_up_to_date_right_after_its_commit(people, tmp_path):
+    from dataclasses import replace
+
+    _, photos, _ = people
+    root = str(tmp_path / "table")
+    s = run_encode(str(photos), root, replace(OPTS, update_index=True))
+    assert any(n.startswith("identity index generation 1 built") for n in s.notes)
+    face = sorted(_names(root))[0]
+    assert search(root, face, k=2).method.startswith("identity index generation 1")
+
+
+def test_a_delta_generation_takes_faces_out_and_in_as_a_full_one_would(people, monkeypatch, tmp_path):
+    from facetier.pipelines.jobs import identity_index
+
+    root = str(tmp_path / "copy")
+    shutil.copytree(people[0], root)
+    build_index(root, rebuild=True, progress=False)
+    face = sorted(_names(root))[0]
+    want = search(root, face, k=5, use_index=False).table.column("face_id").to_pylist()
+    monkeypatch.setattr(identity_index, "DELTA_FRACTION", 10.0)  # every change a delta, however large
+    vacuum(Table(root), compact=True, retention_hours=1e6)  # every face leaves its file and comes back in another
+    report = build_index(root, progress=False)
+    assert report.removed == report.added == len(_names(root))
+    gen = derived.latest(Table(root), INDEX_KIND)
+    assert "removed" in gen.files and gen.rows == len(_names(root))
+    got = search(root, face, k=5)
+    assert got.method.startswith(f"identity index generation {gen.number}") and got.table.column("face_id").to_pylist() == want
+    monkeypatch.setattr(identity_index, "DELTA_FRACTION", 0.0)  # the next change rewrites the whole index, deltas folded in
+    vacuum(Table(root), compact=True, retention_hours=1e6)
+    build_index(root, progress=False)
+    assert set(derived.latest(Table(root), INDEX_KIND).files) == {"index", "faces"}
+    assert search(root, face, k=5).table.column("face_id").to_pylist() == want
 
 
 def test_cluster_finds_the_persons_and_keeps_their_ids(people, tmp_path):

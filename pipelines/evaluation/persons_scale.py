@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import queue
 import resource
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from facetier.io.derived import Generation
 from facetier.io.identity import DESCRIPTOR_DIM, DESCRIPTOR_STEP, LEVELS
-from facetier.pipelines.jobs.identity_index import LoadedIndex, add_codes, default_nprobe, lists_for, new_index, search_index
+from facetier.pipelines.jobs.identity_index import LoadedIndex, add_codes, default_nprobe, lists_for, new_index, remove_ids, search_index
 from facetier.pipelines.jobs.neighbour_graph import GraphSpec, NeighbourWorker
 from facetier.pipelines.jobs.persons import ClusterOptions, _join, leiden
 
@@ -54,6 +57,8 @@ class PersonsScaleRow:
     persons_found: int | None
     cluster_pair_f: float | None  # pairwise F of the persons found against the synthetic persons
     incremental_joined: float | None  # share of the 10 k new faces that joined an existing person
+    store_s: float  # writing the index generation (faiss file, id map, digests) to local disk
+    update_10k_s: float  # `facetier index`'s update for 10 k new faces: load the generation (digests verified), write a delta
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +149,7 @@ def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiproc
     cluster_s = incremental_s = persons_found = found_f = joined = None
     if n <= cluster_upto:
         opts = ClusterOptions(progress=False)
-        index.remove_ids(faiss.IDSelectorRange(n, n + len(extra)))
+        remove_ids(index, np.arange(n, n + len(extra)))
         t = time.perf_counter()
         spec = GraphSpec("", 0, opts.threshold, opts.neighbours)
         person = leiden(n, NeighbourWorker(spec, loaded).run(np.arange(n)).undirected(), opts)
@@ -159,9 +164,44 @@ def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiproc
         after, n_joined, _, _ = _join(before, new, edges, opts, int(person.max()) + 1)
         incremental_s = time.perf_counter() - t
         joined = n_joined / len(extra)
+    remove_ids(index, np.arange(n, n + len(extra)))
+    del loaded
+    store_s, update_s = _generation_io(index, n, lists, extra)
     out.put(asdict(PersonsScaleRow(n, lists, default_nprobe(lists), build_s, build_peak, max(peak_before, _peak_mb()),
                                    float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3), recall, add_s, cluster_s,
-                                   incremental_s, int(len(np.unique(labels))), persons_found, found_f, joined)))
+                                   incremental_s, int(len(np.unique(labels))), persons_found, found_f, joined, store_s, update_s)))
+
+
+def _id_map(first: int, n: int, per_file: int = 10_000) -> pa.Table:
+    """Face and photo ids (20-character strings, as long as facetier's) and base-family file names for ids first..first+n."""
+    ids = np.arange(first, first + n, dtype=np.int64)
+    text = pc.utf8_lpad(pc.cast(pa.array(ids), pa.string()), 20, "0")
+    files = pa.DictionaryArray.from_arrays(pa.array((ids // per_file).astype(np.int32)),
+                                           pa.array([f"basic/s{k:07d}.0.parquet" for k in range(int(ids.max(initial=0)) // per_file + 1)]))
+    return pa.table({"face_id": text, "photo_id": text, "file": files, "id": pa.array(ids)})
+
+
+def _generation_io(index: object, n: int, lists: int, extra: np.ndarray) -> tuple[float, float]:
+    """(seconds to store the index as a generation, seconds for the update that adds ``extra``), on local disk."""
+    from facetier.io.table import Table
+    from facetier.pipelines.jobs import identity_index as ix
+
+    with tempfile.TemporaryDirectory(prefix="facetier-bench-index-") as tmp:
+        table = Table(tmp)
+        rows = _id_map(0, n)
+        covers = sorted(set(rows.column("file").chunk(0).dictionary.to_pylist()))
+        params = {"lists": lists, "trained_rows": n, "nprobe": default_nprobe(lists), "next_id": n, "step": DESCRIPTOR_STEP, "without_descriptor": 0}
+        t = time.perf_counter()
+        gen = ix._write_full(table, 1, covers, index, rows, params)
+        store_s = time.perf_counter() - t
+        del rows, index
+        t = time.perf_counter()
+        loaded = ix.load(table, gen)
+        fresh = _id_map(n, len(extra)).drop_columns(["id"]).append_column("id", pa.array(np.arange(n, n + len(extra), dtype=np.int64)))
+        more = sorted(set(fresh.column("file").chunk(0).dictionary.to_pylist()) - set(covers))
+        ix._write_update(table, 2, covers + more, loaded, np.ones(len(loaded.ids), bool), fresh, extra,
+                         {**gen.params, "next_id": n + len(extra)})
+        return store_s, time.perf_counter() - t
 
 
 def _exact_top10(codes: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -189,7 +229,13 @@ def bench_persons(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000), *, 
         out = ctx.Queue()
         proc = ctx.Process(target=_one_size, args=(n, queries, cluster_upto, seed, out))
         proc.start()
-        row = PersonsScaleRow(**out.get())
+        while True:  # a child that dies (out of memory, a crash) must not leave the bench waiting for ever
+            try:
+                row = PersonsScaleRow(**out.get(timeout=5))
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the {n}-face measurement died (exit code {proc.exitcode}) before reporting") from None
         proc.join()
         rows.append(row)
         log.info("%s", row)
@@ -199,11 +245,12 @@ def bench_persons(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000), *, 
 
 
 def render(rows: list[PersonsScaleRow]) -> str:
-    lines = ["faces       lists nprobe  build_s build_MB  peak_MB  p50_ms  p99_ms  recall@10  add10k_s  cluster_s  incr10k_s  persons(true/found)  pair_F  joined"]
+    lines = ["faces       lists nprobe  build_s build_MB  peak_MB  p50_ms  p99_ms  recall@10  add10k_s  store_s  update10k_s  cluster_s  incr10k_s  "
+             "persons(true/found)  pair_F  joined"]
     for r in rows:
         cl = f"{r.cluster_s:9.1f}" if r.cluster_s is not None else "        -"
         inc = f"{r.cluster_incremental_10k_s:9.2f}" if r.cluster_incremental_10k_s is not None else "        -"
         lines.append(f"{r.faces:<11d} {r.lists:5d} {r.nprobe:6d} {r.build_s:8.1f} {r.build_peak_rss_mb:8.0f} {r.peak_rss_mb:8.0f} {r.search_p50_ms:7.2f} {r.search_p99_ms:7.2f}"
-                     f"  {r.recall_at_10:9.3f} {r.add_10k_s:9.2f} {cl} {inc}  {r.persons_true}/{r.persons_found if r.persons_found is not None else '-'}"
+                     f"  {r.recall_at_10:9.3f} {r.add_10k_s:9.2f} {r.store_s:8.1f} {r.update_10k_s:12.1f} {cl} {inc}  {r.persons_true}/{r.persons_found if r.persons_found is not None else '-'}"
                      f"  {'-' if r.cluster_pair_f is None else f'{r.cluster_pair_f:.3f}'}  {'-' if r.incremental_joined is None else f'{r.incremental_joined:.2f}'}")
     return "\n".join(lines)

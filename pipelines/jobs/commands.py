@@ -26,7 +26,7 @@ def _encode(a: argparse.Namespace) -> int:
     opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
                          layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
                          ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, max_source_mb=a.max_source_mb,
-                         residual_quality=a.residual_quality, verify_content=a.verify_content)
+                         residual_quality=a.residual_quality, verify_content=a.verify_content, update_index=a.update_index)
     summary = run_encode(a.src, a.table, opts)
     print(summary.render())
     if a.profile:
@@ -224,6 +224,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--verify-content", action="store_true",
                    help="read and hash the inputs the listing calls unchanged (same name, size and mtime, or ETag) instead of skipping them "
                         "unread: new bytes kept under the same size and mtime are encoded; costs a read of the archive, no model time")
+    e.add_argument("--update-index", action="store_true",
+                   help="bring the identity index (facetier index) up to date right after the commit, building one if there is none")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--residual-quality", type=int, help="JPEG XL quality (0-100) of the residual layer (default: the model's, 80); recorded in each shard's options")
     e.add_argument("--gpus-per-worker", type=float,

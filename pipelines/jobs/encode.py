@@ -72,6 +72,7 @@ class EncodeOptions:
     max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
     residual_quality: int | None = None  # JPEG XL quality of the residual layer; None: the model's default
     verify_content: bool = False  # read and hash inputs the listing calls unchanged: new bytes under the same size and mtime are seen
+    update_index: bool = False  # bring the identity index (facetier index) up to date right after the commit
 
     def __post_init__(self) -> None:
         for name in ("workers", "shard_size", "batch_size"):
@@ -373,6 +374,10 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     for st in this_run:
         stage_seconds.add(st.get("stage_seconds", {}))
     steady, startup = steady_rate(started_at, _finish_times(this_run))
+    if opts.update_index:
+        from facetier.pipelines.jobs.identity_index import build_index  # faiss is loaded only when asked for
+
+        notes.append(build_index(table_root, progress=opts.progress).render())
     return EncodeSummary(
         table=table_root,
         version=version,
