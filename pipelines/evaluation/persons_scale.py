@@ -56,6 +56,7 @@ class PersonsScaleRow:
     persons_true: int
     persons_found: int | None
     cluster_pair_f: float | None  # pairwise F of the persons found against the synthetic persons
+    cluster_bcubed_f: float | None  # and BCubed F (pairwise F is ruled by the persons with most photos; BCubed weighs every face alike)
     incremental_joined: float | None  # share of the 10 k new faces that joined an existing person
     store_s: float  # writing the index generation (faiss file, id map, digests) to local disk
     update_10k_s: float  # `facetier index`'s update for 10 k new faces: load the generation (digests verified), write a delta
@@ -117,6 +118,16 @@ def pair_f(found: np.ndarray, truth: np.ndarray) -> float:
     return 2 * p * r / (p + r) if p + r else 0.0
 
 
+def bcubed_f(found: np.ndarray, truth: np.ndarray) -> float:
+    """BCubed F of a clustering against the true labels, from counts."""
+    _, f = np.unique(found, return_inverse=True)
+    _, t = np.unique(truth, return_inverse=True)
+    _, inverse, counts = np.unique(f.astype(np.int64) * (int(t.max(initial=0)) + 1) + t, return_inverse=True, return_counts=True)
+    joint = counts[inverse]
+    p, r = float(np.mean(joint / np.bincount(f)[f])), float(np.mean(joint / np.bincount(t)[t]))
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
 def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiprocessing.Queue) -> None:
     import faiss
 
@@ -146,7 +157,7 @@ def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiproc
     t = time.perf_counter()
     add_codes(index, extra, np.arange(n, n + len(extra), dtype=np.int64))
     add_s = time.perf_counter() - t
-    cluster_s = incremental_s = persons_found = found_f = joined = None
+    cluster_s = incremental_s = persons_found = found_f = found_b = joined = None
     if n <= cluster_upto:
         opts = ClusterOptions(progress=False)
         remove_ids(index, np.arange(n, n + len(extra)))
@@ -154,7 +165,7 @@ def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiproc
         spec = GraphSpec("", 0, opts.threshold, opts.neighbours)
         person = leiden(n, NeighbourWorker(spec, loaded).run(np.arange(n)).undirected(), opts)
         cluster_s = time.perf_counter() - t
-        persons_found, found_f = int(len(np.unique(person))), pair_f(person, labels)
+        persons_found, found_f, found_b = int(len(np.unique(person))), pair_f(person, labels), bcubed_f(person, labels)
         add_codes(index, extra, np.arange(n, n + len(extra), dtype=np.int64))
         grown = _loaded(index, n + len(extra), lists)
         t = time.perf_counter()
@@ -169,7 +180,7 @@ def _one_size(n: int, queries: int, cluster_upto: int, seed: int, out: multiproc
     store_s, update_s = _generation_io(index, n, lists, extra)
     out.put(asdict(PersonsScaleRow(n, lists, default_nprobe(lists), build_s, build_peak, max(peak_before, _peak_mb()),
                                    float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3), recall, add_s, cluster_s,
-                                   incremental_s, int(len(np.unique(labels))), persons_found, found_f, joined, store_s, update_s)))
+                                   incremental_s, int(len(np.unique(labels))), persons_found, found_f, found_b, joined, store_s, update_s)))
 
 
 def _id_map(first: int, n: int, per_file: int = 10_000) -> pa.Table:
@@ -246,11 +257,12 @@ def bench_persons(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000), *, 
 
 def render(rows: list[PersonsScaleRow]) -> str:
     lines = ["faces       lists nprobe  build_s build_MB  peak_MB  p50_ms  p99_ms  recall@10  add10k_s  store_s  update10k_s  cluster_s  incr10k_s  "
-             "persons(true/found)  pair_F  joined"]
+             "persons(true/found)  pair_F  BCubed_F  joined"]
     for r in rows:
         cl = f"{r.cluster_s:9.1f}" if r.cluster_s is not None else "        -"
         inc = f"{r.cluster_incremental_10k_s:9.2f}" if r.cluster_incremental_10k_s is not None else "        -"
         lines.append(f"{r.faces:<11d} {r.lists:5d} {r.nprobe:6d} {r.build_s:8.1f} {r.build_peak_rss_mb:8.0f} {r.peak_rss_mb:8.0f} {r.search_p50_ms:7.2f} {r.search_p99_ms:7.2f}"
                      f"  {r.recall_at_10:9.3f} {r.add_10k_s:9.2f} {r.store_s:8.1f} {r.update_10k_s:12.1f} {cl} {inc}  {r.persons_true}/{r.persons_found if r.persons_found is not None else '-'}"
-                     f"  {'-' if r.cluster_pair_f is None else f'{r.cluster_pair_f:.3f}'}  {'-' if r.incremental_joined is None else f'{r.incremental_joined:.2f}'}")
+                     f"  {'-' if r.cluster_pair_f is None else f'{r.cluster_pair_f:.3f}'}  {'-' if r.cluster_bcubed_f is None else f'{r.cluster_bcubed_f:.3f}'}"
+                     f"  {'-' if r.incremental_joined is None else f'{r.incremental_joined:.2f}'}")
     return "\n".join(lines)

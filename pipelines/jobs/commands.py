@@ -275,8 +275,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--neighbours", type=int, default=32, help="nearest faces each face links to (default 32)")
     cl.add_argument("--resolution", type=float, default=0.03,
                     help="Leiden (CPM): the link weight per pair of faces a person's cluster must exceed (default 0.03)")
-    cl.add_argument("--join", type=float, default=0.5,
-                    help="incremental runs: link weight per face a new cluster needs to join an existing person (default 0.5)")
+    cl.add_argument("--join", type=float, default=0.1,
+                    help="incremental runs: link weight per face a new cluster needs to join an existing person (default 0.1)")
     cl.add_argument("--engine", choices=["local", "beam", "ray"], default="local", help="where the nearest-neighbour graph is computed")
     cl.add_argument("--workers", type=int, default=1)
     cl.add_argument("--ray-address", help="address of a running Ray cluster (default: start one in-process)")

@@ -10,11 +10,14 @@ CPM's penalty grows with the square of a cluster's size while a nearest-neighbou
 grow only linearly, so on its own it would cut a person with hundreds of photos into pieces. Each
 face therefore carries a node weight ``sqrt(min(1, linear_above / m))``, where ``m`` is the size of
 its group in a first, stricter grouping (dlib's chinese whispers on the links closer than
-``group_threshold``, or ``threshold`` if lower, which does not split what is dense): inside a big group the penalty grows
-linearly, like the edges, and only a thin link between two dense parts is cut. Settings chosen on
-LFW's evaluation photos (folds 5-8; ``facetier eval-persons``) and checked on LFW training
-identities with 144-236 photos (kept whole): threshold 0.52, resolution 0.03, group threshold
-0.46, linear above 50.
+``group_threshold``, or ``threshold`` if lower, which does not split what is dense): inside a big
+group the penalty grows linearly, like the edges, and only a thin link between two dense parts is
+cut. That grouping must not chain strangers together, or it protects chains instead of persons: at
+a million synthetic faces (``bench-scale --persons``) chinese whispers at 0.46 put 176 k faces of
+many persons in one group, at 0.40 its largest group was the largest person (5,022 faces of 5,013).
+Settings chosen on LFW's evaluation photos (folds 5-8; ``facetier eval-persons``) and checked on LFW
+training identities with 144-236 photos (kept whole) and on that synthetic archive: threshold 0.52,
+resolution 0.03, group threshold 0.40, linear above 50.
 
 Runs are incremental: the faces new since the last generation are clustered among themselves the
 same way, and each new cluster then joins the existing person it is linked to most, when that link
@@ -58,9 +61,9 @@ class ClusterOptions:
     threshold: float = 0.52  # descriptor distance (dlib's units) below which two faces are linked
     neighbours: int = 32
     resolution: float = 0.03  # CPM: the edge weight per pair of faces a cluster must exceed
-    group_threshold: float = 0.46  # the stricter first grouping that sets each face's node weight (at most ``threshold``)
+    group_threshold: float = 0.40  # the stricter first grouping that sets each face's node weight (at most ``threshold``)
     linear_above: int = 50  # group size above which CPM's penalty grows linearly
-    join: float = 0.5  # incremental runs: link weight per face a new cluster needs to join an existing person
+    join: float = 0.1  # incremental runs: link weight per face a new cluster needs to join an existing person
     nprobe: int | None = None  # inverted lists each neighbour query visits (default: identity_index.neighbour_nprobe)
     full: bool = False
     engine: str = "local"  # where the neighbour graph is computed: local, beam or ray
