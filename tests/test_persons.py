@@ -243,9 +243,11 @@ def test_persons_on_real_faces_come_out_as_dlibs_do(shared_data, tmp_path):
     assert r.facetier_default.bcubed_f >= r.dlib[0].bcubed_f - 0.05
 
 
-def test_the_neighbour_graph_on_ray_and_beam_gives_the_persons_the_local_engine_does(people):
+def test_the_neighbour_graph_on_ray_and_beam_gives_the_persons_the_local_engine_does(people, monkeypatch):
     import ray
+    from facetier.pipelines.jobs import neighbour_graph
 
+    monkeypatch.setattr(neighbour_graph, "ROWS_PER_SLICE", 5)  # several slices, the last one shorter
     root, _, _ = people
     t = Table(root)
     local = cluster(root, ClusterOptions(threshold=SAME, full=True, progress=False))

@@ -83,7 +83,8 @@ class Edges:
             return Edges(z["a"], z["b"], z["distance"])
 
 
-def row_slices(rows: np.ndarray, per_slice: int = ROWS_PER_SLICE) -> list[np.ndarray]:
+def row_slices(rows: np.ndarray, per_slice: int | None = None) -> list[np.ndarray]:
+    per_slice = per_slice or ROWS_PER_SLICE
     return [rows[at:at + per_slice] for at in range(0, len(rows), per_slice)]
 
 

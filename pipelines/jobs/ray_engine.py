@@ -119,7 +119,7 @@ class NeighbourActor:
         self.worker = NeighbourWorker(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        edges = Edges.concat([self.worker.run(np.asarray(rows, np.int64)) for rows in batch["rows"]])
+        edges = Edges.concat([self.worker.run(np.frombuffer(rows, np.int64)) for rows in batch["rows"]])
         return {"a": edges.a, "b": edges.b, "distance": edges.distance}
 
 
@@ -127,7 +127,9 @@ def run_ray_neighbours(spec: GraphSpec, slices: Sequence[np.ndarray], workers: i
     import ray
 
     init_ray(workers, address)
-    ds = ray.data.from_items([{"rows": s} for s in slices], override_num_blocks=max(1, min(len(slices), 4 * workers)))
+    # slices travel as bytes: their lengths differ, and Ray Data would make a ragged tensor column of them
+    ds = ray.data.from_items([{"rows": np.ascontiguousarray(s, np.int64).tobytes()} for s in slices],
+                             override_num_blocks=max(1, min(len(slices), 4 * workers)))
     out = ds.map_batches(NeighbourActor, fn_constructor_args=(spec,), batch_size=1, concurrency=workers, batch_format="numpy")
     return [Edges(b["a"].astype(np.int64), b["b"].astype(np.int64), b["distance"].astype(np.float32))
             for b in out.iter_batches(batch_size=None, batch_format="numpy")]
