@@ -224,7 +224,7 @@ def build_index(table_root: str, *, rebuild: bool = False, progress: bool = True
         _add_parts(index, new_codes, 0)
         rows = new_rows.append_column("id", pa.array(np.arange(len(new_rows), dtype=np.int64)))
         params = {"lists": lists, "trained_rows": len(new_rows), "nprobe": nprobe or default_nprobe(lists), "next_id": len(new_rows),
-                  "base_next_id": len(new_rows), "base_rows": len(new_rows), "step": DESCRIPTOR_STEP, "without_descriptor": missing}
+                  "step": DESCRIPTOR_STEP, "without_descriptor": missing}
         gen = _write_full(table, snapshot.version, files, index, rows, params)
         return IndexReport(gen.number, gen.table_version, rows.num_rows, len(new_rows), 0, missing, True, False, lists,
                            time.perf_counter() - started)
@@ -247,7 +247,7 @@ def _write_full(table: Table, version: int, files: list[str], index: object, row
     with tempfile.TemporaryDirectory(prefix="facetier-index-") as tmp:
         index_path, faces_path = Path(tmp) / "index.faiss", Path(tmp) / "faces.parquet"
         _faiss().write_index(index, str(index_path))
-        pq.write_table(rows.select(["face_id", "photo_id", "file", "id"]).sort_by("id"), faces_path, compression="zstd")
+        pq.write_table(rows.select(_ID_MAP.names).sort_by("id"), faces_path, compression="zstd")
         return derived.write_generation(table, INDEX_KIND, table_version=version, covers=files,
                                         files={"index": index_path, "faces": faces_path}, rows=rows.num_rows,
                                         params={**params, "base_next_id": params["next_id"], "base_rows": rows.num_rows})
@@ -264,21 +264,21 @@ def _write_update(table: Table, version: int, files: list[str], loaded: LoadedIn
                               if t is not None])
     removed = np.union1d(loaded.removed if loaded.removed is not None else np.zeros(0, np.int64), gone[gone < base_next])
     base_rows = int(loaded.generation.params.get("base_rows", loaded.generation.rows))
-    rows = len(loaded.ids) - len(gone) + fresh.num_rows
+    faces = len(loaded.ids) - len(gone) + fresh.num_rows
     if added.num_rows + len(removed) <= DELTA_FRACTION * base_rows:
         with tempfile.TemporaryDirectory(prefix="facetier-index-") as tmp:
             added_path, removed_path = Path(tmp) / "added.parquet", Path(tmp) / "removed.parquet"
             pq.write_table(added.sort_by("id"), added_path, compression="zstd")
             pq.write_table(pa.table({"id": pa.array(removed, pa.int64())}), removed_path, compression="zstd")
             return derived.write_generation(table, INDEX_KIND, table_version=version, covers=files,
-                                            files={"added": added_path, "removed": removed_path}, rows=rows, params=params,
+                                            files={"added": added_path, "removed": removed_path}, rows=faces, params=params,
                                             reuse=(loaded.generation, ("index", "faces")))
     index = loaded.index
     remove_ids(index, gone)
     add_codes(index, codes, np.asarray(fresh.column("id"), np.int64))
     old = pa.table({"face_id": loaded.face_ids, "photo_id": loaded.photo_ids, "file": loaded.files, "id": pa.array(loaded.ids)})
-    rows = pa.concat_tables([old.filter(pa.array(keep)).cast(_ID_MAP), fresh.select(["face_id", "photo_id", "file", "id"]).cast(_ID_MAP)])
-    return _write_full(table, version, files, index, rows, params)
+    return _write_full(table, version, files, index,
+                       pa.concat_tables([old.filter(pa.array(keep)).cast(_ID_MAP), fresh.select(_ID_MAP.names).cast(_ID_MAP)]), params)
 
 
 def _kept_added(loaded: LoadedIndex, gone: np.ndarray) -> pa.Table | None:
@@ -309,8 +309,8 @@ def load(table: Table, gen: Generation) -> LoadedIndex:
         if len(removed):
             remove_ids(index, removed)
             faces = faces.filter(pa.array(~np.isin(np.asarray(faces.column("id"), np.int64), removed)))
-        faces = pa.concat_tables([faces.select(["face_id", "photo_id", "file", "id"]).cast(_ID_MAP),
-                                  added.select(["face_id", "photo_id", "file", "id"]).cast(_ID_MAP)])
+        faces = pa.concat_tables([faces.select(_ID_MAP.names).cast(_ID_MAP),
+                                  added.select(_ID_MAP.names).cast(_ID_MAP)])
     if hasattr(index, "nprobe"):
         index.nprobe = int(gen.params.get("nprobe", 1))
     return LoadedIndex(gen, index, np.asarray(faces.column("id"), np.int64), faces.column("face_id").combine_chunks(),

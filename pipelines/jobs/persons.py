@@ -231,12 +231,15 @@ def _read_persons(table: Table, gen: Generation) -> pa.Table:
 def cluster(table_root: str, opts: ClusterOptions = ClusterOptions()) -> ClusterReport:
     """Bring the identity index up to date, then give every indexed face a person id."""
     started = time.perf_counter()
-    build_index(table_root, progress=opts.progress)
     table = Table(table_root)
     snapshot = table.snapshot()
-    loaded, why = current_index(table, snapshot)
+    loaded, _ = current_index(table, snapshot)  # an index already current is loaded (and its digests verified) once
     if loaded is None:
-        raise TableCorruptError(f"{table_root}: {why}")  # the table moved while the index was built: run again
+        build_index(table_root, progress=opts.progress)
+        snapshot = table.snapshot()
+        loaded, why = current_index(table, snapshot)
+        if loaded is None:
+            raise TableCorruptError(f"{table_root}: {why}")  # the table moved while the index was built: run again
     n = len(loaded.ids)
     face_ids = np.asarray(loaded.face_ids.to_numpy(zero_copy_only=False), object)
     previous = derived.latest(table, PERSONS_KIND)
@@ -264,11 +267,11 @@ def cluster(table_root: str, opts: ClusterOptions = ClusterOptions()) -> Cluster
     else:
         person, joined, new_persons, next_id = _join(before, rows, edges, opts, next_id)
         new_faces = len(rows)
-    rows = pa.table({"face_id": loaded.face_ids, "person_id": pa.array(person, pa.int64()),
-                     "version": pa.array(np.full(n, snapshot.version, np.int64))}, schema=PERSONS_SCHEMA).sort_by("face_id")
+    result = pa.table({"face_id": loaded.face_ids, "person_id": pa.array(person, pa.int64()),
+                       "version": pa.array(np.full(n, snapshot.version, np.int64))}, schema=PERSONS_SCHEMA).sort_by("face_id")
     with tempfile.TemporaryDirectory(prefix="facetier-persons-") as tmp:
         path = Path(tmp) / "persons.parquet"
-        pq.write_table(rows, path, compression="zstd")
+        pq.write_table(result, path, compression="zstd")
         gen = derived.write_generation(table, PERSONS_KIND, table_version=snapshot.version, covers=list(loaded.generation.covers),
                                        files={"persons": path}, rows=n,
                                        params={**opts.settings, "next_person": next_id, "index_generation": loaded.generation.number})
