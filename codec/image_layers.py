@@ -40,12 +40,13 @@ def encode_residuals(source_crops: Sequence[np.ndarray], generated: Sequence[np.
     and the model thread waits for this stage."""
     if len(source_crops) < 2:
         return [encode_residual(c, g, quality) for c, g in zip(source_crops, generated)]
-    return list(_pool().map(lambda pair: encode_residual(pair[0], pair[1], quality), zip(source_crops, generated)))
+    return list(pool().map(lambda pair: encode_residual(pair[0], pair[1], quality), zip(source_crops, generated)))
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="facetier-jxl")
+def pool() -> ThreadPoolExecutor:
+    """Threads for the image codecs of a batch of faces, one per core."""
+    return ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="facetier-image")
 
 
 def apply_residual(generated: np.ndarray, payload: bytes) -> np.ndarray:

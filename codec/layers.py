@@ -9,9 +9,12 @@ from facetier.errors import ConfigError
 GENERATIVE = "generative"
 LINEAR = "linear"
 SEMANTIC = "semantic"
+PREVIEW = "preview"
+DETAIL = "detail"
 RESIDUAL = "residual"
 ORIGINAL = "original"
-LAYER_ORDER = ("basic", "middle", "enhanced", RESIDUAL, ORIGINAL)
+HUMAN_LAYERS = (PREVIEW, DETAIL, RESIDUAL)  # above the generative layers, for people (codec.human_layers)
+LAYER_ORDER = ("basic", "middle", "enhanced", *HUMAN_LAYERS, ORIGINAL)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class LayerPlan:
         if any(s.kind not in (LINEAR, SEMANTIC) for s in self.layers) or any(s.kind == SEMANTIC for s in self.layers[1:]):
             raise ConfigError("layer kinds are 'linear' and 'semantic', and only the base layer may be semantic")
         names = [s.name for s in self.layers]
-        if len(names) != len(set(names)) or any(n in (RESIDUAL, ORIGINAL) for n in names):
+        if len(names) != len(set(names)) or any(n in (*HUMAN_LAYERS, ORIGINAL) for n in names):
             raise ConfigError(f"bad generative layer names {names}")
 
     @property
@@ -90,7 +93,7 @@ class LayerPlan:
 
 
 def all_layer_names(plan: LayerPlan) -> tuple[str, ...]:
-    return plan.names + (RESIDUAL, ORIGINAL)
+    return plan.names + HUMAN_LAYERS + (ORIGINAL,)
 
 
 @dataclass(frozen=True)

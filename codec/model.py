@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from facetier.codec import image_layers
+from facetier.codec import human_layers, image_layers
 from facetier.codec.align import AlignedFace, FaceDetector, align_faces
 from facetier.codec.checkpoints import ModelBundle, load_bundle
 from facetier.codec.entropy import FrozenLayerModel, LayerEntropyCoder
 from facetier.codec.face_descriptor import DESCRIPTOR_DIM
+from facetier.codec.human_layers import HumanLayerPlan
 from facetier.codec.layers import (
+    HUMAN_LAYERS,
     ORIGINAL,
-    RESIDUAL,
     SEMANTIC,
     LayerCode,
     LayeredCode,
@@ -222,12 +223,17 @@ class FaceCodec:
     def align(self, rgb: np.ndarray) -> list[AlignedFace]:
         return align_faces(rgb, self.detector)
 
+    def human_plan(self, residual_quality: int | None = None, rung_bytes: dict[str, int] | None = None) -> HumanLayerPlan:
+        """How the layers for people are coded: the defaults with these budgets and residual quality."""
+        return human_layers.default_plan(self.size).with_budgets(rung_bytes or {}).with_full_quality(residual_quality)
+
     def encode_crops(
-        self, crops: np.ndarray, *, layers: Sequence[str] | None = None, residual_quality: int | None = None,
+        self, crops: np.ndarray, *, layers: Sequence[str] | None = None, human: HumanLayerPlan | None = None,
         descriptors: np.ndarray | None = None, times: StageTimes | None = None,
     ) -> list[LayeredCode]:
         """Layered codes for aligned crops (without the ``original`` layer, which needs the source file).
 
+        ``human``: how the layers for people are coded (default: :meth:`human_plan`).
         ``descriptors``: the crops' face descriptors when a CPU stage already computed them (the
         detected-chip method does); computed here in one batch otherwise. ``times`` collects the
         seconds of each stage. Every network runs on batches of :data:`MICRO_BATCH` rows (per device
@@ -235,6 +241,9 @@ class FaceCodec:
         """
         times = StageTimes() if times is None else times
         wanted = self._wanted(layers)
+        human = self.human_plan() if human is None else human
+        people = [n for n in HUMAN_LAYERS if n in wanted]
+        needs_generated = human.needs_generated(people)
         if descriptors is not None and np.shape(descriptors) != (len(crops), DESCRIPTOR_DIM):
             raise ConfigError(f"descriptors of shape {np.shape(descriptors)} for {len(crops)} crops; expected ({len(crops)}, {DESCRIPTOR_DIM})")
         with times.stage("encoder"):
@@ -256,15 +265,16 @@ class FaceCodec:
                         layer_codes.append(LayerCode(coder.model.name, coder.encode(sym, context)))
                     context = np.concatenate([context, sym])
                 codes_layers.append(layer_codes)
-                if RESIDUAL in wanted:  # only the residual needs the generative decode at encode time
+                if needs_generated:  # only a rung predicted from the generated face reads it at encode time
                     quantised.append(self.wplus_from_symbols(symbols))
-        if RESIDUAL in wanted:
-            with times.stage("synthesis"):
-                generated = in_fixed_batches(self.synthesise, self.micro_batch, np.stack(quantised))
-            q = self.config.residual_quality if residual_quality is None else residual_quality
-            with times.stage("residual_jxl"):
-                for layer_codes, payload in zip(codes_layers, image_layers.encode_residuals(crops, generated, q)):
-                    layer_codes.append(LayerCode(RESIDUAL, payload))
+        if people:
+            generated: Sequence[np.ndarray | None] = [None] * len(crops)
+            if needs_generated:
+                with times.stage("synthesis"):
+                    generated = in_fixed_batches(self.synthesise, self.micro_batch, np.stack(quantised))
+            with times.stage("human_layers"):
+                for layer_codes, rung_codes in zip(codes_layers, human_layers.encode_many(crops, generated, people, human)):
+                    layer_codes.extend(rung_codes)
         return [LayeredCode(self.codec_id, self.weights_hash, tuple(lc)) for lc in codes_layers]
 
     def descriptors(self, crops: np.ndarray) -> np.ndarray | None:
@@ -320,19 +330,26 @@ class FaceCodec:
         return symbols
 
     def decode_many(self, codes: Sequence[LayeredCode], upto: str) -> list[DecodedFace]:
-        """Decode faces at a prefix: a generative layer name or ``residual``."""
-        top = self.plan.names[-1] if upto == RESIDUAL else upto
-        wplus = np.stack([self.wplus_from_symbols(self.decode_symbols(c, top)) for c in codes])
-        images = in_fixed_batches(self.synthesise, self.micro_batch, wplus)  # the encoder's residual reference, exactly, on this machine
+        """Decode faces at a prefix: a generative layer or a layer for people (``preview``, ``detail``,
+        ``residual``). The generator runs only for faces whose layers read the generated face."""
+        if upto not in self.plan.names and upto not in HUMAN_LAYERS:
+            raise ConfigError(f"--upto must be one of {[*self.plan.names, *HUMAN_LAYERS]}")
+        top = self.plan.names[-1] if upto in HUMAN_LAYERS else upto
+        synthesise = [upto not in HUMAN_LAYERS or human_layers.needs_generated(c, upto) for c in codes]
         used = self.plan.names[: self.plan.index(top) + 1]
+        images: list[np.ndarray | None] = [None] * len(codes)
+        if any(synthesise):
+            at = [i for i, s in enumerate(synthesise) if s]
+            wplus = np.stack([self.wplus_from_symbols(self.decode_symbols(codes[i], top)) for i in at])
+            # the encoder's reference for a predicted rung, exactly, on this machine
+            for i, img in zip(at, in_fixed_batches(self.synthesise, self.micro_batch, wplus)):
+                images[i] = img
         out = []
-        for code, img in zip(codes, images):
-            if upto == RESIDUAL:
-                layer = code.layer(RESIDUAL)
-                if layer is None:
-                    raise MissingLayerError(f"no residual layer in this stream (has {code.names})")
-                img = image_layers.apply_residual(img, layer.payload)
-                out.append(DecodedFace(img, used + (RESIDUAL,), generated=True))
+        for code, img, gen in zip(codes, images, synthesise):
+            if upto in HUMAN_LAYERS:
+                self.check_identity(code)
+                face, people = human_layers.decode_human(code, img, upto, self.size)
+                out.append(DecodedFace(face, (used if gen else ()) + people, generated=True))  # lossy either way: never evidence
             else:
                 out.append(DecodedFace(img, used, generated=True))
         return out

@@ -87,6 +87,10 @@ class MissingLayerError(StreamError):
     """A decode asked for a layer above what the stream holds."""
 
 
+class RawStreamError(StreamError):
+    """A rung's image bitstream cannot be stripped of its container, rebuilt or decoded."""
+
+
 # --- models and configuration ------------------------------------------------------------------
 class ModelError(FacetierError):
     """Weights or model configuration cannot be loaded."""

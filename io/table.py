@@ -4,7 +4,8 @@ Layout under the table root (local path, ``gs://`` or ``s3://``)::
 
     faces/                     index: ids, source, box, landmarks, transform, codec identity
     basic/ middle/ enhanced/   one family per generative layer (payload bytes + crc32)
-    residual/ original/        the pixel layers (original: one row per photo)
+    preview/ detail/ residual/ the layers for people: rungs of the face, then the face at full resolution
+    original/                  the source files, byte for byte (one row per photo)
     rejects/                   inputs that produced no face: error class and message
     aliases/                   further names of photos whose bytes another name already brought
     inputs/                    every input each model consumed: name, source key, outcome (incremental planning)
@@ -55,7 +56,7 @@ PLANS_DIR = f"{STAGING_DIR}/commits"
 COMMITS_TABLE = "_commits"
 LEGACY_MANIFEST_DIR = "_manifest"  # facetier's v1 format: the shard list in JSON (facetier.pipelines.jobs.migrate)
 APP_ID = "facetier"  # the application transaction whose version is the facetier table version
-LAYER_FAMILIES = ("basic", "middle", "enhanced", "residual")
+LAYER_FAMILIES = ("basic", "middle", "enhanced", "preview", "detail", "residual")
 INDEX_FAMILY = "faces"
 BASE_FAMILY = "basic"
 ORIGINAL_FAMILY = "original"
@@ -66,9 +67,9 @@ ALL_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY, A
 PHOTO_FAMILIES = (INDEX_FAMILY, *LAYER_FAMILIES, ORIGINAL_FAMILY, REJECT_FAMILY)  # rows keyed by photo id
 # Heavy families first and the base family after them: a face a reader sees in `basic` has every other
 # layer its run wrote already committed; `inputs` last, so an input a planner sees as held is held whole.
-COMMIT_ORDER = (ORIGINAL_FAMILY, "residual", "enhanced", "middle", ALIAS_FAMILY, REJECT_FAMILY, INDEX_FAMILY, BASE_FAMILY, INPUTS_FAMILY)
+COMMIT_ORDER = (ORIGINAL_FAMILY, "residual", "detail", "preview", "enhanced", "middle", ALIAS_FAMILY, REJECT_FAMILY, INDEX_FAMILY, BASE_FAMILY, INPUTS_FAMILY)
 # Heavy families get small row groups so a point lookup for one face reads little.
-ROW_GROUP_ROWS = {"residual": 64, ORIGINAL_FAMILY: 16}
+ROW_GROUP_ROWS = {"preview": 256, "detail": 128, "residual": 64, ORIGINAL_FAMILY: 16}
 
 FACES_SCHEMA = pa.schema(
     [

@@ -16,17 +16,18 @@ def test_bench_reports_stages_and_steady_state(sample_archive, tmp_path, monkeyp
     report = run_bench(str(sample_archive), limit=12, configs=[("local", 1)], out=str(out), shard_size=3, device="cpu", batch_sizes=(2,))
     assert json.loads(out.read_text()) == report
     assert not list(scratch.iterdir()), "the bench left its tables behind"
-    decode, local, decode_back = report["rows"]
+    decode, local, *decoded = report["rows"]
     assert decode["name"] == "jpeg-decode-only" and local["name"] == "local x1 b2"
-    assert decode_back["name"] == "decode residual local x1 b2" and decode_back["faces"] == 6 and decode_back["faces_per_second"] > 0
+    assert [d["name"] for d in decoded] == [f"decode {upto} local x1 b2" for upto in ("enhanced", "preview", "detail", "residual")]
+    assert all(d["faces"] == 6 and d["faces_per_second"] > 0 for d in decoded)
     assert local["faces"] == 6 and local["device"] == "cpu"
     stages = local["stage_ms_per_face"]
-    for stage in ("read", "decode", "detect_align", "encoder", "semantic_entropy", "synthesis", "residual_jxl", "write"):
+    for stage in ("read", "decode", "detect_align", "encoder", "semantic_entropy", "human_layers", "write"):
         assert stages[stage] > 0, stage
     assert local["steady_faces_per_second"] > 0 and local["startup_seconds"] >= 0
     assert local["worker_peak_rss_mb"] > 100 and local["peak_rss_mb"] >= local["worker_peak_rss_mb"]
     text = render(report)
-    assert "ms per face by stage" in text and "encoder" in text and "decode residual local" in text
+    assert "ms per face by stage" in text and "encoder" in text and "decode preview local" in text
 
 
 def test_cross_device_check_on_the_cpu(sample_archive):

@@ -7,7 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from dataclasses import replace
+
 from facetier.codec import container
+from facetier.codec.human_layers import RungSetting
+from facetier.codec.rungs import PREDICTED, RungCandidate
 from facetier.codec.layers import LayerCode, LayeredCode
 from PIL import Image
 
@@ -185,12 +189,14 @@ def test_every_network_call_has_the_micro_batch_shape_and_a_face_codes_alike_in_
     rows = tiny_codec.micro_batch
     assert rows == 16, "the CPU's fixed network shape"
     crops = np.random.default_rng(5).integers(0, 256, (rows + 3, 32, 32, 3), dtype=np.uint8)
-    alone = [tiny_codec.encode_crops(c[None])[0] for c in crops[:4]]
+    # a preview predicted from the generated face: the encoder then runs the generator too
+    human = replace(tiny_codec.human_plan(), preview=RungSetting((RungCandidate("webp", 32, PREDICTED),), 80))
+    alone = [tiny_codec.encode_crops(c[None], human=human)[0] for c in crops[:4]]
     seen: list[int] = []
     for name in ("encode_wplus", "synthesise"):
         real = getattr(tiny_codec, name)
         monkeypatch.setattr(tiny_codec, name, lambda x, real=real: seen.append(len(x)) or real(x))
-    batched = tiny_codec.encode_crops(crops)
+    batched = tiny_codec.encode_crops(crops, human=human)
     assert seen == [rows] * 4, "two encoder and two synthesis calls, the second of each padded to the micro-batch"
     assert len(batched) == len(crops)
     for a, b in zip(alone, batched):  # every layer, the residual included, whatever the batch around a face

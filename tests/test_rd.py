@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from facetier.pipelines.evaluation.conventional_codecs import conventional_codecs
-from facetier.pipelines.evaluation.rate_distortion import FACETIER, RdPoint, _Faces, _Judge, _spread, bd_rate
+from facetier.pipelines.evaluation.rate_distortion import FACETIER, RdPoint, _Faces, _Judge, _spread
+from facetier.pipelines.evaluation.rd_envelope import beating_points, bd_rate, bd_rates, goals
 
 from facetier.cli import main
 from facetier.errors import ConfigError
@@ -57,10 +58,30 @@ def test_bd_rate_of_a_curve_needing_twice_the_bytes() -> None:
     assert bd_rate(far, anchor, "ms_ssim") is None  # no overlap in quality: no figure rather than an extrapolated one
 
 
+def test_the_envelope_judges_every_conventional_point() -> None:
+    def pt(codec: str, nbytes: float, ver: float, ssim: float, setting: str = "") -> RdPoint:
+        return RdPoint(codec, setting, None, nbytes, 0.0, 30.0, ssim, ver, 0, None, None)
+
+    ours = [pt(FACETIER, 100, 0.80, 0.90, "preview ≤30 B"), pt(FACETIER, 300, 0.92, 0.95, "preview ≤230 B")]
+    points = ours + [
+        pt("webp", 120, 0.79, 0.895),  # matched by the 100 B point (within 1 point and 0.005)
+        pt("webp@64px", 310, 0.94, 0.95),  # 2 points better than anything at <= 310 B: it beats facetier
+        pt("avif", 90, 0.70, 0.80),  # cheaper than every facetier point: nothing at its bytes matches it
+        pt("jpeg", 2500, 0.99, 0.999),  # above 2,000 B: not judged
+        pt("variant: x", 50, 0.99, 0.999),  # a candidate, not a conventional codec
+    ]
+    beaten = {(b["codec"], b["bytes"]) for b in beating_points(points)}
+    assert beaten == {("webp@64px", 310), ("avif", 90)}
+    assert next(b for b in beating_points(points) if b["codec"] == "avif")["closest_facetier"] is None
+    g = goals(points)
+    assert g["verification_within_300_B"]["value"] == 0.92 and g["verification_within_400_B"]["setting"] == "preview ≤230 B"
+    assert "facetier vs envelope of all conventional points" in bd_rates(points)
+
+
 def test_rd_report_on_generated_faces(tmp_path: Path, sample_archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rd"
     rc = main(["rd", str(sample_archive), "--report", str(out), "--limit", "50", "--codecs", "jpeg,jpegxl", "--downscales", "4",
-               "--residual-qualities", "10,90", "--peer-faces", "0", "--metric-faces", "4"])
+               "--preview-budgets", "60,150", "--detail-budgets", "300", "--residual-qualities", "10,90", "--peer-faces", "0", "--metric-faces", "4"])
     assert rc == 0
     report = json.loads((out / "rd.json").read_text())
     assert report["faces"] >= 5 and report["pairs"] == 0 and report["crop_verification"] is None
@@ -68,12 +89,24 @@ def test_rd_report_on_generated_faces(tmp_path: Path, sample_archive: Path, caps
     assert set(report["phase_seconds"]) == {"load and align", FACETIER, "conventional codecs"}
     points = report["points"]
     ours = [p for p in points if p["codec"] == FACETIER]
-    assert [p["setting"] for p in ours] == ["basic", "middle", "enhanced", "residual q=10", "residual q=90"]
-    assert [p["bytes_mean"] for p in ours] == sorted(p["bytes_mean"] for p in ours)  # each prefix holds the one below
+    people = ["preview ≤60 B", "preview ≤150 B", "detail ≤300 B", "residual q=10", "residual q=90", "residual q=10, no rungs", "residual q=90, no rungs"]
+    # no default layer for people reads the generated face: each also stands over the base layer alone
+    assert [p["setting"] for p in ours] == ["basic", "middle", "enhanced", *people, *(f"{s}, over basic" for s in people)]
+    by_setting = {p["setting"]: p for p in ours}
+    for s in people:
+        alone, over = by_setting[s], by_setting[f"{s}, over basic"]
+        assert over["ms_ssim"] == alone["ms_ssim"]
+        assert over["bytes_mean"] == pytest.approx(alone["bytes_mean"] - by_setting["enhanced"]["bytes_mean"] + by_setting["basic"]["bytes_mean"])
+    chain = [p["bytes_mean"] for p in ours if p["setting"] in ("basic", "middle", "enhanced", "preview ≤150 B", "detail ≤300 B", "residual q=10")]
+    assert chain == sorted(chain)  # each layer holds the ones below
+    budgeted = [p for p in ours if p["budget"]]
+    assert [p["budget"] for p in budgeted] == [60, 150, 300] and all(p["layer_bytes_p95"] <= 1.1 * p["budget"] for p in budgeted)
+    assert set(report["goals"]) >= {"verification_within_300_B", "ms_ssim_within_1700_B", "budgets"}
+    assert isinstance(report["beating_points"], list)
     assert {p["codec"] for p in points} == {FACETIER, "jpeg", "jpeg@32px", "jpegxl", "jpegxl@32px"}
     assert len([p for p in points if p["codec"] == "jpeg"]) == 6 and len([p for p in points if p["codec"] == "jpeg@32px"]) == 2
     assert all(p["verification"] is None and 0 < p["ms_ssim"] <= 1 and p["psnr_db"] > 10 for p in points)
-    assert set(report["bd_rate"]) == {"facetier residual vs jpeg", "facetier residual vs jpegxl"}
+    assert set(report["bd_rate"]) == {"facetier vs envelope of all conventional points", "facetier vs jpeg", "facetier vs jpegxl"}
     assert "vvc" in report["skipped"]
     with (out / "rd.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -81,13 +114,13 @@ def test_rd_report_on_generated_faces(tmp_path: Path, sample_archive: Path, caps
     pytest.importorskip("matplotlib", reason="plots need the eval extra")
     for name in ("rd.png", "rd.svg", "strip.png"):
         assert (out / name).stat().st_size > 1000
-    assert "BD-rate facetier residual vs jpeg" in capsys.readouterr().out
+    assert "BD-rate facetier vs envelope of all conventional points" in capsys.readouterr().out
 
 
 def test_rd_on_lfw_pairs(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "rd"
     assert main(["rd", str(shared_data / "lfw"), "--report", str(out), "--limit", "16", "--codecs", "webp", "--downscales", "2",
-                 "--residual-qualities", "80", "--peer-faces", "0", "--no-strip"]) == 0
+                 "--preview-budgets", "150", "--detail-budgets", "350", "--residual-qualities", "60", "--peer-faces", "0", "--no-strip"]) == 0
     report = json.loads((out / "rd.json").read_text())
     assert report["pairs"] == 16 and report["crop_verification"] > 0.5
     best = max(p["verification"] for p in report["points"] if p["codec"] == "webp")

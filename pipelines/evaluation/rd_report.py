@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from facetier.pipelines.evaluation.rate_distortion import FACETIER, RdPoint, RdReport
+from facetier.pipelines.evaluation.rd_envelope import BEAT_MAX_BYTES, VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,17 @@ def write_report(report: RdReport, strips: dict[tuple[str, str], np.ndarray], ou
     return written
 
 
+_FACETIER_GROUPS = (("preview", "k-o"), ("detail", "k-s"), ("residual", "k-^"), ("residual, no rungs", "k:^"), ("preview, over basic", "b-o"),
+                    ("detail, over basic", "b-s"), ("residual, over basic", "b-^"), ("residual, no rungs, over basic", "b:^"))
+
+
+def _group(p: RdPoint) -> str:
+    """Which sweep of facetier's a point belongs to: its layer, whether the rungs are under it, and
+    whether the whole generative prefix is."""
+    layer = p.setting.split(" ")[0]
+    return ", ".join([layer] + [part for part in ("no rungs", "over basic") if part in p.setting])
+
+
 def _families(points: list[RdPoint]) -> list[str]:
     return list(dict.fromkeys(p.codec for p in points))
 
@@ -53,13 +65,16 @@ def plot_curves(report: RdReport, path: Path) -> Path:
     for ax, (metric, title) in zip(axes[0], metrics):
         for codec in _families(report.points):
             pts = sorted((p for p in report.points if p.codec == codec and getattr(p, metric) is not None), key=lambda p: p.bytes_mean)
+            if codec.startswith(VARIANT):
+                continue  # in rd.csv and the table: too many curves for one plot
             if codec == FACETIER:
-                gen = [p for p in pts if p.quality is None]
-                res = [p for p in pts if p.quality is not None]
-                ax.plot([p.bytes_mean for p in res], [getattr(p, metric) for p in res], "k-o", lw=2, ms=4, label="facetier + residual")
+                gen = [p for p in pts if " " not in p.setting]
                 ax.plot([p.bytes_mean for p in gen], [getattr(p, metric) for p in gen], "r*", ms=13, label="facetier prefixes", zorder=5)
                 for p in gen:
                     ax.annotate(p.setting, (p.bytes_mean, getattr(p, metric)), textcoords="offset points", xytext=(4, -10), fontsize=8, color="r")
+                for group, style in _FACETIER_GROUPS:
+                    sweep = [p for p in pts if _group(p) == group]
+                    ax.plot([p.bytes_mean for p in sweep], [getattr(p, metric) for p in sweep], style, lw=2, ms=4, label=f"facetier {group}", zorder=4)
             else:
                 style = "-" if "@" not in codec else ":"
                 ax.plot([p.bytes_mean for p in pts], [getattr(p, metric) for p in pts], style, marker=".", label=codec)
@@ -87,7 +102,7 @@ def plot_strip(strips: dict[tuple[str, str], np.ndarray], report: RdReport, path
     """Rows: the same faces; one block per budget; columns: the crop, then each codec's point nearest the budget."""
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(p.codec.split("@")[0] for p in report.points))
+    families = list(dict.fromkeys(p.codec.split("@")[0] for p in report.points if not p.codec.startswith("variant")))
     crop = strips[("crop", "")]
     n_faces = len(crop)
     cols = 1 + len(families)
@@ -121,15 +136,32 @@ def render(report: RdReport) -> str:
         lines.append("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report.phase_seconds.items()))
     if report.crop_verification is not None:
         lines.append(f"uncoded crops verify at {100 * report.crop_verification:.2f}%")
-    lines.append(f"{'codec':<14}{'setting':<16}{'bytes':>8}{'bpp':>8}{'PSNR':>7}{'MS-SSIM':>9}{'verif.':>8}{'gender':>8}{'age':>6}")
+    cw = max([14, *(len(p.codec) + 2 for p in report.points)])
+    sw = max([16, *(len(p.setting) + 2 for p in report.points)])
+    lines.append(f"{'codec':<{cw}}{'setting':<{sw}}{'bytes':>8}{'bpp':>8}{'PSNR':>7}{'MS-SSIM':>9}{'verif.':>8}{'gender':>8}{'age':>6}")
     for p in report.points:
         ver = "" if p.verification is None else f"{100 * p.verification:.1f}%"
         gen = "" if p.gender_agreement is None else f"{100 * p.gender_agreement:.0f}%"
         age = "" if p.age_mae_years is None else f"{p.age_mae_years:.1f}"
-        lines.append(f"{p.codec:<14}{p.setting:<16}{p.bytes_mean:>8.0f}{p.bpp:>8.3f}{p.psnr_db:>7.2f}{p.ms_ssim:>9.3f}{ver:>8}{gen:>8}{age:>6}")
+        lines.append(f"{p.codec:<{cw}}{p.setting:<{sw}}{p.bytes_mean:>8.0f}{p.bpp:>8.3f}{p.psnr_db:>7.2f}{p.ms_ssim:>9.3f}{ver:>8}{gen:>8}{age:>6}")
     lines.append("header bytes (flat 8x8 image, lowest setting): " + ", ".join(f"{k} {v}" for k, v in report.header_bytes.items()))
     for name, figures in report.bd_rate.items():
         lines.append(f"BD-rate {name}: " + ", ".join(f"{m} {'n/a' if v is None else f'{v:+.1f}%'}" for m, v in figures.items()))
+    g = report.goals
+    for key, label, fmt in (("verification_within_300_B", "best verification within 300 B", "{:.2%}"),
+                            ("verification_within_400_B", "best verification within 400 B", "{:.2%}"),
+                            ("ms_ssim_within_1700_B", "best MS-SSIM within 1,700 B", "{:.4f}")):
+        if g.get(key):
+            lines.append(f"{label}: {fmt.format(g[key]['value'])} (facetier {g[key]['setting']}, {g[key]['bytes']:.0f} B)")
+    for setting, b in g.get("budgets", {}).items():
+        lines.append(f"budget {setting}: mean {b['mean_vs_budget']:+.1%}, 95th percentile {b['p95_vs_budget']:+.1%} of the budget")
+    lines.append(f"conventional points at <= {BEAT_MAX_BYTES} B that facetier does not match at their bytes: {len(report.beating_points)}")
+    for b in report.beating_points:
+        near = b["closest_facetier"]
+        ver = "" if b["verification"] is None else f"{b['verification']:.2%}, "
+        lines.append(f"  {b['codec']} {b['setting']}: {b['bytes']:.0f} B, {ver}MS-SSIM {b['ms_ssim']:.4f}"
+                     + ("" if near is None else f"; closest facetier {near['setting']} at {near['bytes']:.0f} B: "
+                        + ("" if near["verification"] is None else f"{near['verification']:.2%}, ") + f"MS-SSIM {near['ms_ssim']:.4f}"))
     for name, why in report.skipped.items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)

@@ -28,7 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from facetier.codec.human_layers import payload_problem
 from facetier.codec.image_layers import decode_original
+from facetier.codec.layers import HUMAN_LAYERS
 from facetier.io.commit import finish_pending, pending_plan, reapply_lost
 from facetier.io import derived
 from facetier.io.delta_log import audit_logs
@@ -154,6 +156,8 @@ def _check_file(table: Table, family: str, name: str, action: dict[str, Any], ta
         for fid, payload, crc in zip(*(data.column(c).to_pylist() for c in ("face_id", "payload", "crc32"))):
             if payload is None or crc is None or zlib.crc32(payload) != crc:
                 tally.problems.append(f"{where}: face {fid}'s payload fails its crc32")
+            elif family in HUMAN_LAYERS and (why := payload_problem(family, payload)):
+                tally.problems.append(f"{where}: face {fid}'s payload {why}")
     elif family == ORIGINAL_FAMILY:
         for pid, payload in zip(data.column("photo_id").to_pylist(), data.column("payload").to_pylist()):
             try:

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from facetier.pipelines.jobs.analytics import QueryLimits
 
 
+def _rung_bytes(text: str | None) -> tuple[tuple[str, int], ...]:
+    if not text:
+        return ()
+    try:
+        return tuple((k.strip(), int(v)) for k, v in (part.split("=") for part in text.split(",")))
+    except ValueError:
+        raise ConfigError(f"--rung-bytes takes LAYER=BYTES pairs, e.g. preview=150,detail=350, not {text!r}") from None
+
+
 def _encode(a: argparse.Namespace) -> int:
     from facetier.pipelines.jobs.encode import EncodeOptions, run_encode
 
@@ -26,7 +35,7 @@ def _encode(a: argparse.Namespace) -> int:
     opts = EncodeOptions(engine=a.engine, workers=a.workers, shard_size=a.shard_size, batch_size=a.batch_size,
                          layers=tuple(a.layers.split(",")) if a.layers else None, weights=a.weights, device=a.device,
                          ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker, beam_args=tuple(a.beam_arg or ()), progress=not a.quiet, max_source_mb=a.max_source_mb,
-                         residual_quality=a.residual_quality, verify_content=a.verify_content, update_index=a.update_index)
+                         residual_quality=a.residual_quality, rung_bytes=_rung_bytes(a.rung_bytes), verify_content=a.verify_content, update_index=a.update_index)
     summary = run_encode(a.src, a.table, opts)
     print(summary.render())
     if a.profile:
@@ -227,7 +236,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--update-index", action="store_true",
                    help="bring the identity index (facetier index) up to date right after the commit, building one if there is none")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("--residual-quality", type=int, help="JPEG XL quality (0-100) of the residual layer (default: the model's, 80); recorded in each shard's options")
+    e.add_argument("--residual-quality", type=int, help="quality (0-99) of the residual layer, the face at full resolution (default 60, "
+                   "AVIF's scale); recorded in each shard's options")
+    e.add_argument("--rung-bytes", help="byte budgets per face of the preview and detail rungs, e.g. preview=150,detail=350 (the defaults); "
+                   "each face gets the best format and quality that fits")
     e.add_argument("--gpus-per-worker", type=float,
                    help="ray: GPUs each encoder actor asks for (default: 1 when the cluster has GPUs, whichever node the driver runs on; 0 never)")
     e.add_argument("--profile", action="store_true", help="also print time per stage per face, start-up apart from steady state, and the largest encode worker's peak memory")
@@ -235,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("decode", help="decode selected faces at a layer prefix (or their source files) to any folder or bucket")
     d.add_argument("table", nargs="?", default=os.environ.get("FACETIER_TABLE"), help="table root (local, gs://, s3://); default $FACETIER_TABLE")
-    d.add_argument("--upto", default="enhanced", help="basic, middle, enhanced, residual or original (the source files, byte for byte)")
+    d.add_argument("--upto", default="enhanced", help="basic, middle, enhanced, preview, detail, residual or original (the source files, byte for byte)")
     d.add_argument("--out", required=True, help="output folder: a path, gs://bucket/prefix or s3://bucket/prefix")
     _job_arguments(d)
     d.add_argument("--as-of", type=int, metavar="VERSION", help="decode the table as it was at this version (time travel; default: the latest)")

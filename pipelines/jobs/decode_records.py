@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from facetier.codec.align import paste_back
-from facetier.codec.layers import ORIGINAL, RESIDUAL
+from facetier.codec.layers import HUMAN_LAYERS, ORIGINAL
 from facetier.io.images import decode_image, sniff_format
 from facetier.io.table import Snapshot, Table
 from facetier.pipelines.jobs.outputs import JOB_DIR, OutputFolder
@@ -126,10 +126,10 @@ class BatchDecoder:
         plan = self.codec.plan.names
         if self.ctx.edits and self.ctx.upto not in plan:
             raise ConfigError(f"an edit decodes the generative layers: --upto one of {list(plan)}")
-        if self.ctx.upto == RESIDUAL:
-            return [*plan, RESIDUAL]
+        if self.ctx.upto in HUMAN_LAYERS:
+            return [*plan, *HUMAN_LAYERS[: HUMAN_LAYERS.index(self.ctx.upto) + 1]]
         if self.ctx.upto not in plan:
-            raise ConfigError(f"--upto must be one of {[*plan, RESIDUAL, ORIGINAL]}")
+            raise ConfigError(f"--upto must be one of {[*plan, *HUMAN_LAYERS, ORIGINAL]}")
         return list(plan[: plan.index(self.ctx.upto) + 1])
 
     def run(self, units: Sequence[str], record_as: str | None = None) -> list[OutputRecord]:
@@ -169,7 +169,7 @@ class BatchDecoder:
         table = Table(ctx.table_root)
         snapshot = ctx.table_snapshot(table)
         rows, failures = index_rows(table, todo, snapshot)
-        codes, failed = read_codes(table, rows, families, snapshot)
+        codes, failed = read_codes(table, rows, families, snapshot, optional=[f for f in families[:-1] if f in HUMAN_LAYERS])
         failures += failed
         by_id = {r["face_id"]: r for r in rows}
         images = self._edited(codes) if ctx.edits else self._decoded(codes, failures)

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from facetier.codec.checkpoints import load_bundle
-from facetier.codec.layers import all_layer_names
+from facetier.codec.human_layers import FULL_QUALITY, RUNG_LAYERS, default_plan
+from facetier.codec.layers import HUMAN_LAYERS, all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.codec.stage_times import StageTimes, render_stages
 from facetier.io.sources import MAX_SOURCE_BYTES, SourceRef, content_id, key_bytes, list_sources, read_source, source_key
@@ -70,7 +71,8 @@ class EncodeOptions:
     beam_args: tuple[str, ...] = ()
     progress: bool = True
     max_source_mb: float = MAX_SOURCE_BYTES / 2**20  # larger inputs are rejected unread (SourceReadError)
-    residual_quality: int | None = None  # JPEG XL quality of the residual layer; None: the model's default
+    residual_quality: int | None = None  # quality of the residual (full-resolution) layer; None: the default
+    rung_bytes: tuple[tuple[str, int], ...] = ()  # byte budgets of the preview and detail rungs; () the defaults
     verify_content: bool = False  # read and hash inputs the listing calls unchanged: new bytes under the same size and mtime are seen
     update_index: bool = False  # bring the identity index (facetier index) up to date right after the commit
 
@@ -80,8 +82,7 @@ class EncodeOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.max_source_mb > 0:
             raise ConfigError(f"--max-source-mb must be a positive number, got {self.max_source_mb}")
-        if self.residual_quality is not None and not 0 <= self.residual_quality <= 100:
-            raise ConfigError(f"residual quality {self.residual_quality} is outside 0-100")
+        default_plan(128, 0).with_budgets(dict(self.rung_bytes)).with_full_quality(self.residual_quality)  # checks both
 
 
 @dataclass(frozen=True)
@@ -275,9 +276,10 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     sources = [s for s, _ in todo_inputs]
     skipped = len(listed) - len(todo_inputs)
     max_source_bytes = int(opts.max_source_mb * 2**20)
-    residual_quality = cfg.residual_quality if opts.residual_quality is None else opts.residual_quality
+    human = default_plan(cfg.generator.size, FULL_QUALITY).with_budgets(dict(opts.rung_bytes)).with_full_quality(opts.residual_quality)
+    people = f";human_layers={human.describe()}" if set(layers) & set(HUMAN_LAYERS) else ""
     shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
-                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes};residual_quality={residual_quality}",
+                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes}{people}",
                          keys=[k for _, k in todo_inputs])
     done = set()
     staged = table.done_shard_ids()  # one listing, not a request per planned shard
@@ -289,7 +291,9 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, opts.device,
                      opts.batch_size, descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
-                     residual_quality=residual_quality, torch_threads=_torch_threads(opts))
+                     residual_quality=human.full_quality, rung_bytes=tuple((n, human.setting(n).budget) for n in RUNG_LAYERS),
+                     human_layers=human.describe(),
+                     torch_threads=_torch_threads(opts))
     log.info("%d inputs listed, %d already in the table; %d to read in %d shards (%d already done by an interrupted run)",
              len(listed), skipped, len(sources), len(shards), len(done))
     stop = threading.Event()

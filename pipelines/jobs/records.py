@@ -29,7 +29,7 @@ import pyarrow as pa
 from facetier.codec.align import AlignmentConfig, FaceDetector, align_faces
 from facetier.codec.face_descriptor import FaceDescriptor
 from facetier.codec.image_layers import encode_original
-from facetier.codec.layers import ORIGINAL
+from facetier.codec.layers import HUMAN_LAYERS, ORIGINAL
 from facetier.codec.stage_times import StageTimes
 from facetier.io.identity import pack_descriptor, pack_identity
 from facetier.io.images import decode_image
@@ -91,7 +91,9 @@ class JobContext:
     batch_size: int = 16
     descriptor: str = ""  # the model's face descriptor id (the detected-chip method runs on the CPU stage)
     max_source_bytes: int = MAX_SOURCE_BYTES
-    residual_quality: int | None = None  # None: the model's default
+    residual_quality: int | None = None  # of the residual layer; None: the default
+    rung_bytes: tuple[tuple[str, int], ...] = ()  # budgets of the preview and detail rungs; () the defaults
+    human_layers: str = ""  # how the layers for people are coded, in words (recorded with their files)
     # torch threads per encoder worker; 0 leaves torch's default (all cores). Several workers sharing
     # one machine each get their share, or their thread pools fight over the cores (Beam x2 on 2 cores
     # ran at half the speed of one worker).
@@ -153,7 +155,7 @@ def prepare_source(shard_id: str, source: str, ctx: JobContext, detector: FaceDe
     return items
 
 
-def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], residual_quality: int | None = None) -> list[dict[str, Any]]:
+def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[str], human: Any = None) -> list[dict[str, Any]]:
     """Encode the face items of a batch; other items pass through unchanged. A face's bytes do not
     depend on the batch (the codec runs its networks on fixed micro-batches)."""
     faces = [i for i in items if i["kind"] == "face"]
@@ -168,10 +170,10 @@ def encode_items(codec: Any, items: Sequence[dict[str, Any]], layers: Sequence[s
             else:
                 with times.stage("descriptor"):
                     descriptors = codec.descriptors(crops)
-            codes = codec.encode_crops(crops, layers=wanted, times=times, residual_quality=residual_quality, descriptors=descriptors)
+            codes = codec.encode_crops(crops, layers=wanted, times=times, human=human, descriptors=descriptors)
         except FacetierError as exc:
             if len(faces) > 1:  # find the face that fails: the others of the batch are not at fault
-                return [out for it in items for out in encode_items(codec, [it], layers, residual_quality)]
+                return [out for it in items for out in encode_items(codec, [it], layers, human)]
             return [_reject(i["shard_id"], i["source_uri"], i["photo_id"], exc.error_class, str(exc), i.get("source_key")) if i["kind"] == "face" else i
                     for i in items]
         with times.stage("semantic_entropy"):
@@ -247,7 +249,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
     files, rows, nbytes, fstats = {}, {}, {}, {}
     for family, data in cols.items():
         arrow = pa.Table.from_pydict(data, schema=family_schema(family))
-        extra = {"residual_quality": str(ctx.residual_quality)} if family == "residual" else None  # JPEG XL does not record it
+        # the rung headers record each face's format, size and quality; the budgets are the job's
+        extra = {"human_layers": ctx.human_layers} if family in HUMAN_LAYERS else None
         files[family], nbytes[family], fstats[family] = table.write_family(family, shard_id, arrow, ctx.codec_id, ctx.weights_hash, extra)
         rows[family] = arrow.num_rows
     sources = {r["source_uri"] for r in results}
@@ -264,8 +267,8 @@ def write_shard(ctx: JobContext, shard_id: str, results: Iterable[dict[str, Any]
         # the writing process's peak so far: Ray's and Dataflow's workers are not the driver's children
         "worker_peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    if "residual" in ctx.layers:
-        stats["residual_quality"] = ctx.residual_quality  # the residual payload is JPEG XL, which does not record it
+    if set(ctx.layers) & set(HUMAN_LAYERS):
+        stats["human_layers"] = ctx.human_layers
     entry = ShardEntry(shard_id, ctx.codec_id, ctx.weights_hash, files, rows, nbytes,
                        tuple(sorted({r["photo_id"] for r in faces} | {r["photo_id"] for r in rejects if r["photo_id"]})), stats, fstats)
     table.write_done_marker(entry)

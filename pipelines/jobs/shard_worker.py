@@ -123,6 +123,11 @@ class ShardWorker:
                             self.ctx.batch_size, micro, -(-self.ctx.batch_size // micro) * micro)
         return self._codec
 
+    @property
+    def human(self) -> Any:
+        """How this job codes the layers for people (the codec's defaults with the job's budgets)."""
+        return self.codec.human_plan(self.ctx.residual_quality, dict(self.ctx.rung_bytes))
+
     def run_many(self, shards: Iterable[ShardSpec]) -> Iterator[ShardEntry]:
         """Encode and write ``shards`` in order, yielding each shard's entry once it is written.
 
@@ -134,7 +139,7 @@ class ShardWorker:
         batch: list[dict[str, Any]] = []
 
         def encode_batch() -> None:
-            for item in encode_items(self.codec, batch, self.ctx.layers, self.ctx.residual_quality):
+            for item in encode_items(self.codec, batch, self.ctx.layers, self.human):
                 results[item["shard_id"]].append(item)
             batch.clear()
 

@@ -72,8 +72,10 @@ def _stem(rel: str) -> str:
     return posixpath.basename(rel).split(".")[0]
 
 
-def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], snapshot: Snapshot) -> tuple[dict[str, LayeredCode], list[FaceFailure]]:
+def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], snapshot: Snapshot,
+               optional: Sequence[str] = ()) -> tuple[dict[str, LayeredCode], list[FaceFailure]]:
     """The verified layers ``families`` (lowest first) of each face in ``rows``, by face id; the faces that fail.
+    A face without one of ``optional`` (a rung it was written without) is read without it.
 
     A face's layers are looked for first in the files its shard wrote (same name as its index file),
     then, for faces not found there (files compacted since), in every file whose statistics allow it."""
@@ -108,11 +110,11 @@ def read_codes(table: Table, rows: Sequence[dict], families: Sequence[str], snap
         fid = r["face_id"]
         if fid in failed:
             continue
-        lacking = [fam for fam in families if fam not in payloads[fid]]
+        lacking = [fam for fam in families if fam not in payloads[fid] and fam not in optional]
         if lacking:
             failed[fid] = FaceFailure.of(fid, MissingLayerError(f"face {fid} has no {lacking[0]!r} layer in the table"))
             continue
-        codes[fid] = LayeredCode(r["codec_id"], r["weights_hash"], tuple(LayerCode(fam, payloads[fid][fam]) for fam in families))
+        codes[fid] = LayeredCode(r["codec_id"], r["weights_hash"], tuple(LayerCode(fam, payloads[fid][fam]) for fam in families if fam in payloads[fid]))
     return codes, sorted(failed.values(), key=lambda f: f.id)
 
 
