@@ -125,7 +125,7 @@ def build_table(root: str, n_faces: int, src_table: str, file_rows: int, seed: i
         entries.append(e)
     heavy = ShardEntry("real", codec_id, weights_hash, {}, {}, {})
     snap = src.snapshot()
-    for fam in ("middle", "enhanced", "residual", "original", "rejects"):
+    for fam in ("middle", "enhanced", "preview", "detail", "residual", "original", "rejects"):
         for rel in family_files(src, fam, snap)[:1]:
             data = read_file(src, rel, fam)
             heavy.files[fam], heavy.nbytes[fam], heavy.file_stats[fam] = t.write_family(fam, "real", data, heavy.codec_id, heavy.weights_hash)
@@ -149,7 +149,7 @@ def _commit_one_shard(root: str, src_table: str) -> float:
     snap = src.snapshot()
     fresh = _ids(64).to_pylist()
     e = ShardEntry("one-more", "bench", "bench", {}, {}, {})
-    for fam in ("original", "residual", "enhanced", "middle", "rejects", "faces", "basic"):
+    for fam in ("original", "residual", "detail", "preview", "enhanced", "middle", "rejects", "faces", "basic"):
         rels = family_files(src, fam, snap)
         if not rels:
             continue

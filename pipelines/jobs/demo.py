@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from facetier.codec.layers import HUMAN_LAYERS
 from facetier.codec.model import FaceCodec
 from facetier.pipelines.jobs.analytics import run_query
 from facetier.pipelines.jobs.identity_search import search
@@ -19,6 +20,12 @@ from facetier.pipelines.jobs.sample_archive import build_sample_archive
 
 DEMO_SQL = ("select f.face_id, f.source_uri, b.nbytes as basic_bytes, round(b.age) as age, b.gender, b.race, round(b.smile, 2) as smile "
             "from faces f join basic b using (face_id) order by f.source_uri")
+
+
+def _provenance(generated: bool, layers: tuple[str, ...]) -> str:
+    if not generated:
+        return "source file,"
+    return "lossy copy of the crop, from" if set(layers) & set(HUMAN_LAYERS) else "GENERATED from"
 
 
 def run_demo(out: Path, *, engine: str = "local", workers: int = 1, faces: int = 12, echo: Callable[[str], None] = print) -> EncodeSummary:
@@ -35,9 +42,9 @@ def run_demo(out: Path, *, engine: str = "local", workers: int = 1, faces: int =
     echo(f"-- read {res.bytes_read} bytes of {res.table_bytes} in the table")
     ids = [r["face_id"] for r in res.table.to_pylist()[:3]]
     echo(f"== 4. facetier decode {table} --ids {' '.join(ids)} --upto LAYER --out {decoded}")
-    for upto in ("basic", "enhanced", "residual", "original"):
+    for upto in ("basic", "enhanced", "preview", "detail", "residual", "original"):
         for f in run_decode(table, ids if upto != "original" else [i.rsplit("-", 1)[0] for i in ids], upto, str(decoded)).files:
-            echo(f"{f.path}\t{'GENERATED from' if f.generated else 'source file,'} {'+'.join(f.layers_used)}")
+            echo(f"{f.path}\t{_provenance(f.generated, f.layers_used)} {'+'.join(f.layers_used)}")
     first = res.table.to_pylist()[0]  # a condition the sample surely meets: people like its first face
     where = f"gender = '{first['gender']}' AND age >= {int(first['age']) - 5}"
     echo(f'== 5. facetier decode {table} --where "{where}" --upto residual --paste-back --gallery --out {out / "review"}')

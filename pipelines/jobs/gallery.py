@@ -1,7 +1,8 @@
 """A contact sheet of a decode or edit job, written next to its outputs.
 
 ``gallery.html`` shows every output (up to ``MAX_HTML``) as a thumbnail with its id, the layers
-it came from, a badge saying whether its pixels are generated, and the face's base attributes
+it came from, a badge saying whether its pixels are generated, a lossy copy of the crop or the
+source's own, and the face's base attributes
 (read from the base family, no model). Images are linked relatively, so the page works wherever
 the folder is opened or served (a local folder, a bucket behind a web endpoint).
 ``gallery.png`` tiles the first ``MAX_PNG`` outputs, for a report or a chat message.
@@ -14,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from facetier.codec.layers import ORIGINAL
+from facetier.codec.layers import HUMAN_LAYERS, ORIGINAL
 from facetier.io.reader import read_family
 from facetier.io.table import BASE_FAMILY, Table
 from facetier.pipelines.jobs.decode_records import OutputRecord
@@ -35,7 +36,7 @@ figure{margin:0;width:150px;background:#fff;border:1px solid #ddd;border-radius:
 img{width:142px;height:142px;object-fit:contain;background:#eee;display:block}
 figcaption{font-size:11px;line-height:1.35;word-break:break-all}
 .badge{display:inline-block;padding:0 4px;border-radius:3px;color:#fff;font-size:10px}
-.generated{background:#c0392b}.source{background:#27ae60}"""
+.generated{background:#c0392b}.coded{background:#d68910}.source{background:#27ae60}"""
 
 # Counts images that loaded (and that did not) into data attributes: what a headless browser check reads.
 _SCRIPT = """window.addEventListener('load',()=>{const imgs=[...document.images];
@@ -62,7 +63,9 @@ def _attributes(table_root: str, face_ids: list[str]) -> dict[str, str]:
 def render_html(records: Sequence[OutputRecord], attributes: dict[str, str], total: int) -> str:
     figures = []
     for r in records:
-        badge = '<span class="badge generated">generated</span>' if r.generated else '<span class="badge source">source pixels</span>'
+        badge = ('<span class="badge source">source pixels</span>' if not r.generated
+                 else '<span class="badge coded">lossy copy</span>' if set(r.layers) & set(HUMAN_LAYERS)
+                 else '<span class="badge generated">generated</span>')
         attrs = html.escape(attributes.get(r.id, ""))
         figures.append(f'<figure><a href="{html.escape(r.file)}"><img src="{html.escape(r.file)}" loading="eager" alt="{html.escape(r.id)}"></a>'
                        f'<figcaption>{html.escape(r.id)}<br>{html.escape("+".join(r.layers))} {badge}<br>{attrs}</figcaption></figure>')
