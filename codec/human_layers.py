@@ -66,6 +66,9 @@ class HumanLayerPlan:
             plan = replace(plan, **{name: RungSetting(plan.setting(name).candidates, b)})
         return plan
 
+    def budgets(self) -> tuple[tuple[str, int], ...]:
+        return tuple((n, self.setting(n).budget) for n in RUNG_LAYERS)
+
     def with_full_quality(self, quality: int | None) -> HumanLayerPlan:
         if quality is None:
             return self

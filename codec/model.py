@@ -284,10 +284,12 @@ class FaceCodec:
             return None
         return in_fixed_batches(self.semantic.descriptors, self.micro_batch, crops)
 
-    def encode(self, image: np.ndarray, *, source_bytes: bytes | None = None, source_is_jpeg: bool = False, layers: Sequence[str] | None = None) -> list[EncodedFace]:
-        """Detect, align and encode every face of an RGB photo. ``source_bytes`` feeds the original layer."""
+    def encode(self, image: np.ndarray, *, source_bytes: bytes | None = None, source_is_jpeg: bool = False, layers: Sequence[str] | None = None,
+               human: HumanLayerPlan | None = None) -> list[EncodedFace]:
+        """Detect, align and encode every face of an RGB photo. ``source_bytes`` feeds the original layer;
+        ``human``: how the layers for people are coded (default: :meth:`human_plan`)."""
         faces = self.align(image)
-        codes = self.encode_crops(np.stack([f.crop for f in faces]), layers=layers)
+        codes = self.encode_crops(np.stack([f.crop for f in faces]), layers=layers, human=human)
         wanted = self._wanted(layers)
         if ORIGINAL in wanted and source_bytes is not None:
             original = LayerCode(ORIGINAL, image_layers.encode_original(source_bytes, is_jpeg=source_is_jpeg))

@@ -115,11 +115,11 @@ def test_measure_reports_every_prefix_and_accounts_for_every_source(sample_archi
     report = measure_folder(str(sample_archive), weights=str(tiny_bundle), gallery=str(tmp_path / "g.png"), report_path=str(tmp_path / "m.json"))
     assert report.faces + report.skipped == len(list_sources(str(sample_archive)))
     assert report.faces >= 5 and report.skipped >= 4  # the generated photos code; the broken files do not
-    assert [p.prefix for p in report.prefixes] == ["basic", "middle", "enhanced", "residual"]
+    assert [p.prefix for p in report.prefixes] == ["basic", "middle", "enhanced", "preview", "detail", "residual"]
     cumulative = [p.bytes_mean for p in report.prefixes]
     assert cumulative == sorted(cumulative) and cumulative[0] > 0
     assert report.prefixes[-1].psnr_db > report.prefixes[0].psnr_db  # the residual layer restores the crop
-    assert Image.open(tmp_path / "g.png").size == (5 * 32, min(16, report.faces) * 32)
+    assert Image.open(tmp_path / "g.png").size == (7 * 32, min(16, report.faces) * 32)
     assert json.loads((tmp_path / "m.json").read_text())["faces"] == report.faces
 
 
@@ -139,7 +139,7 @@ def test_eval_lfw_reports_guards_for_every_generative_prefix(tiny_lfw, tmp_path)
     report = evaluate_lfw(tiny_lfw, report=str(tmp_path / "r.json"), gallery=str(tmp_path / "g.png"))
     names = ("basic", "middle", "enhanced")
     assert all(f"{n}{GUARD_SUFFIX}" in report.accuracy for n in names)
-    assert set(report.fidelity) == {*names, "residual"}
+    assert set(report.fidelity) == {*names, "preview", "detail", "residual"}
     assert report.fidelity["residual"]["psnr_db"] > report.fidelity["basic"]["psnr_db"]
     assert report.pairs_missing_a_face["basic" + GUARD_SUFFIX] >= 1  # Dan's photo has no face, guards included
     assert (tmp_path / "g.png").exists() and "MS-SSIM" in render(report)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from facetier.codec.face_descriptor import DETECTED_CHIP_ID, FaceDescriptor
-from facetier.codec.layers import RESIDUAL
+from facetier.codec.layers import HUMAN_LAYERS
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
 from facetier.io.images import decode_image
@@ -84,7 +84,7 @@ def evaluate_lfw(lfw_dir: Path, *, weights: str | None = None, folds: tuple[int,
     emb = FaceDescriptor(DETECTED_CHIP_ID)
     peer = optional_peer() if guards else None
     images = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    prefixes = [*codec.plan.names, RESIDUAL]
+    prefixes = [*codec.plan.names, *HUMAN_LAYERS]
     generative = list(codec.plan.names)
     variants = ["original photo", "aligned crop", *prefixes] + ([f"{p}{GUARD_SUFFIX}" for p in generative] if guards else [])
     vecs: dict[str, dict[str, np.ndarray]] = {v: {} for v in variants}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from facetier.codec.layers import RESIDUAL
+from facetier.codec.layers import HUMAN_LAYERS
 from facetier.codec.metrics import ms_ssim, psnr
 from facetier.codec.model import FaceCodec
 from facetier.pipelines.evaluation.protocol import first_faces, save_gallery
@@ -52,7 +52,7 @@ def measure_folder(src: str, *, weights: str | None = None, limit: int = 200, ga
     codes = []
     for i in tqdm(range(0, len(crops_arr), 16), desc="encode", unit="batch", mininterval=5):
         codes += codec.encode_crops(crops_arr[i : i + 16])
-    prefixes = list(codec.plan.names) + [RESIDUAL]
+    prefixes = [*codec.plan.names, *HUMAN_LAYERS]
     ref_t = torch.from_numpy(crops_arr).permute(0, 3, 1, 2).float() / 255
     layer_bytes = {n: float(np.mean([c.sizes()[n] for c in codes])) for n in prefixes}
     stats, decoded_all = [], {}

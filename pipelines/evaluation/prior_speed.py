@@ -46,7 +46,7 @@ class PriorSpeed:
     bundle_mb: float
     encoder_ms: float  # crop -> W+, per face
     layer_coding_ms: float  # W+ -> basic/middle/enhanced bytes, per face
-    encode_all_layers_ms: float  # encode_crops with every layer (includes a synthesis and the residual JPEG XL)
+    encode_all_layers_ms: float  # encode_crops with every layer (the layers for people included)
     decode_enhanced_ms: float  # bytes -> pixels at the full generative prefix
     decode_residual_ms: float
     peak_rss_mb: float
@@ -128,5 +128,5 @@ def render(rows: list[PriorSpeed]) -> str:
         f"{r.size:>6}{r.device:>8}{r.threads:>5}{r.generator_params / 1e6:>9.1f}M{r.encoder_params / 1e6:>9.1f}M{r.bundle_mb:>10.0f}"
         f"{r.encoder_ms:>9.0f}{r.layer_coding_ms:>9.1f}{r.encode_all_layers_ms:>11.0f}{r.decode_enhanced_ms:>9.0f}{r.decode_residual_ms:>11.0f}{r.peak_rss_mb:>9.0f}"
         for r in rows]
-    lines.append("per face; random weights at the public widths (speed does not depend on the values); encode = every layer incl. residual")
+    lines.append("per face; random weights at the public widths (speed does not depend on the values); encode = every layer incl. the layers for people")
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from facetier.codec.checkpoints import load_bundle
-from facetier.codec.human_layers import FULL_QUALITY, RUNG_LAYERS, default_plan
+from facetier.codec.human_layers import default_plan
 from facetier.codec.layers import HUMAN_LAYERS, all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.codec.stage_times import StageTimes, render_stages
@@ -273,14 +273,12 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     else:
         held = held_sources(table, snapshot, bundle.weights_hash, listed, layers)
     todo_inputs = [inp for inp, h in zip(listed, held) if not h]
-    sources = [s for s, _ in todo_inputs]
-    skipped = len(listed) - len(todo_inputs)
+    sources, skipped = [s for s, _ in todo_inputs], len(listed) - len(todo_inputs)
     max_source_bytes = int(opts.max_source_mb * 2**20)
-    human = default_plan(cfg.generator.size, FULL_QUALITY).with_budgets(dict(opts.rung_bytes)).with_full_quality(opts.residual_quality)
+    human = default_plan(cfg.generator.size).with_budgets(dict(opts.rung_bytes)).with_full_quality(opts.residual_quality)
     people = f";human_layers={human.describe()}" if set(layers) & set(HUMAN_LAYERS) else ""
     shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
-                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes}{people}",
-                         keys=[k for _, k in todo_inputs])
+                         options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes}{people}", keys=[k for _, k in todo_inputs])
     done = set()
     staged = table.done_shard_ids()  # one listing, not a request per planned shard
     for s in shards:
@@ -291,9 +289,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     todo = [s for s in shards if s.shard_id not in done]
     ctx = JobContext(table_root, weights, cfg.codec_id, bundle.weights_hash, cfg.alignment, layers, opts.device,
                      opts.batch_size, descriptor=cfg.semantic.descriptor if cfg.semantic else "", max_source_bytes=max_source_bytes,
-                     residual_quality=human.full_quality, rung_bytes=tuple((n, human.setting(n).budget) for n in RUNG_LAYERS),
-                     human_layers=human.describe(),
-                     torch_threads=_torch_threads(opts))
+                     residual_quality=human.full_quality, rung_bytes=human.budgets(), human_layers=human.describe(), torch_threads=_torch_threads(opts))
     log.info("%d inputs listed, %d already in the table; %d to read in %d shards (%d already done by an interrupted run)",
              len(listed), skipped, len(sources), len(shards), len(done))
     stop = threading.Event()
