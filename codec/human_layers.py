@@ -109,17 +109,22 @@ def default_plan(crop_size: int, full_quality: int = FULL_QUALITY) -> HumanLayer
     )
 
 
+def encode_layer(name: str, crop: np.ndarray, below: np.ndarray | None, over_a_rung: bool, plan: HumanLayerPlan) -> rungs.CodedRung:
+    """One layer for people of one face, on ``below`` (the image of the layer under it, or the
+    generated face); ``over_a_rung``: whether that image is a rung's."""
+    if name == RESIDUAL:
+        return rungs.code_rung(crop, below, plan.residual_candidate(over_a_rung), plan.full_quality)
+    s = plan.setting(name)
+    return rungs.best_within(crop, below, s.candidates, s.budget)
+
+
 def encode_human(crop: np.ndarray, generated: np.ndarray | None, wanted: Sequence[str], plan: HumanLayerPlan) -> list[LayerCode]:
     """The human layers of ``wanted`` for one face, lowest first."""
     image, out = generated, []
-    for name in RUNG_LAYERS:
-        if name in wanted:
-            s = plan.setting(name)
-            r = rungs.best_within(crop, image, s.candidates, s.budget)
-            out.append(LayerCode(name, r.payload))
-            image = r.image
-    if RESIDUAL in wanted:
-        out.append(LayerCode(RESIDUAL, rungs.code_rung(crop, image, plan.residual_candidate(bool(out)), plan.full_quality).payload))
+    for name in (n for n in HUMAN_LAYERS if n in wanted):
+        r = encode_layer(name, crop, image, bool(out), plan)
+        out.append(LayerCode(name, r.payload))
+        image = r.image
     return out
 
 

@@ -44,6 +44,7 @@ from facetier.pipelines.evaluation.rd_facetier import (
     FULL_QUALITIES,
     PREVIEW_BUDGETS,
     HumanSetting,
+    LayerCache,
     code_setting,
     generative_prefixes,
     human_settings,
@@ -280,9 +281,9 @@ def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, settings: l
         strips[(FACETIER, p)] = decoded[p][faces.strip_idx]
     top, base = model.plan.names[-1], model.plan.names[0]
     generated, prefix = decoded[top], sizes[top]
-    over_base = []
+    over_base, cache = [], LayerCache()
     for s in tqdm(settings, desc="layers for people", unit="setting"):
-        coded = code_setting(model, s, faces.crops, generated, pool)
+        coded = code_setting(model, s, faces.crops, generated, pool, cache)
         quality = s.plan.full_quality if s.layers[-1] == RESIDUAL else None
         point = judge.score(FACETIER, s.label, quality, (prefix + coded.total_bytes).tolist(), coded.decoded)
         point = replace(point, budget=s.budget, layer_bytes_mean=float(np.mean(coded.top_bytes)), layer_bytes_p95=float(np.percentile(coded.top_bytes, 95)))

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from facetier.codec import human_layers
+from facetier.codec import human_layers, rungs
 from facetier.codec.human_layers import DETAIL, PREVIEW, HumanLayerPlan
-from facetier.codec.layers import RESIDUAL, LayeredCode
+from facetier.codec.layers import RESIDUAL, LayerCode, LayeredCode
 from facetier.codec.model import FaceCodec
 from tqdm import tqdm
 
@@ -63,18 +63,42 @@ class HumanCoded:
     decoded: np.ndarray
 
 
-def code_setting(model: FaceCodec, setting: HumanSetting, crops: np.ndarray, generated: np.ndarray, pool: ThreadPoolExecutor) -> HumanCoded:
-    """Every face through one setting, encoded and then decoded from its payloads alone."""
+class LayerCache:
+    """Layers already coded in this run, per face: the sweeps share their lower layers (every
+    residual setting sits on the same default preview and detail), so each is coded once. A layer's
+    key is its own setting and every key below it."""
+
+    def __init__(self) -> None:
+        self._coded: dict[tuple, rungs.CodedRung] = {}
+
+    def layers(self, face: int, crop: np.ndarray, generated: np.ndarray, setting: HumanSetting) -> list[LayerCode]:
+        key: tuple = (face,)
+        image, out = generated, []
+        for k, name in enumerate(setting.layers):
+            key += ((name, setting.plan.full_quality) if name == RESIDUAL else (name, setting.plan.setting(name)),)
+            coded = self._coded.get(key)
+            if coded is None:
+                coded = human_layers.encode_layer(name, crop, image, bool(out), setting.plan)
+                if k < len(setting.layers) - 1:  # only lower layers are shared; a top layer's images would fill GBs
+                    self._coded[key] = coded
+            out.append(LayerCode(name, coded.payload))
+            image = coded.image
+        return out
+
+
+def code_setting(model: FaceCodec, setting: HumanSetting, crops: np.ndarray, generated: np.ndarray, pool: ThreadPoolExecutor,
+                 cache: LayerCache) -> HumanCoded:
+    """Every face through one setting (as ``encode_human`` codes it, lower layers from ``cache``),
+    then decoded from its payloads alone."""
     size = model.size
 
-    def one(pair: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, np.ndarray]:
-        crop, gen = pair
-        layers = human_layers.encode_human(crop, gen, setting.layers, setting.plan)
+    def one(face: int) -> tuple[int, int, np.ndarray]:
+        layers = cache.layers(face, crops[face], generated[face], setting)
         code = LayeredCode(model.codec_id, model.weights_hash, tuple(layers))
-        image, _ = human_layers.decode_human(code, gen, setting.layers[-1], size)
+        image, _ = human_layers.decode_human(code, generated[face], setting.layers[-1], size)
         return layers[-1].nbytes, sum(layer.nbytes for layer in layers), image
 
-    out = list(pool.map(one, zip(crops, generated), chunksize=CHUNK))
+    out = list(pool.map(one, range(len(crops)), chunksize=CHUNK))
     return HumanCoded(np.array([o[0] for o in out]), np.array([o[1] for o in out]), np.stack([o[2] for o in out]))
 
 
