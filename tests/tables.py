@@ -4,7 +4,7 @@ from __future__ import annotations
 from facetier.io.reader import read_family
 from facetier.io.table import Table
 
-FAMILIES = ("faces", "basic", "middle", "enhanced", "residual", "original", "rejects")
+FAMILIES = ("faces", "basic", "middle", "enhanced", "preview", "detail", "residual", "original", "rejects")
 
 
 def table_snapshot(root: str) -> dict[str, list]:

@@ -326,12 +326,12 @@ def test_an_input_is_held_only_when_every_layer_asked_for_is_stored(photos: Path
     assert any("encoded again, whole" in n for n in whole.notes)
     assert sorted(f["face_id"] for f in _faces(root)) == before  # replaced, not added beside
     t = Table(root)
-    for family in ("basic", "middle", "enhanced", "residual"):
+    for family in ("basic", "middle", "enhanced", "preview", "detail", "residual"):
         assert sorted(read_family(t, family, columns=["face_id"]).column("face_id").to_pylist()) == before
     photos_stored = {f["photo_id"] for f in _faces(root)}
     assert set(read_family(t, "original", columns=["photo_id"]).column("photo_id").to_pylist()) == photos_stored
     inputs = [r for r in read_family(t, "inputs").to_pylist() if r["outcome"] == "stored"]
-    assert len(inputs) == len(photos_stored) and all(r["layers"] == "basic,middle,enhanced,residual,original" for r in inputs)
+    assert len(inputs) == len(photos_stored) and all(r["layers"] == "basic,middle,enhanced,preview,detail,residual,original" for r in inputs)
     out = run_decode(root, [before[0]], "original", str(tmp_path / "out"))
     assert not out.failures and len(out.files) == 1
     # held whole now: nothing is read again, whichever layers a later run asks for

@@ -47,7 +47,7 @@ def test_every_bad_input_is_one_reject_and_nothing_is_lost(local_table):
 def test_parquet_metadata_and_no_nested_layers(local_table):
     root, _ = local_table
     t = Table(root)
-    for fam in ("basic", "faces", "residual"):
+    for fam in ("basic", "faces", "preview", "residual"):
         rel = family_files(t, fam, t.snapshot())[0]
         pf = pq.ParquetFile(t.fs.open(t._p(rel), "rb"))
         meta = pf.schema_arrow.metadata
@@ -57,19 +57,25 @@ def test_parquet_metadata_and_no_nested_layers(local_table):
         assert not any(str(f.type).startswith("struct") for f in pf.schema_arrow)
 
 
-def test_residual_quality_is_an_encode_option_recorded_with_the_shard(local_table, sample_archive: Path, tmp_path: Path):
+def test_layer_settings_are_encode_options_recorded_with_the_shard(local_table, sample_archive: Path, tmp_path: Path):
     root, _ = local_table
     low = str(tmp_path / "low")
-    run_encode(str(sample_archive), low, EncodeOptions(engine="local", shard_size=12, progress=False, residual_quality=5,
-                                                       layers=("basic", "middle", "enhanced", "residual")))
-    def qualities(root: str) -> set[bytes]:
-        t = Table(root)
-        return {pq.read_schema(t.fs.open(t._p(rel), "rb")).metadata[b"facetier_residual_quality"] for rel in family_files(t, "residual", t.snapshot())}
+    run_encode(str(sample_archive), low, EncodeOptions(engine="local", shard_size=12, progress=False, residual_quality=5, rung_bytes=(("preview", 90),),
+                                                       layers=("basic", "middle", "enhanced", "preview", "residual")))
 
-    assert qualities(low) == {b"5"} and qualities(root) == {b"80"}
+    def settings(root: str, family: str) -> set[str]:
+        t = Table(root)
+        return {pq.read_schema(t.fs.open(t._p(rel), "rb")).metadata[b"facetier_human_layers"].decode() for rel in family_files(t, family, t.snapshot())}
+
+    (low_setting,), (default,) = settings(low, "residual"), settings(root, "residual")
+    assert "preview ≤90 B" in low_setting and "q=5" in low_setting and "preview ≤150 B" in default and "q=60" in default
+    assert settings(low, "preview") == {low_setting}
     assert Table(low).family_bytes()["residual"] < Table(root).family_bytes()["residual"]
-    with pytest.raises(ConfigError, match="outside 0-100"):
-        run_encode(str(sample_archive), low, EncodeOptions(progress=False, residual_quality=101))
+    assert Table(low).family_bytes()["preview"] < Table(root).family_bytes()["preview"]
+    with pytest.raises(ConfigError, match="outside 0-99"):
+        run_encode(str(sample_archive), low, EncodeOptions(progress=False, residual_quality=100))
+    with pytest.raises(ConfigError, match="byte budgets are for"):
+        run_encode(str(sample_archive), low, EncodeOptions(progress=False, rung_bytes=(("residual", 900),)))
 
 
 def test_base_only_query_reads_only_the_base_and_index(local_table):
@@ -86,7 +92,7 @@ def test_decode_each_prefix_and_the_original(local_table, tmp_path, sample_archi
     root, _ = local_table
     faces = read_family(Table(root), "faces").to_pylist()
     fid = sorted(f["face_id"] for f in faces)[0]
-    for upto in ("basic", "middle", "enhanced", "residual"):
+    for upto in ("basic", "middle", "enhanced", "preview", "detail", "residual"):
         files = run_decode(root, [fid], upto, str(tmp_path), device="cpu").files
         assert len(files) == 1 and Path(files[0].path).exists() and files[0].generated
         assert files[0].layers_used[-1] == upto

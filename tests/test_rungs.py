@@ -184,3 +184,18 @@ def test_the_codec_codes_and_decodes_every_layer_for_people(tiny_codec):
         assert all(d.layers_used[-1] == upto and d.image.shape == (32, 32, 3) for d in decoded)
     # a face coded alone has the bytes it has in a batch
     assert tiny_codec.encode_crops(crops[1:2])[0] == tiny_codec.encode_crops(crops)[1]
+
+
+def test_a_stream_written_before_the_rungs_decodes_as_before_through_the_codec(tiny_codec):
+    """Generative layers and a JPEG XL residual of the difference from the generated face: what
+    every table held before the rungs. The codec runs the generator for it and adds the residual."""
+    crops = np.stack([_face(32, s) for s in (11, 12)])
+    gen_codes = tiny_codec.encode_crops(crops, layers=list(tiny_codec.plan.names))
+    generated = [d.image for d in tiny_codec.decode_many(gen_codes, "enhanced")]
+    old = [LayeredCode(c.codec_id, c.weights_hash, c.layers + (LayerCode(RESIDUAL, image_layers.encode_residual(crop, g, 80)),))
+           for c, crop, g in zip(gen_codes, crops, generated)]
+    for code, g, d in zip(old, generated, tiny_codec.decode_many(old, RESIDUAL)):
+        assert np.array_equal(d.image, image_layers.apply_residual(g, code.layer(RESIDUAL).payload))
+        assert d.layers_used == (*tiny_codec.plan.names, RESIDUAL)
+    with pytest.raises(MissingLayerError):
+        tiny_codec.decode_many(old[:1], PREVIEW)
