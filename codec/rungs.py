@@ -7,7 +7,7 @@ reference is the generated face for the first rung, the rung below for the other
 bytes record what was chosen, so every rung decodes without outside settings::
 
     byte 0  format (bits 0-1) | mode (bits 2-3) | size index (bits 4-7, into SIZES)
-    byte 1  quality (0-100; informational: the bitstream decodes without it)
+    byte 1  quality (0-99; informational: the bitstream decodes without it)
 
 Resampling is Pillow's (box down, bicubic up): plain C, the same on every CPU, so the encoder's
 reference is the decoder's, bit for bit.
