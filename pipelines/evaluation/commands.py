@@ -200,9 +200,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rd.add_argument("--downscales", default="2,4", help="also code the crop shrunk by these factors at each codec's lowest and "
                     "third-lowest setting")
     rd.add_argument("--qualities", default="0,10,25,40,60,80", help="quality grid every conventional codec is swept over (0-100)")
-    rd.add_argument("--preview-budgets", default="80,100,150,200,250,330,450", help="byte budgets the preview rung is swept over (alone above the generative layers)")
+    rd.add_argument("--preview-budgets", default="80,100,115,130,150,200,250,330,450", help="byte budgets the preview rung is swept over (alone above the generative layers)")
     rd.add_argument("--detail-budgets", default="250,350,500,700", help="byte budgets the detail rung is swept over (on the default preview)")
-    rd.add_argument("--residual-qualities", default="20,35,50,60,70,80",
+    rd.add_argument("--residual-qualities", default="20,35,50,60,62,65,70,80",
                     help="qualities the residual layer is swept over, on the default rungs and without them")
     rd.add_argument("--judge", default="dlib-resnet-v1-chip", choices=["dlib-resnet-v1-chip", "dlib-resnet-v1"],
                     help="dlib's network on a fixed chip (fast), or on a chip re-detected in each decode as eval-lfw does")

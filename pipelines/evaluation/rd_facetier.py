@@ -26,9 +26,9 @@ from facetier.codec.model import FaceCodec
 from tqdm import tqdm
 
 FACETIER = "facetier"
-PREVIEW_BUDGETS = (80, 100, 150, 200, 250, 330, 450)  # AVIF at 48 px and quality 0 takes ~75 B
+PREVIEW_BUDGETS = (80, 100, 115, 130, 150, 200, 250, 330, 450)  # AVIF at 48 px and quality 0 takes ~75 B
 DETAIL_BUDGETS = (250, 350, 500, 700)
-FULL_QUALITIES = (20, 35, 50, 60, 70, 80)
+FULL_QUALITIES = (20, 35, 50, 60, 62, 65, 70, 80)
 CHUNK = 64
 
 
