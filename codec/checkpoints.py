@@ -47,6 +47,8 @@ class ModelConfig:
     encoder: EncoderConfig
     alignment: AlignmentConfig
     plan: LayerPlan
+    # legacy: the JPEG XL residual's quality in bundles written before the rungs; read and written so
+    # those bundles keep their hash, but the residual layer's quality is now human_layers.FULL_QUALITY
     residual_quality: int = 80
     semantic: SemanticConfig | None = None
     sources: tuple[PartSource, ...] = ()

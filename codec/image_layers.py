@@ -1,7 +1,8 @@
 """The two layers above the generative ones.
 
-``residual``: the difference between the aligned source crop and the full generative decode,
-coded lossily with JPEG XL at a configurable quality, so a full decode comes close to the source.
+``residual`` as tables before the rungs wrote it: the halved difference between the aligned source
+crop and the full generative decode, a bare JPEG XL codestream. New tables hold a rung there
+(``human_layers``); this format is still decoded, and :func:`encode_residual` makes it for tests.
 
 ``original``: the source file, losslessly. JPEGs go through JPEG XL's JPEG recompression, which
 reconstructs the original file bit for bit (checked at encode time; if the round trip is not
@@ -13,7 +14,6 @@ import functools
 import logging
 import os
 import struct
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import imagecodecs
@@ -28,19 +28,12 @@ _ORIG_ZSTD = 2
 
 
 def encode_residual(source_crop: np.ndarray, generated: np.ndarray, quality: int) -> bytes:
-    """Code ``source - generated`` (uint8 RGB crops of one size) as a JPEG XL image centred on 128."""
+    """Code ``source - generated`` (uint8 RGB crops of one size) as a JPEG XL image centred on 128:
+    the residual of tables written before the rungs."""
     diff = source_crop.astype(np.int16) - generated.astype(np.int16)
     # Halving keeps the full +-255 range representable; residual detail is small in practice.
     shifted = np.clip(np.round(diff / 2) + 128, 0, 255).astype(np.uint8)
     return imagecodecs.jpegxl_encode(shifted, level=quality, effort=7)
-
-
-def encode_residuals(source_crops: Sequence[np.ndarray], generated: Sequence[np.ndarray], quality: int) -> list[bytes]:
-    """:func:`encode_residual` of a batch, the faces spread over the cores: JPEG XL releases the GIL,
-    and the model thread waits for this stage."""
-    if len(source_crops) < 2:
-        return [encode_residual(c, g, quality) for c, g in zip(source_crops, generated)]
-    return list(pool().map(lambda pair: encode_residual(pair[0], pair[1], quality), zip(source_crops, generated)))
 
 
 @functools.cache

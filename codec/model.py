@@ -224,8 +224,8 @@ class FaceCodec:
         return align_faces(rgb, self.detector)
 
     def human_plan(self, residual_quality: int | None = None, rung_bytes: dict[str, int] | None = None) -> HumanLayerPlan:
-        """How the layers for people are coded: the defaults with these budgets and residual quality."""
-        return human_layers.default_plan(self.size).with_budgets(rung_bytes or {}).with_full_quality(residual_quality)
+        """How the layers for people are coded: the defaults with these budgets (and so rung sizes) and residual quality."""
+        return human_layers.default_plan(self.size, residual_quality, rung_bytes)
 
     def encode_crops(
         self, crops: np.ndarray, *, layers: Sequence[str] | None = None, human: HumanLayerPlan | None = None,

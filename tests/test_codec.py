@@ -176,13 +176,14 @@ def test_channels_last_prior_matches_the_plain_modules(tiny_codec, crops):
     assert np.abs(prior.synthesise(wplus).astype(int) - plain_img.astype(int)).max() <= 1
 
 
-def test_residuals_encoded_in_parallel_equal_one_by_one():
-    from facetier.codec import image_layers
+def test_layers_for_people_coded_in_parallel_equal_one_by_one():
+    from facetier.codec import human_layers
 
     rng = np.random.default_rng(5)
     src = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     gen = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    assert image_layers.encode_residuals(src, gen, 80) == [image_layers.encode_residual(s, g, 80) for s, g in zip(src, gen)]
+    plan, wanted = human_layers.default_plan(32), human_layers.HUMAN_LAYERS
+    assert human_layers.encode_many(src, gen, wanted, plan) == [human_layers.encode_human(s, g, wanted, plan) for s, g in zip(src, gen)]
 
 
 def test_every_network_call_has_the_micro_batch_shape_and_a_face_codes_alike_in_any_batch(tiny_codec, monkeypatch):

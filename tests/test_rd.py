@@ -108,6 +108,7 @@ def test_rd_report_on_generated_faces(tmp_path: Path, sample_archive: Path, caps
     assert all(p["verification"] is None and 0 < p["ms_ssim"] <= 1 and p["psnr_db"] > 10 for p in points)
     assert set(report["bd_rate"]) == {"facetier vs envelope of all conventional points", "facetier vs jpeg", "facetier vs jpegxl"}
     assert "vvc" in report["skipped"]
+    assert not (out / "rd-so-far.csv").exists(), "the points measured so far are in rd.csv once the run ends"
     with (out / "rd.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(points) and set(rows[0]) >= {"codec", "setting", "bytes_mean", "bpp", "psnr_db", "ms_ssim", "verification"}
@@ -115,6 +116,18 @@ def test_rd_report_on_generated_faces(tmp_path: Path, sample_archive: Path, caps
     for name in ("rd.png", "rd.svg", "strip.png"):
         assert (out / name).stat().st_size > 1000
     assert "BD-rate facetier vs envelope of all conventional points" in capsys.readouterr().out
+
+
+def test_a_run_that_dies_keeps_the_points_it_measured(tmp_path: Path) -> None:
+    from facetier.pipelines.evaluation.rate_distortion import PointLog, RdPoint
+
+    log_point = PointLog(tmp_path / "run" / "rd-so-far.csv")
+    first = RdPoint("webp", "q=10", 10, 300.0, 0.15, 30.0, 0.95, 0.9, 0, None, None)
+    assert log_point(first) is first
+    log_point(RdPoint(FACETIER, "preview ≤150 B", None, 170.0, 0.08, 26.0, 0.89, 0.86, 0, None, None, budget=150))
+    with (tmp_path / "run" / "rd-so-far.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["codec"], r["setting"], r["budget"]) for r in rows] == [("webp", "q=10", ""), (FACETIER, "preview ≤150 B", "150")]
 
 
 def test_rd_on_lfw_pairs(tmp_path: Path, shared_data: Path) -> None:

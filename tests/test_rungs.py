@@ -174,6 +174,35 @@ def test_budgets_and_qualities_are_checked():
     assert all(c.size <= 32 for c in small.preview.candidates + small.detail.candidates)
 
 
+def test_the_default_rung_size_follows_its_budget():
+    sizes = {b: human_layers.rung_candidates(b, 128) for b in (80, 150, 199, 200, 350, 449, 450, 2000)}
+    assert {b: [c.label for c in cs] for b, cs in sizes.items()} == {
+        80: ["avif@48"], 150: ["avif@48"], 199: ["avif@48"], 200: ["avif@64"], 350: ["avif@64"], 449: ["avif@64"], 450: ["avif@96"], 2000: ["avif@96"]}
+    assert human_layers.rung_candidates(450, 64) == (RungCandidate("avif", 64),), "a rung never upsamples the crop"
+    plan = human_layers.default_plan(128, budgets={PREVIEW: 370})
+    assert plan.preview == RungSetting((RungCandidate("avif", 64),), 370) and plan.detail.budget == human_layers.DEFAULT_BUDGETS[DETAIL]
+    assert plan.full_quality == human_layers.FULL_QUALITY and human_layers.default_plan(128, None).full_quality == human_layers.FULL_QUALITY
+    human_layers.check_settings({DETAIL: 500}, 40)
+    for budgets, quality in (({"residual": 500}, None), ({PREVIEW: 3}, None), ({}, 100), ({PREVIEW: 150.5}, None)):
+        with pytest.raises(ConfigError):
+            human_layers.check_settings(budgets, quality)
+
+
+def test_the_budget_search_starts_near_the_budget(monkeypatch):
+    """The first try comes from AVIF's size model (on real faces most need two encodes: README); the
+    result does not depend on what was coded before (no state between faces)."""
+    encodes = []
+    real = rungs._encode
+    monkeypatch.setattr(rungs, "_encode", lambda *a: encodes.append(a[3]) or real(*a))
+    faces = [_face(128, s) for s in range(6)]
+    c = RungCandidate("avif", 64)
+    first = [rungs.fit_budget(f, None, c, 300).payload for f in faces]
+    assert encodes[0] == rungs.first_quality(c, 300)
+    assert [rungs.fit_budget(f, None, c, 300).payload for f in reversed(faces)] == first[::-1]
+    assert rungs.first_quality(c, 150) < rungs.first_quality(c, 300) < rungs.first_quality(RungCandidate("avif", 48), 300)
+    assert 0 <= rungs.first_quality(RungCandidate("avif", 1024), 80) <= rungs.first_quality(RungCandidate("avif", 16), 60000) <= rungs.MAX_QUALITY
+
+
 def test_the_codec_codes_and_decodes_every_layer_for_people(tiny_codec):
     crops = np.stack([_face(32, s) for s in range(3)])
     codes = tiny_codec.encode_crops(crops, human=tiny_codec.human_plan(rung_bytes={PREVIEW: 60, DETAIL: 120}))

@@ -66,7 +66,7 @@ def _eval_semantic(a: argparse.Namespace) -> int:
 
 
 def _rd(a: argparse.Namespace) -> int:
-    from facetier.pipelines.evaluation.rate_distortion import METRIC_FACES, run_rd
+    from facetier.pipelines.evaluation.rate_distortion import METRIC_FACES, PointLog, run_rd
     from facetier.pipelines.evaluation.rd_report import render, write_report
 
     def ints(text: str, option: str) -> tuple[int, ...]:
@@ -76,13 +76,15 @@ def _rd(a: argparse.Namespace) -> int:
             raise ConfigError(f"{option} takes comma-separated integers, not {text!r}") from None
 
     scales = tuple(1.0 / s for s in ints(a.downscales, "--downscales"))
+    so_far = Path(a.report) / "rd-so-far.csv"
     report, strips = run_rd(Path(a.src), weights=a.weights, limit=a.limit, codec_names=a.codecs.split(",") if a.codecs else None,
                             qualities=ints(a.qualities, "--qualities"),
                             scales=(1.0, *(s for s in scales if s != 1.0)), residual_qualities=ints(a.residual_qualities, "--residual-qualities"),
                             preview_budgets=ints(a.preview_budgets, "--preview-budgets"), detail_budgets=ints(a.detail_budgets, "--detail-budgets"),
                             judge=a.judge, peer_faces=a.peer_faces, metric_faces=METRIC_FACES if a.metric_faces is None else a.metric_faces or None, workers=a.workers,
-                            variants=a.variants)
+                            variants=a.variants, log_point=PointLog(so_far))
     written = write_report(report, strips, Path(a.report), strip=not a.no_strip)  # first: a long run's figures must survive a failure to print
+    so_far.unlink()
     print(render(report))
     print("wrote " + ", ".join(str(w) for w in written))
     return 0
@@ -194,13 +196,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rd = sub.add_parser("rd", help="rate-distortion of facetier's layers against JPEG, WebP, AVIF, HEIC and JPEG XL on the same face crops")
     rd.add_argument("src", nargs="?", default="../shared/data/lfw",
                     help="LFW's folder (pairs of folds 5-8, with verification), or a folder or list of face photos (default: %(default)s)")
-    rd.add_argument("--report", default="rd-report", help="folder for rd.json, rd.csv, rd.png, rd.svg and strip.png")
+    rd.add_argument("--report", default="rd-report", help="folder for rd.json, rd.csv, rd.png, rd.svg and strip.png; rd-so-far.csv holds each point as it is measured until the run ends")
     rd.add_argument("--limit", type=int, help="a quick run: about this many LFW pairs (spread over the folds), or photos of a folder")
     rd.add_argument("--codecs", help="comma-separated subset of jpeg,webp,avif,heic,jpegxl (default: all that work here)")
     rd.add_argument("--downscales", default="2,4", help="also code the crop shrunk by these factors at each codec's lowest and "
                     "third-lowest setting")
     rd.add_argument("--qualities", default="0,10,25,40,60,80", help="quality grid every conventional codec is swept over (0-100)")
-    rd.add_argument("--preview-budgets", default="80,100,115,130,150,200,250,330,450", help="byte budgets the preview rung is swept over (alone above the generative layers)")
+    rd.add_argument("--preview-budgets", default="80,100,115,130,150,200,250,330,350,370,450", help="byte budgets the preview rung is swept over (alone above the generative layers)")
     rd.add_argument("--detail-budgets", default="250,350,500,700", help="byte budgets the detail rung is swept over (on the default preview)")
     rd.add_argument("--residual-qualities", default="20,35,50,60,62,65,70,80",
                     help="qualities the residual layer is swept over, on the default rungs and without them")

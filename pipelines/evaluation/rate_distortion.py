@@ -18,11 +18,12 @@ batched); ``judge="dlib-resnet-v1"`` re-detects the face in every decode as ``ev
 """
 from __future__ import annotations
 
+import csv
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -118,6 +119,24 @@ class RdReport:
     goals: dict = field(default_factory=dict)
 
 
+class PointLog:
+    """Appends each point to a CSV as it is measured: a run of an hour or more that dies keeps the
+    points it measured (``facetier rd`` writes ``rd-so-far.csv`` beside its report, then removes it)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as fh:
+                csv.writer(fh).writerow([f.name for f in fields(RdPoint)])
+
+    def __call__(self, point: RdPoint) -> RdPoint:
+        if self.path is not None:
+            with self.path.open("a", newline="") as fh:
+                csv.writer(fh).writerow([getattr(point, f.name) for f in fields(RdPoint)])
+        return point
+
+
 @dataclass(frozen=True)
 class _Faces:
     names: list[str]
@@ -206,11 +225,12 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
            qualities: tuple[int, ...] = STEPS, scales: tuple[float, ...] = SCALES, residual_qualities: tuple[int, ...] = FULL_QUALITIES,
            preview_budgets: tuple[int, ...] = PREVIEW_BUDGETS, detail_budgets: tuple[int, ...] = DETAIL_BUDGETS, judge: str = FIXED_CHIP_ID,
            peer_faces: int = 300, metric_faces: int | None = METRIC_FACES, workers: int = 2,
-           variants: bool = False) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
+           variants: bool = False, log_point: Callable[[RdPoint], RdPoint] = PointLog(None)) -> tuple[RdReport, dict[tuple[str, str], np.ndarray]]:
     """Every codec's curve and facetier's prefixes on the faces of ``src``; also the strip faces'
     decodes per point (keyed by codec and setting) for the picture. Verification uses every pair;
     PSNR and MS-SSIM average ``metric_faces`` faces spread over the set (None: all). ``variants``
-    adds the candidate layers for people of ``human_variants`` (each on the full generative decode)."""
+    adds the candidate layers for people of ``human_variants`` (each on the full generative decode).
+    ``log_point`` sees each point once it is measured (e.g. a :class:`PointLog`)."""
     started = time.monotonic()
     if not src.exists():
         raise ConfigError(f"{src} does not exist (a folder of face photos, a list file, or LFW's folder with pairs_folds1-8.txt)")
@@ -229,11 +249,11 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
         mark = time.monotonic()
         settings = human_settings(model, preview_budgets, detail_budgets, residual_qualities)
-        points, generated, prefix_bytes = _facetier_points(model, faces, judge_, settings, strips, pool)
+        points, generated, prefix_bytes = _facetier_points(model, faces, judge_, settings, strips, pool, log_point)
         phases[FACETIER] = time.monotonic() - mark
         if variants:
             mark = time.monotonic()
-            points += _variant_points(faces, judge_, generated, prefix_bytes, pool)
+            points += map(log_point, _variant_points(faces, judge_, generated, prefix_bytes, pool))
             phases["variants"] = time.monotonic() - mark
 
         def code_all(step: tuple[ImageCodec, float, int]) -> list[tuple[bytes, np.ndarray]]:
@@ -247,7 +267,7 @@ def run_rd(src: Path, *, weights: str | None = None, limit: int | None = None, c
             pending = ahead.submit(code_all, plan[k + 1]) if k + 1 < len(plan) else None
             sizes, decoded = [len(b) for b, _ in coded], np.stack([d for _, d in coded])
             label = _label(c, scale, size)
-            points.append(judge_.score(label, f"q={q}", q, sizes, decoded))
+            points.append(log_point(judge_.score(label, f"q={q}", q, sizes, decoded)))
             strips[(label, f"q={q}")] = decoded[faces.strip_idx]
         phases["conventional codecs"] = time.monotonic() - mark
     log.info("rd: %d faces, %d points; %s", len(faces.crops), len(points), ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
@@ -271,13 +291,14 @@ def _variant_points(faces: _Faces, judge: _Judge, generated: np.ndarray, prefix_
 
 
 def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, settings: list[HumanSetting],
-                     strips: dict[tuple[str, str], np.ndarray], pool: ThreadPoolExecutor) -> tuple[list[RdPoint], np.ndarray, np.ndarray]:
+                     strips: dict[tuple[str, str], np.ndarray], pool: ThreadPoolExecutor,
+                     log_point: Callable[[RdPoint], RdPoint]) -> tuple[list[RdPoint], np.ndarray, np.ndarray]:
     """Each generative prefix, then each setting of the layers for people on the full generative
     decode; also that decode and the prefix's bytes per face, for the variants."""
     decoded, sizes = generative_prefixes(model, faces.crops)
     points = []
     for p in model.plan.names:
-        points.append(judge.score(FACETIER, p, None, sizes[p].tolist(), decoded[p]))
+        points.append(log_point(judge.score(FACETIER, p, None, sizes[p].tolist(), decoded[p])))
         strips[(FACETIER, p)] = decoded[p][faces.strip_idx]
     top, base = model.plan.names[-1], model.plan.names[0]
     generated, prefix = decoded[top], sizes[top]
@@ -287,12 +308,12 @@ def _facetier_points(model: FaceCodec, faces: _Faces, judge: _Judge, settings: l
         quality = s.plan.full_quality if s.layers[-1] == RESIDUAL else None
         point = judge.score(FACETIER, s.label, quality, (prefix + coded.total_bytes).tolist(), coded.decoded)
         point = replace(point, budget=s.budget, layer_bytes_mean=float(np.mean(coded.top_bytes)), layer_bytes_p95=float(np.percentile(coded.top_bytes, 95)))
-        points.append(point)
+        points.append(log_point(point))
         strips[(FACETIER, s.label)] = coded.decoded[faces.strip_idx]
         if not s.plan.needs_generated(s.layers):
             # the same faces, decoded from the same payloads, in a table written with the base layer
             # and these layers only (``--layers basic,...``): the generated face is never read
             n = (sizes[base] + coded.total_bytes).astype(float)
-            over_base.append(replace(point, setting=f"{s.label}, over {base}", bytes_mean=float(n.mean()),
-                                     bpp=float(n.mean()) * 8 / (faces.crops.shape[1] * faces.crops.shape[2])))
+            over_base.append(log_point(replace(point, setting=f"{s.label}, over {base}", bytes_mean=float(n.mean()),
+                                               bpp=float(n.mean()) * 8 / (faces.crops.shape[1] * faces.crops.shape[2]))))
     return points + over_base, generated, prefix

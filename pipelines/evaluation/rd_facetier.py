@@ -26,7 +26,7 @@ from facetier.codec.model import FaceCodec
 from tqdm import tqdm
 
 FACETIER = "facetier"
-PREVIEW_BUDGETS = (80, 100, 115, 130, 150, 200, 250, 330, 450)  # AVIF at 48 px and quality 0 takes ~75 B
+PREVIEW_BUDGETS = (80, 100, 115, 130, 150, 200, 250, 330, 350, 370, 450)  # AVIF at 48 px and quality 0 takes ~75 B
 DETAIL_BUDGETS = (250, 350, 500, 700)
 FULL_QUALITIES = (20, 35, 50, 60, 62, 65, 70, 80)
 CHUNK = 64
@@ -49,8 +49,8 @@ class HumanSetting:
 def human_settings(model: FaceCodec, preview_budgets: tuple[int, ...] = PREVIEW_BUDGETS, detail_budgets: tuple[int, ...] = DETAIL_BUDGETS,
                    full_qualities: tuple[int, ...] = FULL_QUALITIES) -> list[HumanSetting]:
     base = model.human_plan()
-    out = [HumanSetting(f"preview ≤{b} B", (PREVIEW,), base.with_budgets({PREVIEW: b})) for b in preview_budgets]
-    out += [HumanSetting(f"detail ≤{b} B", (PREVIEW, DETAIL), base.with_budgets({DETAIL: b})) for b in detail_budgets]
+    out = [HumanSetting(f"preview ≤{b} B", (PREVIEW,), model.human_plan(rung_bytes={PREVIEW: b})) for b in preview_budgets]
+    out += [HumanSetting(f"detail ≤{b} B", (PREVIEW, DETAIL), model.human_plan(rung_bytes={DETAIL: b})) for b in detail_budgets]
     out += [HumanSetting(f"{RESIDUAL} q={q}", (PREVIEW, DETAIL, RESIDUAL), base.with_full_quality(q)) for q in full_qualities]
     out += [HumanSetting(f"{RESIDUAL} q={q}, no rungs", (RESIDUAL,), base.with_full_quality(q)) for q in full_qualities]
     return out

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from facetier.codec.checkpoints import load_bundle
-from facetier.codec.human_layers import default_plan
+from facetier.codec.human_layers import check_settings, default_plan
 from facetier.codec.layers import HUMAN_LAYERS, all_layer_names
 from facetier.codec.model import embedded_weights_path
 from facetier.codec.stage_times import StageTimes, render_stages
@@ -82,7 +82,7 @@ class EncodeOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.max_source_mb > 0:
             raise ConfigError(f"--max-source-mb must be a positive number, got {self.max_source_mb}")
-        default_plan(128, 0).with_budgets(dict(self.rung_bytes)).with_full_quality(self.residual_quality)  # checks both
+        check_settings(dict(self.rung_bytes), self.residual_quality)
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ def run_encode(src: str, table_root: str, opts: EncodeOptions = EncodeOptions())
     todo_inputs = [inp for inp, h in zip(listed, held) if not h]
     sources, skipped = [s for s, _ in todo_inputs], len(listed) - len(todo_inputs)
     max_source_bytes = int(opts.max_source_mb * 2**20)
-    human = default_plan(cfg.generator.size).with_budgets(dict(opts.rung_bytes)).with_full_quality(opts.residual_quality)
+    human = default_plan(cfg.generator.size, opts.residual_quality, dict(opts.rung_bytes))
     people = f";human_layers={human.describe()}" if set(layers) & set(HUMAN_LAYERS) else ""
     shards = plan_shards(sources, bundle.weights_hash, opts.shard_size, snapshot.version,
                          options=f"layers={','.join(layers)};max_source_bytes={max_source_bytes}{people}", keys=[k for _, k in todo_inputs])

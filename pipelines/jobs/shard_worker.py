@@ -103,6 +103,7 @@ class ShardWorker:
         self.ctx = ctx
         self.preparer = FacePreparer(ctx, threads)
         self._codec: Any = None
+        self._human: Any = None
 
     @property
     def codec(self) -> Any:
@@ -126,7 +127,9 @@ class ShardWorker:
     @property
     def human(self) -> Any:
         """How this job codes the layers for people (the codec's defaults with the job's budgets)."""
-        return self.codec.human_plan(self.ctx.residual_quality, dict(self.ctx.rung_bytes))
+        if self._human is None:
+            self._human = self.codec.human_plan(self.ctx.residual_quality, dict(self.ctx.rung_bytes))
+        return self._human
 
     def run_many(self, shards: Iterable[ShardSpec]) -> Iterator[ShardEntry]:
         """Encode and write ``shards`` in order, yielding each shard's entry once it is written.
