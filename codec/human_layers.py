@@ -13,6 +13,7 @@ signature, which no rung header can (format and mode 3 are not assigned), and de
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,8 @@ from facetier.codec import image_layers, rungs
 from facetier.codec.layers import DETAIL, HUMAN_LAYERS, PREVIEW, RESIDUAL, LayerCode, LayeredCode
 from facetier.codec.rungs import OWN, PREDICTED, RungCandidate
 from facetier.errors import ConfigError, MissingLayerError, RawStreamError
+
+log = logging.getLogger(__name__)
 
 RUNG_LAYERS = (PREVIEW, DETAIL)
 _JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")
@@ -138,11 +141,39 @@ def default_plan(crop_size: int, full_quality: int | None = FULL_QUALITY, budget
 
 def encode_layer(name: str, crop: np.ndarray, below: np.ndarray | None, over_a_rung: bool, plan: HumanLayerPlan) -> rungs.CodedRung:
     """One layer for people of one face, on ``below`` (the image of the layer under it, or the
-    generated face); ``over_a_rung``: whether that image is a rung's."""
+    generated face); ``over_a_rung``: whether that image is a rung's. Where the plan's format cannot
+    be stored without its container (an encoder that no longer writes what the shipped templates
+    say), the layer is coded as WebP of the same size and mode, whose container is rebuilt from the
+    stream itself: bigger at the budget's quality, but the face is kept."""
+    try:
+        return _encode_layer(name, crop, below, over_a_rung, plan, None)
+    except RawStreamError as exc:
+        _warn_fallback(name, exc)
+        return _encode_layer(name, crop, below, over_a_rung, plan, FALLBACK_FORMAT)
+
+
+FALLBACK_FORMAT = "webp"
+
+
+def _encode_layer(name: str, crop: np.ndarray, below: np.ndarray | None, over_a_rung: bool, plan: HumanLayerPlan, fmt: str | None) -> rungs.CodedRung:
+    def as_fmt(c: RungCandidate) -> RungCandidate:
+        return c if fmt is None else replace(c, fmt=fmt)
+
     if name == RESIDUAL:
-        return rungs.code_rung(crop, below, plan.residual_candidate(over_a_rung), plan.full_quality)
+        return rungs.code_rung(crop, below, as_fmt(plan.residual_candidate(over_a_rung)), plan.full_quality)
     s = plan.setting(name)
-    return rungs.best_within(crop, below, s.candidates, s.budget)
+    return rungs.best_within(crop, below, tuple(dict.fromkeys(map(as_fmt, s.candidates))), s.budget)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(name: str, exc: RawStreamError) -> None:
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    log.warning("the %s layer is coded as %s from here on where its format cannot be stored without its container (%s); "
+                "reinstall the lock's Pillow to store the smaller stream", name, FALLBACK_FORMAT.upper(), exc)
 
 
 def encode_human(crop: np.ndarray, generated: np.ndarray | None, wanted: Sequence[str], plan: HumanLayerPlan) -> list[LayerCode]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,6 +173,24 @@ def test_budgets_and_qualities_are_checked():
         plan.with_full_quality(100)  # AVIF at 100 is lossless, another stream than its template
     small = _plan(32)
     assert all(c.size <= 32 for c in small.preview.candidates + small.detail.candidates)
+
+
+def test_a_format_that_cannot_be_stored_raw_falls_back_to_webp(monkeypatch, caplog):
+    """An encoder that no longer writes what the shipped templates say must not cost the face."""
+    avif = raw_bitstreams.FORMATS["avif"]
+
+    def drifted(img: np.ndarray, quality: int) -> bytes:
+        raise RawStreamError("AVIF container does not rebuild from the stripped bytes")
+
+    monkeypatch.setitem(raw_bitstreams.FORMATS, "avif", replace(avif, encode=drifted))
+    crop = _face(64, 11)
+    plan = _plan(64)
+    with caplog.at_level("WARNING"):
+        layers = human_layers.encode_human(crop, None, [PREVIEW, DETAIL, RESIDUAL], plan)
+    assert [rungs.read_header(layer.payload)[0].fmt for layer in layers] == ["webp"] * 3
+    assert "coded as WEBP" in caplog.text
+    img, used = human_layers.decode_human(LayeredCode("c", "00" * 16, tuple(layers)), None, RESIDUAL, 64)
+    assert used == (PREVIEW, DETAIL, RESIDUAL) and np.mean((img.astype(float) - crop) ** 2) < 100
 
 
 def test_the_default_rung_size_follows_its_budget():
