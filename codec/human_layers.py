@@ -30,6 +30,11 @@ RUNG_LAYERS = (PREVIEW, DETAIL)
 _JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")
 
 
+def _check_rung_names(budgets: dict[str, int]) -> None:
+    if unknown := set(budgets) - set(RUNG_LAYERS):
+        raise ConfigError(f"byte budgets are for {', '.join(RUNG_LAYERS)}, not {sorted(unknown)}")
+
+
 @dataclass(frozen=True)
 class RungSetting:
     """A rung coded per face at the best of ``candidates`` within ``budget`` bytes (header included)."""
@@ -65,8 +70,7 @@ class HumanLayerPlan:
 
     def with_budgets(self, budgets: dict[str, int]) -> HumanLayerPlan:
         """The same candidates in other budgets (:func:`default_plan` also picks the size by budget)."""
-        if unknown := set(budgets) - set(RUNG_LAYERS):
-            raise ConfigError(f"byte budgets are for {', '.join(RUNG_LAYERS)}, not {sorted(unknown)}")
+        _check_rung_names(budgets)
         plan = self
         for name, b in budgets.items():
             plan = replace(plan, **{name: RungSetting(plan.setting(name).candidates, b)})
@@ -127,8 +131,7 @@ def default_plan(crop_size: int, full_quality: int | None = FULL_QUALITY, budget
     pixels whatever the crop's size: the budgets are bytes a person looks at, not a share of the
     crop. ``budgets`` replaces the default budget of the rungs it names (and so their size)."""
     budgets = budgets or {}
-    if unknown := set(budgets) - set(RUNG_LAYERS):
-        raise ConfigError(f"byte budgets are for {', '.join(RUNG_LAYERS)}, not {sorted(unknown)}")
+    _check_rung_names(budgets)
     b = {**DEFAULT_BUDGETS, **budgets}
     plan = HumanLayerPlan(
         preview=RungSetting(rung_candidates(b[PREVIEW], crop_size), b[PREVIEW]),

@@ -13,7 +13,8 @@ format, so it stores only what a decoder cannot rebuild:
   size (from a template, as for AVIF).
 
 Every encode is checked: the container rebuilt from the stripped bytes must equal the encoder's
-file byte for byte, else :class:`RawStreamError` (the caller then picks another candidate).
+file byte for byte, else :class:`RawStreamError` (the caller then picks another candidate, or
+WebP: ``human_layers.encode_layer``).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def webp_encode(img: np.ndarray, quality: int) -> bytes:
 # ``assets/rung-templates.json``, never from the library installed at decode time: a later libavif
 # or libjxl may write its boxes or header bits differently, and a face stored today must decode
 # the same then. An encoder that no longer writes what the template says fails the encode-time
-# check (RawStreamError) and the face takes another candidate.
+# check (RawStreamError) and the face takes another candidate, or WebP.
 TEMPLATE_FILE = "rung-templates.json"
 
 
